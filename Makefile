@@ -1,0 +1,44 @@
+# `make test` and `make demo` each set up .venv by themselves (torch pinned), build the
+# extensions, and run. Re-running only rebuilds what changed.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+STAMP := $(VENV)/.cumo-deps
+EXT_STAMP := $(VENV)/.cumo-ext
+CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
+PYTEST_ARGS ?=
+
+.PHONY: test test-slow demo bench report ext clean
+
+$(STAMP): requirements-dev.txt setup.py pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_PIN)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	touch $@
+
+$(EXT_STAMP): $(STAMP) $(CSRC) setup.py
+	MAX_JOBS=2 $(PY) setup.py --quiet build_ext --inplace
+	touch $@
+
+ext: $(EXT_STAMP)
+
+test: $(EXT_STAMP)
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-slow: $(EXT_STAMP)
+	$(PY) -m pytest -q --runslow $(PYTEST_ARGS)
+
+demo: $(EXT_STAMP)
+	$(PY) -m cumo_layers.demo
+
+bench: $(EXT_STAMP)
+	$(PY) -m pytest benchmarks --benchmark-only -q
+
+report: $(EXT_STAMP)
+	$(PY) -m benchmarks.report
+
+clean:
+	rm -rf build moe_kernels/*.so $(STAMP) $(EXT_STAMP)

@@ -1,0 +1,112 @@
+"""Public ops and the one place where backends are chosen.
+
+A backend is a module exposing three functions with the reference's signatures:
+
+    unavailable_reason(device: torch.device) -> str | None   # None: it can run on that device
+    topk_gating(logits, top_k, normalize) -> (top_k_weights, top_k_idx)
+    expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu) -> y
+
+Backends are imported lazily, so a missing extension or Triton never breaks ``import``.
+An explicitly named backend that cannot run raises ``BackendUnavailableError``: never a
+silent fallback. Only ``"auto"`` picks among them.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+BACKEND_MODULES: dict[str, str] = {
+    "torch": "moe_kernels.reference",
+    "cpu": "moe_kernels.cpu",
+    "triton": "moe_kernels.triton",
+    "cuda": "moe_kernels.cuda",
+}
+BACKENDS = ("auto", *BACKEND_MODULES)
+
+# "auto" tries these in order for a device type; "torch" runs everywhere.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {
+    "cpu": ("cpu", "torch"),
+    "cuda": ("triton", "cuda", "torch"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was requested by name but cannot run on the given device."""
+
+
+def check_backend_name(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
+
+
+def _load(name: str) -> ModuleType | str:
+    """The backend module, or a string saying why it cannot be imported."""
+    try:
+        return importlib.import_module(BACKEND_MODULES[name])
+    except ImportError as exc:
+        return f"cannot import {BACKEND_MODULES[name]}: {exc}"
+
+
+def unavailable_reason(name: str, device: torch.device | str) -> str | None:
+    """None if backend ``name`` can run on ``device``, else a sentence saying why not."""
+    check_backend_name(name)
+    if name == "auto":
+        return None
+    module = _load(name)
+    if isinstance(module, str):
+        return module
+    return module.unavailable_reason(torch.device(device))
+
+
+def available_backends(device: torch.device | str = "cpu") -> dict[str, str | None]:
+    """Every backend name -> None (runs on ``device``) or the reason it does not."""
+    return {name: unavailable_reason(name, device) for name in BACKEND_MODULES}
+
+
+def resolve_backend(name: str, device: torch.device | str) -> ModuleType:
+    """The backend module that runs ops for ``name`` on ``device``; raises if it cannot."""
+    check_backend_name(name)
+    device = torch.device(device)
+    if name == "auto":
+        for candidate in AUTO_ORDER.get(device.type, ("torch",)):
+            if unavailable_reason(candidate, device) is None:
+                return _load(candidate)  # type: ignore[return-value]
+        name = "torch"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        summary = ", ".join(f"{n}: {'ok' if r is None else r}" for n, r in available_backends(device).items())
+        raise BackendUnavailableError(
+            f"backend {name!r} cannot run on {device.type}: {reason}. Backends here: {summary}"
+        )
+    return _load(name)  # type: ignore[return-value]
+
+
+def topk_gating(logits: Tensor, top_k: int, normalize: bool = True, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64)."""
+    return resolve_backend(backend, logits.device).topk_gating(logits, top_k, normalize)
+
+
+def expert_mlp(
+    x: Tensor,
+    top_k_weights: Tensor,
+    top_k_idx: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    activation: str = "gelu",
+    glu: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """Sparse expert MLP for a given routing; see ``moe_kernels.reference.expert_mlp``.
+
+    x: [T, D]; top_k_weights: [T, K] float32; top_k_idx: [T, K] int64 (ids outside [0, E)
+    are dropped); w1: [E, H1, D]; b1: [E, H1] | None; w2: [E, O, H]; b2: [E, O] | None
+    -> [T, O] in x.dtype. Differentiable in x, top_k_weights, w1, b1, w2, b2.
+    """
+    module = resolve_backend(backend, x.device)
+    return module.expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)

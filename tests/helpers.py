@@ -1,0 +1,95 @@
+"""Shared test helpers: tolerance table, random MoE problems, the low-precision error rule."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+# Relative tolerances per dtype (STYLE.md). Used for same-precision comparisons; low precision is
+# checked with `assert_lowp_close` (flash-attention's rule) instead of a hand-tuned number.
+RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class Shape(NamedTuple):
+    tokens: int
+    d_in: int
+    hidden: int
+    d_out: int
+    experts: int
+    top_k: int
+
+
+# Each case says which edge it covers. Small enough for the Triton interpreter.
+ODD_SHAPES = [
+    (Shape(0, 16, 8, 16, 4, 2), "0 tokens: empty plan, nothing launched"),
+    (Shape(1, 16, 8, 16, 4, 2), "1 token: most experts get nothing"),
+    (Shape(7, 24, 12, 20, 4, 2), "odd sizes, d_out != d_in, T < any block"),
+    (Shape(33, 32, 16, 32, 8, 8), "top_k == num_experts: every expert sees every token"),
+    (Shape(64, 32, 48, 40, 16, 1), "top-1, more experts than a warp of rows"),
+    (Shape(130, 40, 24, 56, 6, 3), "T crosses a 128-row tile boundary"),
+]
+ROUTINGS = ["random", "one_expert", "skip_experts"]
+
+
+def routing_indices(tokens: int, experts: int, top_k: int, routing: str, device="cpu") -> Tensor:
+    """[T, K] int64 distinct expert ids per token.
+
+    random: uniform; one_expert: every token's first choice is expert 0 (all tokens on one
+    expert); skip_experts: only the first ceil(E/2) >= K experts are used (others get no token).
+    """
+    if routing == "skip_experts":
+        used = max(top_k, (experts + 1) // 2)
+        idx = torch.rand(tokens, used, device=device).argsort(dim=-1)[:, :top_k]
+    else:
+        idx = torch.rand(tokens, experts, device=device).argsort(dim=-1)[:, :top_k]
+    if routing == "one_expert" and tokens > 0:
+        has_zero = (idx == 0).any(dim=-1, keepdim=True)
+        first = idx[:, :1]
+        # Swap expert 0 into slot 0 (it is in the row already, or replaces the first choice).
+        idx = torch.where(idx == 0, first, idx)
+        idx = torch.where(has_zero, idx, idx)
+        idx[:, 0] = 0
+    return idx.to(torch.int64)
+
+
+def random_problem(shape: Shape, dtype=torch.float32, device="cpu", glu=False, bias=True, routing="random"):
+    """Fresh random inputs for expert_mlp: (x, top_k_weights, top_k_idx, w1, b1, w2, b2).
+
+    Experts are all different and weights are non-uniform, so a wrong index changes the answer.
+    """
+    t, d, h, o, e, k = shape
+    h1 = 2 * h if glu else h
+    x = torch.randn(t, d, device=device, dtype=dtype)
+    idx = routing_indices(t, e, k, routing, device)
+    weights = torch.softmax(torch.randn(t, k, device=device), dim=-1)
+    w1 = (torch.randn(e, h1, d, device=device) / d**0.5).to(dtype)
+    w2 = (torch.randn(e, o, h, device=device) / h**0.5).to(dtype)
+    b1 = (0.1 * torch.randn(e, h1, device=device)).to(dtype) if bias else None
+    b2 = (0.1 * torch.randn(e, o, device=device)).to(dtype) if bias else None
+    return x, weights, idx, w1, b1, w2, b2
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """Max abs error relative to the max magnitude of the expected tensor."""
+    if expected.numel() == 0:
+        return 0.0
+    scale = expected.double().abs().max().clamp_min(1e-30)
+    return float((actual.double() - expected.double()).abs().max() / scale)
+
+
+def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
+    """Same-dtype comparison with the table's relative tolerance."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = rel_err(actual, expected)
+    assert err <= RTOL[dtype], f"{what}: relative error {err:.3g} > {RTOL[dtype]:.0e} ({dtype})"
+
+
+def assert_lowp_close(actual: Tensor, reference_lowp: Tensor, reference_exact: Tensor, what: str = "") -> None:
+    """Flash-attention's rule: the backend's error against an exact (fp64) reference is at most
+    2x the error of the plain PyTorch reference run in the same low precision (plus a floor)."""
+    err = rel_err(actual, reference_exact)
+    budget = 2 * rel_err(reference_lowp, reference_exact) + 1e-3
+    assert err <= budget, f"{what}: error {err:.3g} > 2x reference's low-precision error ({budget:.3g})"
