@@ -85,13 +85,14 @@ def combine(rows: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, plan: Routin
     """Weighted sum of each token's K expert outputs, back in token order (deterministic).
 
     rows: [T*K, O] expert-sorted; top_k_weights: [T, K] float; top_k_idx: [T, K] int
-    -> [T, O] in rows.dtype, accumulated in fp32. Dropped slots contribute exactly zero
+    -> [T, O] in rows.dtype, accumulated in fp32 (fp64 for fp64 rows). Dropped slots contribute exactly zero
     (selected away, never multiplied, so a NaN in a dropped row cannot leak).
     """
     num_tokens, top_k = top_k_weights.shape
-    per_slot = rows.index_select(0, plan.slot_rows).float().view(num_tokens, top_k, -1)
+    accumulate = torch.promote_types(rows.dtype, torch.float32)
+    per_slot = rows.index_select(0, plan.slot_rows).to(accumulate).view(num_tokens, top_k, rows.shape[1])
     kept = ((top_k_idx >= 0) & (top_k_idx < plan.num_experts)).unsqueeze(-1)
-    weighted = torch.where(kept, per_slot * top_k_weights.float().unsqueeze(-1), 0.0)
+    weighted = torch.where(kept, per_slot * top_k_weights.to(accumulate).unsqueeze(-1), 0.0)
     return weighted.sum(dim=1).to(rows.dtype)
 
 

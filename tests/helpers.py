@@ -46,11 +46,11 @@ def routing_indices(tokens: int, experts: int, top_k: int, routing: str, device=
     else:
         idx = torch.rand(tokens, experts, device=device).argsort(dim=-1)[:, :top_k]
     if routing == "one_expert" and tokens > 0:
-        has_zero = (idx == 0).any(dim=-1, keepdim=True)
-        first = idx[:, :1]
-        # Swap expert 0 into slot 0 (it is in the row already, or replaces the first choice).
-        idx = torch.where(idx == 0, first, idx)
-        idx = torch.where(has_zero, idx, idx)
+        # Move expert 0 into slot 0: swap it with the first choice where it is already chosen.
+        has_zero = (idx == 0).any(dim=-1)
+        where_zero = (idx == 0).int().argmax(dim=-1)
+        rows = torch.arange(tokens, device=device)[has_zero]
+        idx[rows, where_zero[has_zero]] = idx[rows, 0]
         idx[:, 0] = 0
     return idx.to(torch.int64)
 
@@ -93,3 +93,25 @@ def assert_lowp_close(actual: Tensor, reference_lowp: Tensor, reference_exact: T
     err = rel_err(actual, reference_exact)
     budget = 2 * rel_err(reference_lowp, reference_exact) + 1e-3
     assert err <= budget, f"{what}: error {err:.3g} > 2x reference's low-precision error ({budget:.3g})"
+
+
+def naive_expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation="gelu", glu=False):
+    """Per-token, per-slot Python loop: the reference's reference. x: [T, D] -> [T, O] (fp64 math)."""
+    from moe_kernels.reference import apply_activation
+
+    num_experts = w1.shape[0]
+    out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for k in range(top_k_idx.shape[1]):
+            e = int(top_k_idx[t, k])
+            if not 0 <= e < num_experts:
+                continue
+            hidden = w1[e].double() @ x[t].double()
+            if b1 is not None:
+                hidden = hidden + b1[e].double()
+            hidden = apply_activation(hidden, activation, glu)
+            y = w2[e].double() @ hidden
+            if b2 is not None:
+                y = y + b2[e].double()
+            out[t] += float(top_k_weights[t, k]) * y
+    return out

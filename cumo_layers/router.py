@@ -1,0 +1,137 @@
+"""TopKRouter: softmax-then-top-k gating with load-balancing and z auxiliary losses."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_kernels import ops
+
+DEFAULT_BALANCE_LOSS_COEF = 0.01
+DEFAULT_Z_LOSS_COEF = 0.001
+
+
+class RouterOutput(NamedTuple):
+    """top_k_weights: [T, K] float32; top_k_idx: [T, K] int64; logits: [T, E] float32."""
+
+    top_k_weights: Tensor
+    top_k_idx: Tensor
+    logits: Tensor
+
+
+def balance_loss(probs: Tensor, top_k_idx: Tensor, num_experts: int) -> Tensor:
+    """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``.
+
+    probs: [T, E] float32 router probabilities; top_k_idx: [T, K] int64 -> scalar float32.
+    f_e is the share of the T*K assignments that went to expert e (no gradient), P_e the mean
+    probability of e. It is 1.0 for a perfectly uniform router and grows with imbalance.
+    """
+    if probs.shape[0] == 0:
+        return probs.new_zeros(())
+    counts = expert_load(top_k_idx, num_experts).to(probs.dtype)
+    share = counts / top_k_idx.numel()
+    return num_experts * torch.sum(share * probs.mean(dim=0))
+
+
+def z_loss(logits: Tensor) -> Tensor:
+    """Router z-loss ``mean_t(logsumexp(logits_t)^2)`` (ST-MoE): keeps logits small.
+
+    logits: [T, E] float32 -> scalar float32.
+    """
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).square().mean()
+
+
+def expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
+    """top_k_idx: [T, K] int64 -> [E] int64 assignments per expert (no host sync on GPU)."""
+    flat = top_k_idx.reshape(-1)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device)
+    valid = (flat >= 0) & (flat < num_experts)
+    return counts.scatter_add_(0, flat.clamp(0, num_experts - 1), valid.to(torch.int64))
+
+
+class TopKRouter(nn.Module):
+    """Linear router (no bias) -> fp32 softmax over E -> top-k -> optional renormalisation.
+
+    CuMo/Mixtral behaviour with ``normalize_top_k=True``: the k weights sum to 1, which is what
+    makes co-upcycling exact. ``jitter`` multiplies the router's input by U(1-j, 1+j) in training
+    (Switch Transformer). In a training forward, ``last_balance_loss`` and ``last_z_loss`` hold the
+    unweighted losses and ``last_aux_loss`` their weighted sum; all three are None in eval.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_experts: int,
+        top_k: int,
+        normalize_top_k: bool = True,
+        jitter: float = 0.0,
+        balance_loss_coef: float = DEFAULT_BALANCE_LOSS_COEF,
+        z_loss_coef: float = DEFAULT_Z_LOSS_COEF,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        check_routing_args(in_features, num_experts, top_k)
+        if not 0.0 <= jitter < 1.0:
+            raise ValueError(f"router jitter must be in [0, 1), got {jitter}")
+        ops.check_backend_name(backend)
+        self.in_features = in_features
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.normalize_top_k = normalize_top_k
+        self.jitter = jitter
+        self.balance_loss_coef = balance_loss_coef
+        self.z_loss_coef = z_loss_coef
+        self.backend = backend
+        self.weight = nn.Parameter(torch.empty(num_experts, in_features, device=device, dtype=dtype))
+        self.last_balance_loss: Tensor | None = None
+        self.last_z_loss: Tensor | None = None
+        self.last_aux_loss: Tensor | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's nn.Linear default (what CuMo's router gets): U(-1/sqrt(in), 1/sqrt(in))."""
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def forward(self, x: Tensor) -> RouterOutput:
+        """x: [T, in_features] float -> RouterOutput."""
+        router_input = x
+        if self.training and self.jitter > 0:
+            noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+            router_input = x * noise
+        logits = F.linear(router_input, self.weight.to(x.dtype)).float()
+        weights, idx = ops.topk_gating(logits, self.top_k, self.normalize_top_k, backend=self.backend)
+        if self.training:
+            probs = torch.softmax(logits, dim=-1)
+            self.last_balance_loss = balance_loss(probs, idx, self.num_experts)
+            self.last_z_loss = z_loss(logits)
+            self.last_aux_loss = (
+                self.balance_loss_coef * self.last_balance_loss + self.z_loss_coef * self.last_z_loss
+            )
+        else:
+            self.last_balance_loss = self.last_z_loss = self.last_aux_loss = None
+        return RouterOutput(weights, idx, logits)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, num_experts={self.num_experts}, top_k={self.top_k}, "
+            f"normalize_top_k={self.normalize_top_k}, jitter={self.jitter}"
+        )
+
+
+def check_routing_args(in_features: int, num_experts: int, top_k: int) -> None:
+    """Raise ValueError naming the bad argument and what is expected."""
+    for name, value in (("in_features", in_features), ("num_experts", num_experts), ("top_k", top_k)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if top_k > num_experts:
+        raise ValueError(f"top_k must be <= num_experts ({num_experts}), got {top_k}")

@@ -1,0 +1,50 @@
+"""Backend dispatch (moe_kernels/ops.py): names, availability, no silent fallback."""
+
+import pytest
+import torch
+
+from moe_kernels import ops, reference
+from tests.helpers import Shape, random_problem
+
+
+def test_unknown_backend_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'.*'auto'.*'torch'"):
+        ops.resolve_backend("tpu", "cpu")
+
+
+def test_torch_backend_is_the_reference():
+    assert ops.resolve_backend("torch", "cpu") is reference
+
+
+def test_auto_on_cpu_prefers_compiled_backend_when_it_runs():
+    module = ops.resolve_backend("auto", "cpu")
+    expected = "moe_kernels.cpu" if ops.unavailable_reason("cpu", "cpu") is None else "moe_kernels.reference"
+    assert module.__name__ == expected
+
+
+def test_available_backends_reports_every_backend():
+    report = ops.available_backends("cpu")
+    assert set(report) == {"torch", "cpu", "triton", "cuda"}
+    assert report["torch"] is None
+    for name, reason in report.items():
+        assert reason is None or (isinstance(reason, str) and reason), name
+
+
+@pytest.mark.parametrize("name", ["cpu", "triton", "cuda"])
+def test_explicit_backend_that_cannot_run_raises(name):
+    device = "meta"  # no compiled backend runs on meta tensors
+    with pytest.raises(ops.BackendUnavailableError, match=f"backend '{name}' cannot run on meta"):
+        ops.resolve_backend(name, device)
+
+
+def test_cuda_backend_without_gpu_raises_not_falls_back():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    x, weights, idx, w1, b1, w2, b2 = random_problem(Shape(4, 8, 4, 8, 2, 1))
+    with pytest.raises(ops.BackendUnavailableError):
+        ops.expert_mlp(x, weights, idx, w1, b1, w2, b2, backend="cuda")
+
+
+def test_expert_mlp_op_matches_reference_through_dispatch():
+    problem = random_problem(Shape(9, 8, 6, 5, 3, 2), torch.float64)
+    assert torch.equal(ops.expert_mlp(*problem, backend="torch"), reference.expert_mlp(*problem))
