@@ -16,7 +16,10 @@ DEFAULT_Z_LOSS_COEF = 0.001
 
 
 class RouterOutput(NamedTuple):
-    """top_k_weights: [T, K] float32; top_k_idx: [T, K] int64; logits: [T, E] float32."""
+    """top_k_weights: [T, K] float32; top_k_idx: [T, K] int64; logits: [T, E] float32.
+
+    Weights and logits are float64 when the input is float64 (exact gradient checks).
+    """
 
     top_k_weights: Tensor
     top_k_idx: Tensor
@@ -106,7 +109,8 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             router_input = x * noise
-        logits = F.linear(router_input, self.weight.to(x.dtype)).float()
+        logits = F.linear(router_input, self.weight.to(x.dtype))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         weights, idx = ops.topk_gating(logits, self.top_k, self.normalize_top_k, backend=self.backend)
         if self.training:
             probs = torch.softmax(logits, dim=-1)

@@ -46,10 +46,10 @@ def apply_activation(hidden: Tensor, activation: str, glu: bool) -> Tensor:
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
     """Softmax in fp32, then top-k, then (optionally) renormalise the k weights to sum to 1.
 
-    logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64).
-    Ties go to the lower expert index.
+    logits: [T, E] float -> (top_k_weights [T, K] float32 (float64 for float64 logits),
+    top_k_idx [T, K] int64). Ties go to the lower expert index.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     weights, idx = torch.topk(probs, top_k, dim=-1, sorted=True)
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)

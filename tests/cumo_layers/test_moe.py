@@ -1,0 +1,243 @@
+"""SparseMoEMLP (cumo_layers/moe.py): function, gradients, odd shapes, bad input, every backend."""
+
+import pytest
+import torch
+from torch import nn
+
+from cumo_layers import SparseMoEMLP, aux_loss
+from moe_kernels import ops
+from moe_kernels.reference import ACTIVATIONS
+from moe_kernels.routing import apply_capacity, expert_capacity
+from tests.helpers import assert_close, assert_lowp_close, naive_expert_mlp, rel_err
+
+
+def expected_output(moe: SparseMoEMLP, x: torch.Tensor) -> torch.Tensor:
+    """The layer's function from a naive loop over its own routing decision (fp64)."""
+    tokens = x.reshape(-1, moe.in_features)
+    with torch.no_grad():
+        route = moe.router(tokens)
+        idx = route.top_k_idx
+        if moe.capacity_factor is not None:
+            idx = apply_capacity(idx, moe.num_experts, expert_capacity(moe.capacity_factor, tokens.shape[0], moe.top_k, moe.num_experts))
+        out = naive_expert_mlp(tokens, route.top_k_weights, idx, moe.w1, moe.b1, moe.w2, moe.b2, moe.activation, moe.glu)
+    return out.reshape(*x.shape[:-1], moe.out_features)
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("bias", [False, True])
+def test_forward_matches_naive_loop(activation, glu, bias):
+    moe = SparseMoEMLP(12, 10, 7, num_experts=5, top_k=2, activation=activation, glu=glu, bias=bias, dtype=torch.float64)
+    x = torch.randn(3, 4, 12, dtype=torch.float64)  # leading dims are kept
+    y = moe(x)
+    assert y.shape == (3, 4, 7)
+    assert rel_err(y, expected_output(moe, x)) < 1e-12
+
+
+def test_parameter_layout_matches_design():
+    moe = SparseMoEMLP(16, 32, 24, num_experts=4, top_k=2, glu=True)
+    shapes = {name: tuple(p.shape) for name, p in moe.named_parameters()}
+    assert shapes == {"router.weight": (4, 16), "w1": (4, 64, 16), "b1": (4, 64), "w2": (4, 24, 32), "b2": (4, 24)}
+    assert SparseMoEMLP(16, 32, bias=False).b1 is None
+
+
+def test_layer_gradcheck_fp64():
+    moe = SparseMoEMLP(6, 5, 4, num_experts=4, top_k=2, activation="gelu_tanh", glu=True, dtype=torch.float64)
+    x = torch.randn(7, 6, dtype=torch.float64, requires_grad=True)
+    params = list(moe.parameters())
+
+    names = [name for name, _ in moe.named_parameters()]
+
+    def fn(x, *params):
+        return torch.func.functional_call(moe, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *[p.detach().clone().requires_grad_() for p in params]))
+
+
+def test_gradients_reach_every_parameter():
+    moe = SparseMoEMLP(8, 16, num_experts=4, top_k=2)
+    out = moe(torch.randn(64, 8))
+    (out.square().mean() + moe.last_aux_loss).backward()
+    for name, p in moe.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_within_twice_reference_error(dtype):
+    moe = SparseMoEMLP(32, 48, num_experts=4, top_k=2, activation="silu", glu=True, dtype=torch.float64)
+    x = torch.randn(40, 32, dtype=torch.float64)
+    with torch.no_grad():
+        route = moe.router(x)
+        exact = naive_expert_mlp(x, route.top_k_weights, route.top_k_idx, moe.w1, moe.b1, moe.w2, moe.b2, "silu", True)
+        low = SparseMoEMLP(32, 48, num_experts=4, top_k=2, activation="silu", glu=True, dtype=dtype)
+        low.load_state_dict({k: v.to(dtype) for k, v in moe.state_dict().items()})
+        # Same routing for both, so only the expert math differs.
+        low_out = ops.expert_mlp(x.to(dtype), route.top_k_weights, route.top_k_idx, low.w1, low.b1, low.w2, low.b2, "silu", True, backend="torch")
+        y = low(x.to(dtype))
+    assert y.dtype == dtype
+    assert_lowp_close(low_out, low_out, exact, "reference in low precision")
+    assert rel_err(y, exact) < 0.05  # routing may flip for near-ties in low precision, output stays close
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (0, 8),  # 0 tokens
+        (2, 0, 8),  # 0 tokens behind leading dims
+        (1, 8),  # 1 token: most experts get nothing
+        (8,),  # a single vector, no token dim
+    ],
+)
+def test_odd_token_counts(shape):
+    moe = SparseMoEMLP(8, 6, 5, num_experts=4, top_k=2, dtype=torch.float64)
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    y = moe(x)
+    assert y.shape == (*shape[:-1], 5)
+    assert rel_err(y, expected_output(moe, x)) < 1e-12
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_top_k_equals_num_experts():
+    moe = SparseMoEMLP(8, 6, num_experts=3, top_k=3, dtype=torch.float64)
+    x = torch.randn(10, 8, dtype=torch.float64)
+    assert rel_err(moe(x), expected_output(moe, x)) < 1e-12
+    assert moe.last_expert_load.tolist() == [10, 10, 10]
+
+
+def test_all_tokens_on_one_expert():
+    moe = SparseMoEMLP(8, 6, num_experts=4, top_k=1, dtype=torch.float64)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[2] = 1.0
+    x = torch.rand(16, 8, dtype=torch.float64) + 0.1  # positive: expert 2 wins every token
+    y = moe(x)
+    assert moe.last_expert_load.tolist() == [0, 0, 16, 0]
+    assert rel_err(y, expected_output(moe, x)) < 1e-12
+
+
+def test_non_contiguous_input():
+    moe = SparseMoEMLP(8, 6, num_experts=4, top_k=2, dtype=torch.float64)
+    base = torch.randn(8, 5, 3, dtype=torch.float64)
+    x = base.transpose(0, 2)  # [3, 5, 8], not contiguous
+    assert not x.is_contiguous()
+    assert torch.equal(moe(x), moe(x.contiguous()))
+
+
+def test_nan_token_changes_no_other_token():
+    moe = SparseMoEMLP(8, 6, num_experts=4, top_k=2).eval()
+    x = torch.randn(20, 8)
+    clean = moe(x)
+    x[7, 3] = float("nan")
+    poisoned = moe(x)
+    assert torch.isnan(poisoned[7]).all()
+    others = torch.arange(20) != 7
+    # Not bit-equal: the NaN token's routing changes the expert segment sizes, and BLAS blocking with them.
+    assert torch.isfinite(poisoned[others]).all()
+    assert_close(poisoned[others], clean[others], torch.float32, "other tokens")
+
+
+def test_deterministic_output():
+    moe = SparseMoEMLP(16, 32, num_experts=8, top_k=2).eval()
+    x = torch.randn(100, 16)
+    assert torch.equal(moe(x), moe(x))
+
+
+@pytest.mark.parametrize("factor", [0.25, 1.0, 8.0])
+def test_capacity_factor_drops_overflow(factor):
+    moe = SparseMoEMLP(8, 6, num_experts=4, top_k=2, capacity_factor=factor, dtype=torch.float64)
+    x = torch.randn(30, 8, dtype=torch.float64)
+    y = moe(x)
+    capacity = expert_capacity(factor, 30, 2, 4)
+    assert int(moe.last_expert_load.max()) <= capacity
+    assert rel_err(y, expected_output(moe, x)) < 1e-12
+    if factor == 8.0:  # capacity above demand: identical to dropless
+        dropless = SparseMoEMLP(8, 6, num_experts=4, top_k=2, dtype=torch.float64)
+        dropless.load_state_dict(moe.state_dict())
+        assert torch.equal(dropless(x), y)
+
+
+def test_aux_loss_sums_every_moe_layer():
+    model = nn.Sequential(SparseMoEMLP(8, 6, num_experts=4, top_k=2), nn.ReLU(), SparseMoEMLP(8, 6, num_experts=3, top_k=1))
+    model(torch.randn(12, 8))
+    total = model[0].last_aux_loss + model[2].last_aux_loss
+    assert torch.allclose(aux_loss(model), total)
+    model.eval()
+    model(torch.randn(12, 8))
+    assert aux_loss(model).item() == 0
+    assert aux_loss(nn.Linear(2, 2)).item() == 0
+
+
+def test_autocast_bf16_on_cpu():
+    moe = SparseMoEMLP(16, 32, num_experts=4, top_k=2)
+    x = torch.randn(10, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = moe(x)
+    assert y.dtype == torch.bfloat16
+    assert rel_err(y, moe(x)) < 0.05
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,pattern",
+    [
+        (dict(num_experts=0), ValueError, "num_experts must be >= 1, got 0"),
+        (dict(top_k=0), ValueError, "top_k must be >= 1, got 0"),
+        (dict(num_experts=2, top_k=3), ValueError, r"top_k must be <= num_experts \(2\), got 3"),
+        (dict(activation="swish"), ValueError, r"unknown activation 'swish'; expected one of \['gelu'"),
+        (dict(backend="npu"), ValueError, "unknown backend 'npu'"),
+        (dict(capacity_factor=0.0), ValueError, "capacity_factor must be > 0 or None"),
+        (dict(dtype=torch.int32), TypeError, "floating point dtype"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, error, pattern):
+    with pytest.raises(error, match=pattern):
+        SparseMoEMLP(8, 6, **kwargs)
+
+
+def test_bad_hidden_size():
+    with pytest.raises(ValueError, match="hidden_features must be an int >= 1, got 0"):
+        SparseMoEMLP(8, 0)
+
+
+@pytest.mark.parametrize(
+    "x,error,pattern",
+    [
+        (torch.randn(4, 9), ValueError, r"expects input \[\.\.\., 8\] \(in_features=8\), got shape \(4, 9\)"),
+        (torch.ones(4, 8, dtype=torch.int64), TypeError, "floating point input, got dtype torch.int64"),
+        (torch.tensor(1.0), ValueError, "got a 0-d tensor"),
+        (torch.randn(4, 8, dtype=torch.float64), TypeError, "does not match the expert weights' dtype torch.float32"),
+        ([1.0] * 8, TypeError, "expects a torch.Tensor, got list"),
+    ],
+)
+def test_bad_input(x, error, pattern):
+    moe = SparseMoEMLP(8, 6)
+    with pytest.raises(error, match=pattern):
+        moe(x)
+
+
+BACKEND_NAMES = ["cpu", "triton", "cuda"]
+
+
+@pytest.mark.parametrize("backend", BACKEND_NAMES)
+def test_named_backend_matches_torch_or_raises(backend):
+    """Each named backend either computes the reference's function or refuses to run: never a fallback."""
+    device = "cpu"
+    reason = ops.unavailable_reason(backend, device)
+    moe = SparseMoEMLP(16, 12, 10, num_experts=4, top_k=2, glu=True, activation="silu", backend=backend)
+    x = torch.randn(2, 9, 16)
+    if reason is not None:
+        with pytest.raises(ops.BackendUnavailableError, match=f"backend '{backend}' cannot run on cpu"):
+            moe(x)
+        return
+    ref = SparseMoEMLP(16, 12, 10, num_experts=4, top_k=2, glu=True, activation="silu", backend="torch")
+    ref.load_state_dict(moe.state_dict())
+    x_ref = x.clone().requires_grad_()
+    x.requires_grad_()
+    y, y_ref = moe(x), ref(x_ref)
+    assert_close(y, y_ref, torch.float32, f"{backend} forward")
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    (y_ref * grad).sum().backward()
+    assert_close(x.grad, x_ref.grad, torch.float32, f"{backend} dx")
+    for (name, p), p_ref in zip(moe.named_parameters(), ref.parameters()):
+        assert_close(p.grad, p_ref.grad, torch.float32, f"{backend} d{name}")
