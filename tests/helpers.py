@@ -100,6 +100,7 @@ def naive_expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation="ge
     from moe_kernels.reference import apply_activation
 
     num_experts = w1.shape[0]
+    x, w1, b1, w2, b2 = (None if t is None else t.detach() for t in (x, w1, b1, w2, b2))
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float64)
     for t in range(x.shape[0]):
         for k in range(top_k_idx.shape[1]):
@@ -113,5 +114,5 @@ def naive_expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation="ge
             y = w2[e].double() @ hidden
             if b2 is not None:
                 y = y + b2[e].double()
-            out[t] += float(top_k_weights[t, k]) * y
+            out[t] += float(top_k_weights[t, k].detach()) * y
     return out

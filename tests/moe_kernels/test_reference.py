@@ -74,14 +74,16 @@ def test_grouped_gemm_segments():
 
 
 def test_topk_gating_renormalises_and_matches_softmax():
-    logits = torch.randn(11, 6, dtype=torch.float64)
+    logits = torch.randn(11, 6)
     weights, idx = reference.topk_gating(logits, 3, normalize=True)
     assert weights.dtype == torch.float32 and idx.dtype == torch.int64
+    assert reference.topk_gating(logits.bfloat16(), 3)[0].dtype == torch.float32
+    assert reference.topk_gating(logits.double(), 3)[0].dtype == torch.float64
     assert torch.allclose(weights.sum(-1), torch.ones(11))
     probs = torch.softmax(logits, -1)
     raw, raw_idx = reference.topk_gating(logits, 3, normalize=False)
     assert torch.equal(idx, raw_idx)
-    assert torch.allclose(raw.double(), probs.gather(1, idx), atol=1e-7)
+    assert torch.allclose(raw, probs.gather(1, idx), atol=1e-7)
     assert torch.all(probs.gather(1, idx).min(-1).values >= probs.topk(3).values[:, -1] - 1e-12)
 
 
