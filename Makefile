@@ -8,6 +8,10 @@ STAMP := $(VENV)/.cumo-deps
 EXT_STAMP := $(VENV)/.cumo-ext
 CSRC := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh' 2>/dev/null)
 PYTEST_ARGS ?=
+# torch finds nvcc on PATH (/usr/local/bin here) but needs the toolkit root for headers and libs.
+ifneq ($(wildcard /usr/local/cuda/include/cuda.h),)
+export CUDA_HOME ?= /usr/local/cuda
+endif
 
 .PHONY: test test-slow demo bench report ext clean
 
@@ -16,7 +20,7 @@ $(STAMP): requirements-dev.txt setup.py pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_PIN)
 	$(PY) -m pip install --quiet -r requirements-dev.txt
-	$(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
+	CUMO_SKIP_EXT=1 $(PY) -m pip install --quiet --no-build-isolation --no-deps -e .
 	touch $@
 
 $(EXT_STAMP): $(STAMP) $(CSRC) setup.py

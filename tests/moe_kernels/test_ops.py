@@ -48,3 +48,27 @@ def test_cuda_backend_without_gpu_raises_not_falls_back():
 def test_expert_mlp_op_matches_reference_through_dispatch():
     problem = random_problem(Shape(9, 8, 6, 5, 3, 2), torch.float64)
     assert torch.equal(ops.expert_mlp(*problem, backend="torch"), reference.expert_mlp(*problem))
+
+
+def test_package_works_without_compiled_extensions():
+    """With the extensions missing, imports succeed, `auto` runs the reference, and `cpu` says why not."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys; sys.modules['moe_kernels._C'] = None; sys.modules['moe_kernels._cuda'] = None\n"
+        "import torch, moe_kernels\n"
+        "from cumo_layers import SparseMoEMLP\n"
+        "reason = moe_kernels.available_backends('cpu')['cpu']\n"
+        "assert reason and 'not built' in reason, reason\n"
+        "assert moe_kernels.resolve_backend('auto', 'cpu').__name__ == 'moe_kernels.reference'\n"
+        "print(SparseMoEMLP(8, 6)(torch.randn(3, 8)).shape)\n"
+        "try:\n"
+        "    SparseMoEMLP(8, 6, backend='cpu')(torch.randn(3, 8))\n"
+        "except moe_kernels.BackendUnavailableError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "torch.Size([3, 8])" in result.stdout
+    assert "refused: backend 'cpu' cannot run on cpu" in result.stdout
