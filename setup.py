@@ -14,8 +14,8 @@ import os
 from setuptools import find_packages, setup
 
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
-CXX_FLAGS = ["-O3", "-std=c++17", "-fopenmp"]
-NVCC_FLAGS = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+CXX_FLAGS = ["-O3", "-std=c++20", "-fopenmp"]  # torch >= 2.10 headers need C++20
+NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 def extensions():
@@ -46,7 +46,7 @@ def extensions():
                 "moe_kernels._cuda",
                 cuda_sources,
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": NVCC_FLAGS},
+                extra_compile_args={"cxx": ["-O3", "-std=c++20"], "nvcc": NVCC_FLAGS},
             )
         )
     return modules, {"build_ext": BuildExtension.with_options(use_ninja=True)}

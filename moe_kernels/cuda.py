@@ -1,9 +1,166 @@
-"""CUDA backend: loader of the compiled extension moe_kernels._cuda (csrc/cuda)."""
+"""CUDA backend: the compiled extension moe_kernels._cuda (csrc/cuda) plus torch's grouped GEMM.
+
+Ops (namespace ``cumo_cuda``, CUDA kernels; fakes and autograd in moe_kernels/gating_ops.py):
+    topk_gating(logits, top_k, normalize) -> (top_k_weights, top_k_idx)
+    routing_plan(top_k_idx, num_experts, block_size) -> (counts, offsets, sorted_slots, slot_rows)
+The expert MLP runs the device routing plan, then ``torch._grouped_mm`` per layer (activation and
+bias in torch), then a deterministic combine (gather the K rows of each token, sum in fp32).
+Gradients come from torch autograd through those ops. Shapes: T tokens, D inputs, H1 hidden
+(2*H with GLU), O outputs, E experts, K = top_k, N = T*K.
+
+No host synchronisation in the routing or the combine. ``torch._grouped_mm`` itself runs CUTLASS
+without a sync for bf16 on sm90/sm100; for other dtypes or architectures torch falls back to a
+loop over experts that copies the group ends to the host.
+"""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe_kernels import gating_ops
+from moe_kernels.reference import apply_activation, check_activation
+from moe_kernels.routing import RoutingPlan, expert_buckets
+
+try:
+    from moe_kernels import _cuda  # noqa: F401  (loading it registers torch.ops.cumo_cuda.*)
+
+    _IMPORT_ERROR: ImportError | None = None
+    gating_ops.register_topk_gating("cumo_cuda::topk_gating")
+    gating_ops.register_routing_plan("cumo_cuda::routing_plan")
+except ImportError as exc:  # the package works without the extension
+    _IMPORT_ERROR = exc
+
+# torch._grouped_mm needs 16-byte aligned row strides and base pointers.
+GROUPED_MM_ALIGN_BYTES = 16
+GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    return "the CUDA kernels are not implemented yet"
+    """None if the CUDA kernels can run on ``device``, else why not."""
+    device = torch.device(device)
+    if _IMPORT_ERROR is not None:
+        return f"the CUDA extension moe_kernels._cuda is not built ({_IMPORT_ERROR}); run `make ext` with nvcc"
+    if device.type != "cuda":
+        return f"runs on CUDA tensors only, got {device.type}"
+    if not torch.cuda.is_available():
+        return "no CUDA device is available"
+    return None
+
+
+def _require(device: torch.device) -> None:
+    reason = unavailable_reason(device)
+    if reason is not None:
+        raise RuntimeError(f"backend 'cuda': {reason}")
+
+
+def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64).
+
+    Fused softmax (fp32) + top-k (ties to the lower expert id) + optional renormalisation;
+    differentiable in the logits.
+    """
+    _require(logits.device)
+    return torch.ops.cumo_cuda.topk_gating(logits, top_k, normalize)
+
+
+def routing_plan(top_k_idx: Tensor, num_experts: int, block_size: int = 1) -> RoutingPlan:
+    """Counting sort of the routing on device; with block_size 1 equal to
+    ``moe_kernels.routing.build_routing_plan``.
+
+    top_k_idx: [T, K] integer expert ids (ids outside [0, E) dropped) -> RoutingPlan.
+    With block_size > 1 each expert's segment is padded to a multiple of block_size:
+    expert_offsets are the padded starts, expert_counts the real counts, sorted_slots has
+    N + E*(block_size-1) rows (the worst case), and rows holding no slot hold -1.
+    """
+    _require(top_k_idx.device)
+    counts, offsets, sorted_slots, slot_rows = torch.ops.cumo_cuda.routing_plan(top_k_idx, num_experts, block_size)
+    return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k_idx.shape[1])
+
+
+def grouped_linear(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
+    """Per-expert ``nn.Linear`` (no bias) over contiguous row groups, by ``torch._grouped_mm``.
+
+    rows: [N, I]; weight: [E, O, I]; group_ends: [E] int32 cumulative row ends -> [N, O].
+    Rows past group_ends[-1] are left unspecified (uninitialised memory): callers mask them.
+    Feature sizes that are not a multiple of 16 bytes are zero-padded (zeros add nothing).
+    """
+    in_features, out_features = weight.shape[2], weight.shape[1]
+    align = GROUPED_MM_ALIGN_BYTES // rows.element_size()
+    pad_in = -in_features % align
+    pad_out = -out_features % align
+    rows = F.pad(rows, (0, pad_in)) if pad_in else rows.contiguous()
+    weight = F.pad(weight, (0, pad_in, 0, pad_out)) if pad_in or pad_out else weight.contiguous()
+    if rows.data_ptr() % GROUPED_MM_ALIGN_BYTES:
+        rows = rows.clone()
+    if weight.data_ptr() % GROUPED_MM_ALIGN_BYTES:
+        weight = weight.clone()
+    out = torch._grouped_mm(rows, weight.transpose(1, 2), offs=group_ends)
+    return out[:, :out_features] if pad_out else out
+
+
+def expert_mlp_from_plan(
+    x: Tensor,
+    top_k_weights: Tensor,
+    top_k_idx: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    activation: str,
+    glu: bool,
+    plan: RoutingPlan,
+) -> Tensor:
+    """The expert MLP on a given unpadded routing plan (block_size 1), in torch ops on any device.
+
+    Shapes as ``expert_mlp``. Rows past offsets[E] (dropped slots) are zeroed after each GEMM
+    (where, not multiply: their memory is uninitialised), so neither values nor gradients leak.
+    """
+    num_tokens, top_k = top_k_idx.shape
+    num_experts = w1.shape[0]
+    num_rows = num_tokens * top_k
+    group_ends = plan.expert_offsets[1:].to(torch.int32)
+    kept_rows = (torch.arange(num_rows, device=x.device) < plan.expert_offsets[num_experts]).unsqueeze(1)
+    row_experts = expert_buckets(top_k_idx, num_experts).index_select(0, plan.sorted_slots).clamp(max=num_experts - 1)
+
+    rows = torch.where(kept_rows, x.index_select(0, plan.sorted_tokens), 0)
+    hidden = grouped_linear(rows, w1, group_ends)
+    if b1 is not None:
+        hidden = hidden + b1.index_select(0, row_experts)
+    hidden = apply_activation(torch.where(kept_rows, hidden, 0), activation, glu)
+    out = grouped_linear(hidden, w2, group_ends)
+    if b2 is not None:
+        out = out + b2.index_select(0, row_experts)
+    out = torch.where(kept_rows, out, 0)
+
+    per_slot = out.index_select(0, plan.slot_rows).float().view(num_tokens, top_k, w2.shape[1])
+    kept_slots = ((top_k_idx >= 0) & (top_k_idx < num_experts)).unsqueeze(-1)
+    weighted = torch.where(kept_slots, per_slot * top_k_weights.float().unsqueeze(-1), 0.0)
+    return weighted.sum(dim=1).to(x.dtype)
+
+
+def expert_mlp(
+    x: Tensor,
+    top_k_weights: Tensor,
+    top_k_idx: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    activation: str = "gelu",
+    glu: bool = False,
+) -> Tensor:
+    """Sparse expert MLP on CUDA; same function as ``moe_kernels.reference.expert_mlp``.
+
+    x: [T, D]; top_k_weights: [T, K] float; top_k_idx: [T, K] int64 (ids outside [0, E) dropped);
+    w1: [E, H1, D]; b1: [E, H1] | None; w2: [E, O, H]; b2: [E, O] | None -> [T, O] in x.dtype.
+    float32/float16/bfloat16 only (torch._grouped_mm). Differentiable in x, top_k_weights and
+    the expert weights and biases.
+    """
+    _require(x.device)
+    check_activation(activation)
+    if x.dtype not in GROUPED_MM_DTYPES:
+        raise TypeError(f"backend 'cuda' runs {[str(d) for d in GROUPED_MM_DTYPES]} (torch._grouped_mm), got {x.dtype}")
+    plan = routing_plan(top_k_idx, w1.shape[0])
+    return expert_mlp_from_plan(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, plan)

@@ -50,7 +50,9 @@ def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Ten
     top_k_idx [T, K] int64). Ties go to the lower expert index.
     """
     probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    weights, idx = torch.topk(probs, top_k, dim=-1, sorted=True)
+    # A stable descending sort, not torch.topk: topk does not promise ties go to the lower id.
+    weights, idx = torch.sort(probs, dim=-1, descending=True, stable=True)
+    weights, idx = weights[:, :top_k], idx[:, :top_k]
     if normalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     return weights, idx

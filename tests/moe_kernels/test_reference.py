@@ -100,3 +100,9 @@ def test_nan_token_does_not_leak():
 def test_deterministic():
     problem = random_problem(Shape(64, 16, 8, 16, 4, 2), torch.float32)
     assert torch.equal(reference.expert_mlp(*problem), reference.expert_mlp(*problem))
+
+
+def test_topk_gating_ties_go_to_lower_expert():
+    logits = torch.tensor([[0.1, 0.3, 0.3, 0.2, 0.3, 0.1]]).log()
+    _, idx = reference.topk_gating(logits, 4)
+    assert idx.tolist() == [[1, 2, 4, 3]]

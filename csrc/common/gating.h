@@ -1,0 +1,95 @@
+// Per-element helpers of top-k softmax gating and routing, shared by the CPU and CUDA builds.
+//
+// E experts, K = top_k. Everything here is plain arithmetic on scalars, marked CUMO_HOST_DEVICE so
+// that the CPU extension (gating.cpp) and the CUDA kernels (csrc/cuda) run the very same rules:
+//   - probabilities are softmax in fp32: exp(x - max) / sum, with max and sum over the row;
+//   - the selection order is (probability descending, expert id ascending): ties go to the lower id,
+//     as torch.topk does on the reference's inputs;
+//   - an expert id outside [0, E) is a dropped slot and goes to bucket E.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define CUMO_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define CUMO_HOST_DEVICE inline
+#endif
+
+namespace cumo {
+
+// Bucket of one slot in the routing sort: its expert, or E when the id is dropped.
+CUMO_HOST_DEVICE int64_t expert_bucket(int64_t expert_id, int64_t num_experts) {
+  return (expert_id >= 0 && expert_id < num_experts) ? expert_id : num_experts;
+}
+
+// Rounds a segment length up to a multiple of block_size (block-aligned routing layouts).
+CUMO_HOST_DEVICE int64_t round_up(int64_t length, int64_t block_size) {
+  return (length + block_size - 1) / block_size * block_size;
+}
+
+CUMO_HOST_DEVICE float exp_f32(float x) {
+#ifdef __CUDA_ARCH__
+  return expf(x);  // the accurate expf, not __expf: weights must match the fp32 reference to 1e-5
+#else
+  return std::exp(x);
+#endif
+}
+
+// Softmax probability of one logit, given the row max and the reciprocal of sum(exp(x - max)).
+CUMO_HOST_DEVICE float softmax_prob(float logit, float row_max, float inv_row_sum) {
+  return exp_f32(logit - row_max) * inv_row_sum;
+}
+
+// True when candidate a = (prob_a, id_a) is selected before b: higher probability, then lower id.
+CUMO_HOST_DEVICE bool ranks_before(float prob_a, int64_t id_a, float prob_b, int64_t id_b) {
+  return prob_a > prob_b || (prob_a == prob_b && id_a < id_b);
+}
+
+// Inserts (prob, id) into the sorted top-k list (weights[0..filled), ids[0..filled)), which holds the
+// best candidates so far in selection order; keeps at most k entries. Returns the new fill count.
+CUMO_HOST_DEVICE int64_t topk_insert(float* weights, int64_t* ids, int64_t filled, int64_t k, float prob,
+                                     int64_t id) {
+  if (filled == k && !ranks_before(prob, id, weights[k - 1], ids[k - 1])) {
+    return filled;
+  }
+  int64_t pos = filled < k ? filled : k - 1;
+  while (pos > 0 && ranks_before(prob, id, weights[pos - 1], ids[pos - 1])) {
+    weights[pos] = weights[pos - 1];
+    ids[pos] = ids[pos - 1];
+    --pos;
+  }
+  weights[pos] = prob;
+  ids[pos] = id;
+  return filled < k ? filled + 1 : k;
+}
+
+// Divides the k selected weights by their sum (summed in selection order), as the reference does.
+CUMO_HOST_DEVICE void renormalize(float* weights, int64_t k) {
+  float total = 0.f;
+  for (int64_t i = 0; i < k; ++i) total += weights[i];
+  for (int64_t i = 0; i < k; ++i) weights[i] = weights[i] / total;
+}
+
+// The whole gating of one token row, sequentially: softmax over E logits read through `load(e)`,
+// top-k selection and optional renormalisation. weights/ids: [k] outputs, in selection order.
+template <typename Load>
+CUMO_HOST_DEVICE void topk_softmax_row(Load load, int64_t num_experts, int64_t k, bool normalize,
+                                       float* weights, int64_t* ids) {
+  float row_max = load(0);
+  for (int64_t e = 1; e < num_experts; ++e) {
+    float x = load(e);
+    row_max = x > row_max ? x : row_max;
+  }
+  float row_sum = 0.f;
+  for (int64_t e = 0; e < num_experts; ++e) row_sum += exp_f32(load(e) - row_max);
+  const float inv_row_sum = 1.f / row_sum;
+  int64_t filled = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    filled = topk_insert(weights, ids, filled, k, softmax_prob(load(e), row_max, inv_row_sum), e);
+  }
+  if (normalize) renormalize(weights, k);
+}
+
+}  // namespace cumo

@@ -1,0 +1,399 @@
+"""CUDA backend (csrc/cuda, moe_kernels/cuda.py).
+
+(a) every csrc/cuda/*.cu compiles with plain nvcc for sm_80 and sm_90 (skipped without nvcc);
+(b) the built extension registers its ops with the expected schemas, fakes and autograd;
+(c) the torch side of the expert MLP (grouped GEMMs, masking, combine) against the reference on
+    CPU, fed the reference routing plan (torch._grouped_mm runs on CPU too);
+(d) GPU parity of gating, routing plan and expert MLP (forward and backward) with the reference,
+    marked gpu: they run only where CUDA exists.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from moe_kernels import cuda as cuda_backend
+from moe_kernels import ops, reference
+from moe_kernels.routing import build_routing_plan
+from tests.helpers import (
+    LOW_PRECISION,
+    ODD_SHAPES,
+    ROUTINGS,
+    RTOL,
+    Shape,
+    assert_close,
+    assert_lowp_close,
+    random_problem,
+)
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CUDA_SOURCES = sorted(glob.glob(os.path.join(REPO, "csrc", "cuda", "*.cu")))
+NVCC = "/usr/local/bin/nvcc" if os.path.exists("/usr/local/bin/nvcc") else shutil.which("nvcc")
+ARCHS = ("80", "90")
+
+try:
+    from moe_kernels import _cuda  # noqa: F401
+
+    _EXTENSION_MISSING = None
+except ImportError as exc:
+    _EXTENSION_MISSING = f"moe_kernels._cuda is not built: {exc}"
+
+needs_extension = pytest.mark.skipif(_EXTENSION_MISSING is not None, reason=str(_EXTENSION_MISSING))
+
+
+# ----------------------------------------------------------------------------- (a) nvcc
+
+
+def test_cuda_sources_exist():
+    names = sorted(os.path.basename(path) for path in CUDA_SOURCES)
+    assert names == ["gating.cu", "routing.cu"]
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found")
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=os.path.basename)
+def test_nvcc_compiles(source, tmp_path):
+    # Only csrc/ on the include path: the kernels are plain CUDA and include no torch header,
+    # so this also holds them to that. One nvcc call builds both architectures.
+    gencode = [flag for arch in ARCHS for flag in ("-gencode", f"arch=compute_{arch},code=sm_{arch}")]
+    command = [NVCC, "-c", "-std=c++17", "-O3", "-Werror", "all-warnings", *gencode,
+               "-I", os.path.join(REPO, "csrc"), source, "-o", str(tmp_path / "kernel.o")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"nvcc failed:\n{' '.join(command)}\n{result.stdout}\n{result.stderr}"
+    assert (tmp_path / "kernel.o").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- (b) extension
+
+EXPECTED_SCHEMAS = {
+    "topk_gating": "cumo_cuda::topk_gating(Tensor logits, int top_k, bool normalize) -> (Tensor, Tensor)",
+    "routing_plan": (
+        "cumo_cuda::routing_plan(Tensor top_k_idx, int num_experts, int block_size)"
+        " -> (Tensor, Tensor, Tensor, Tensor)"
+    ),
+}
+
+
+@needs_extension
+@pytest.mark.parametrize("name", sorted(EXPECTED_SCHEMAS))
+def test_op_registered(name):
+    op = getattr(torch.ops.cumo_cuda, name)
+    assert str(op.default._schema) == EXPECTED_SCHEMAS[name]
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cumo_cuda::{name}", "CUDA")
+
+
+@needs_extension
+def test_topk_gating_fake_and_autograd_on_meta():
+    logits = torch.empty(9, 6, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    weights, idx = torch.ops.cumo_cuda.topk_gating(logits, 4, True)
+    assert weights.shape == idx.shape == (9, 4)
+    assert weights.dtype == torch.float32 and idx.dtype == torch.int64 and weights.device.type == "meta"
+    (grad,) = torch.autograd.grad(weights.sum(), logits)
+    assert grad.shape == logits.shape and grad.dtype == logits.dtype
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "tokens,top_k,experts,block_size,rows",
+    [
+        (5, 3, 4, 1, 15),  # unpadded: exactly T*K rows
+        (5, 3, 4, 8, 15 + 4 * 7),  # padded: worst case E*(block-1) extra rows
+        (0, 2, 6, 16, 6 * 15),  # no tokens: only padding capacity
+    ],
+)
+def test_routing_plan_fake(tokens, top_k, experts, block_size, rows):
+    idx = torch.empty(tokens, top_k, dtype=torch.int64, device="meta")
+    counts, offsets, sorted_slots, slot_rows = torch.ops.cumo_cuda.routing_plan(idx, experts, block_size)
+    assert [tuple(t.shape) for t in (counts, offsets, sorted_slots, slot_rows)] == [
+        (experts,), (experts + 1,), (rows,), (tokens * top_k,)
+    ]
+    assert all(t.dtype == torch.int64 for t in (counts, offsets, sorted_slots, slot_rows))
+
+
+def test_unavailable_off_gpu():
+    assert "CUDA tensors only" in (cuda_backend.unavailable_reason(torch.device("cpu")) or "")
+    if not torch.cuda.is_available():
+        assert cuda_backend.unavailable_reason(torch.device("cuda")) is not None
+
+
+def test_named_backend_never_falls_back():
+    problem = random_problem(Shape(4, 8, 8, 8, 4, 2))
+    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+        ops.expert_mlp(*problem, backend="cuda")
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        cuda_backend.expert_mlp(*problem)
+    with pytest.raises(RuntimeError, match="backend 'cuda'"):
+        cuda_backend.topk_gating(torch.randn(3, 4), 2)
+
+
+# ----------------------------------------------------------------------------- (c) torch side on CPU
+
+GRAD_NAMES = ("x", "top_k_weights", "w1", "b1", "w2", "b2")
+
+
+def _grads(output, inputs, grad_out):
+    present = [t for t in inputs if t is not None]
+    grads = iter(torch.autograd.grad((output * grad_out).sum(), present))
+    return [None if t is None else next(grads) for t in inputs]
+
+
+def _compare_with_reference(problem, activation, glu, run, dtype):
+    """Forward and every gradient of `run(...)` against reference.expert_mlp."""
+    x, weights, idx, w1, b1, w2, b2 = problem
+    inputs = [x, weights, w1, b1, w2, b2]
+    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+    ref_leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
+
+    def call(fn, ts):
+        return fn(ts[0], ts[1], idx, ts[2], ts[3], ts[4], ts[5], activation, glu)
+
+    y = call(run, leaves)
+    y_ref = call(reference.expert_mlp, ref_leaves)
+    assert y.dtype == x.dtype
+    grad_out = torch.randn_like(y_ref)
+    grads = _grads(y, leaves, grad_out)
+    ref_grads = _grads(y_ref, ref_leaves, grad_out)
+    if dtype not in LOW_PRECISION:
+        assert_close(y.detach(), y_ref.detach(), dtype, "output")
+        for name, g, g_ref in zip(GRAD_NAMES, grads, ref_grads):
+            if g_ref is not None:
+                assert_close(g, g_ref, dtype if name != "top_k_weights" else torch.float32, f"grad {name}")
+        return
+    exact_leaves = [None if t is None else t.detach().double().requires_grad_(True) for t in inputs]
+    y_exact = call(reference.expert_mlp, exact_leaves)
+    exact_grads = _grads(y_exact, exact_leaves, grad_out.double())
+    assert_lowp_close(y.detach(), y_ref.detach(), y_exact.detach(), "output")
+    for name, g, g_ref, g_exact in zip(GRAD_NAMES, grads, ref_grads, exact_grads):
+        if g_ref is not None:
+            assert_lowp_close(g, g_ref, g_exact, f"grad {name}")
+
+
+def _from_reference_plan(x, weights, idx, w1, b1, w2, b2, activation, glu):
+    plan = build_routing_plan(idx, w1.shape[0])
+    return cuda_backend.expert_mlp_from_plan(x, weights, idx, w1, b1, w2, b2, activation, glu, plan)
+
+
+def _drop_some(idx: torch.Tensor, experts: int) -> torch.Tensor:
+    """Marks a few slots dropped (id E, and -1) so the dropped rows' masking is exercised."""
+    idx = idx.clone()
+    if idx.shape[0] >= 2:
+        idx[0, -1] = experts
+        idx[-1, 0] = -1
+    return idx
+
+
+@pytest.mark.parametrize("shape,why", ODD_SHAPES, ids=[why for _, why in ODD_SHAPES])
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("glu", [False, True])
+def test_expert_mlp_torch_side_cpu(shape, why, routing, glu):
+    x, weights, idx, w1, b1, w2, b2 = random_problem(shape, glu=glu, routing=routing)
+    problem = (x, weights, _drop_some(idx, shape.experts), w1, b1, w2, b2)
+    _compare_with_reference(problem, "silu" if glu else "gelu", glu, _from_reference_plan, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_expert_mlp_torch_side_cpu_low_precision(dtype):
+    shape = Shape(37, 24, 12, 20, 5, 2)  # odd feature sizes: every GEMM is padded to 16 bytes
+    x, weights, idx, w1, b1, w2, b2 = random_problem(shape, dtype=dtype)
+    problem = (x, weights, _drop_some(idx, shape.experts), w1, b1, w2, b2)
+    _compare_with_reference(problem, "gelu_tanh", False, _from_reference_plan, dtype)
+
+
+def test_expert_mlp_torch_side_cpu_no_bias_non_contiguous():
+    shape = Shape(21, 16, 8, 12, 4, 2)
+    x, weights, idx, w1, _, w2, _ = random_problem(shape, bias=False)
+    x = torch.stack([x, x], dim=-1).flatten(1)[:, ::2]  # column stride 2
+    w1 = w1.transpose(1, 2).contiguous().transpose(1, 2)  # column-major expert weights
+    assert not x.is_contiguous() and not w1.is_contiguous()
+    _compare_with_reference((x, weights, idx, w1, None, w2, None), "quick_gelu", False, _from_reference_plan,
+                            torch.float32)
+
+
+def test_dropped_rows_never_leak():
+    # Every slot of token 0 dropped: its output is exactly zero and its input gets zero gradient,
+    # even though the grouped GEMM leaves the dropped rows uninitialised.
+    shape = Shape(6, 16, 8, 16, 4, 2)
+    x, weights, idx, w1, b1, w2, b2 = random_problem(shape)
+    idx[0] = torch.tensor([4, 7])
+    x.requires_grad_(True)
+    y = _from_reference_plan(x, weights, idx, w1, b1, w2, b2, "gelu", False)
+    assert torch.equal(y[0], torch.zeros_like(y[0]))
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.equal(grad[0], torch.zeros_like(grad[0])) and grad[1:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features,out_features", [(16, 8), (13, 7), (3, 1)])
+def test_grouped_linear(dtype, in_features, out_features):
+    counts = [3, 0, 5, 1]  # an expert with no rows in the middle
+    rows = torch.randn(sum(counts) + 2, in_features, dtype=dtype)  # 2 trailing rows past every group
+    weight = torch.randn(len(counts), out_features, in_features, dtype=dtype)
+    ends = torch.tensor(counts).cumsum(0).to(torch.int32)
+    out = cuda_backend.grouped_linear(rows, weight, ends)
+    assert out.shape == (rows.shape[0], out_features)
+    start = 0
+    for e, count in enumerate(counts):
+        expected = rows[start:start + count].float() @ weight[e].float().t()
+        assert_close(out[start:start + count].float(), expected, dtype if dtype in RTOL else torch.float32,
+                     f"expert {e}")
+        start += count
+
+
+# ----------------------------------------------------------------------------- (d) GPU parity
+
+GATING_CASES = [
+    (4, 2),  # CuMo's setting
+    (8, 8),  # top_k == num_experts
+    (64, 8),  # two logits per lane
+    (67, 5),  # E not a multiple of the warp
+    (300, 17),  # E far past a warp, large k
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("experts,top_k", GATING_CASES)
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("tokens", [0, 1, 1000])
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_topk_gating(dtype, experts, top_k, normalize, tokens):
+    logits = 3 * torch.randn(tokens, experts, device="cuda", dtype=dtype)
+    weights, idx = cuda_backend.topk_gating(logits, top_k, normalize)
+    probs = torch.softmax(logits.float(), dim=-1)
+    canonical = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :top_k]
+    assert torch.equal(idx, canonical)
+    expected = probs.gather(1, idx)
+    expected = expected / expected.sum(-1, keepdim=True) if normalize else expected
+    assert_close(weights, expected, torch.float32, "weights")
+    if dtype in (torch.float32, torch.float64) and tokens:
+        ref_weights, ref_idx = reference.topk_gating(logits, top_k, normalize)
+        assert torch.equal(idx, ref_idx)
+        assert_close(weights, ref_weights, torch.float32, "weights vs reference")
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_topk_gating_non_contiguous_and_grad():
+    logits = torch.randn(40, 12, device="cuda").t().contiguous().t().requires_grad_(True)
+    weights, idx = cuda_backend.topk_gating(logits, 3, True)
+    ref_weights, ref_idx = reference.topk_gating(logits, 3, True)
+    assert torch.equal(idx, ref_idx)
+    grad_out = torch.randn_like(weights)
+    (grad,) = torch.autograd.grad((weights * grad_out).sum(), logits)
+    (ref_grad,) = torch.autograd.grad((ref_weights * grad_out).sum(), logits)
+    assert_close(grad, ref_grad, torch.float32, "logit gradient")
+
+
+ROUTING_CASES = [
+    (0, 2, 4),  # no tokens
+    (1, 2, 4),  # one token
+    (33, 8, 8),  # top_k == num_experts
+    (700, 2, 64),  # 1400 slots: several warp chunks and blocks
+    (5000, 3, 7),  # long per-expert runs across many chunks
+]
+
+
+@pytest.mark.parametrize("tokens,top_k,experts", ROUTING_CASES)
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_routing_plan_matches_reference(tokens, top_k, experts, index_dtype):
+    idx = torch.randint(-2, experts + 3, (tokens, top_k), device="cuda")  # some dropped: < 0 and >= E
+    idx = idx.to(index_dtype)
+    plan = cuda_backend.routing_plan(idx, experts)
+    expected = build_routing_plan(idx, experts)
+    for name in ("expert_counts", "expert_offsets", "sorted_slots", "slot_rows"):
+        assert torch.equal(getattr(plan, name), getattr(expected, name)), name
+
+
+@pytest.mark.gpu
+@needs_extension
+@pytest.mark.parametrize(
+    "experts,block_size,match",
+    [(0, 1, "num_experts"), (4096, 1, "num_experts"), (4, 0, "block_size")],  # each argument's bound
+)
+def test_gpu_routing_plan_rejects_bad_arguments(experts, block_size, match):
+    idx = torch.zeros(3, 2, dtype=torch.int64, device="cuda")
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.cumo_cuda.routing_plan(idx, experts, block_size)
+
+
+@pytest.mark.parametrize("block_size", [4, 128])
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_routing_plan_block_aligned(block_size):
+    tokens, top_k, experts = 300, 2, 6
+    idx = torch.randint(0, experts + 1, (tokens, top_k), device="cuda")
+    plan = cuda_backend.routing_plan(idx, experts, block_size)
+    unpadded = build_routing_plan(idx, experts)
+    offsets = plan.expert_offsets.tolist()
+    counts = plan.expert_counts.tolist()
+    assert counts == unpadded.expert_counts.tolist()
+    assert plan.sorted_slots.numel() == tokens * top_k + experts * (block_size - 1)
+    assert all(o % block_size == 0 for o in offsets)
+    for e in range(experts):
+        segment = plan.sorted_slots[offsets[e]:offsets[e + 1]]
+        assert segment.numel() == -(-counts[e] // block_size) * block_size
+        real = unpadded.sorted_slots[unpadded.expert_offsets[e]:unpadded.expert_offsets[e + 1]]
+        assert torch.equal(segment[:counts[e]], real)
+        assert (segment[counts[e]:] == -1).all()
+    dropped = tokens * top_k - sum(counts)
+    assert torch.equal(plan.sorted_slots[offsets[-1]:offsets[-1] + dropped], unpadded.sorted_slots[sum(counts):])
+    assert (plan.sorted_slots[offsets[-1] + dropped:] == -1).all()
+    slots = torch.arange(tokens * top_k, device="cuda")
+    assert torch.equal(plan.sorted_slots[plan.slot_rows], slots)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_no_host_sync_and_graph_capture():
+    logits = torch.randn(64, 16, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        weights, idx = cuda_backend.topk_gating(logits, 4, True)
+        plan = cuda_backend.routing_plan(idx, 16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        graph_weights, graph_idx = cuda_backend.topk_gating(logits, 4, True)
+        graph_plan = cuda_backend.routing_plan(graph_idx, 16)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(graph_idx, idx) and torch.equal(graph_weights, weights)
+    assert torch.equal(graph_plan.sorted_slots, plan.sorted_slots)
+
+
+@pytest.mark.parametrize("shape,why", ODD_SHAPES, ids=[why for _, why in ODD_SHAPES])
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_expert_mlp(shape, why, routing, glu, dtype):
+    x, weights, idx, w1, b1, w2, b2 = random_problem(shape, dtype=dtype, device="cuda", glu=glu, routing=routing)
+    problem = (x, weights, _drop_some(idx, shape.experts), w1, b1, w2, b2)
+    _compare_with_reference(problem, "silu" if glu else "gelu", glu, cuda_backend.expert_mlp, dtype)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_expert_mlp_deterministic():
+    problem = random_problem(Shape(257, 64, 32, 64, 8, 2), device="cuda")
+    first = cuda_backend.expert_mlp(*problem)
+    second = cuda_backend.expert_mlp(*problem)
+    assert torch.equal(first, second)
+
+
+@pytest.mark.gpu
+@needs_extension
+def test_gpu_named_backend_dispatch():
+    problem = random_problem(Shape(10, 16, 8, 16, 4, 2), device="cuda")
+    assert_close(ops.expert_mlp(*problem, backend="cuda"), reference.expert_mlp(*problem), torch.float32, "ops")
+
