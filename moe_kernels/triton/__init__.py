@@ -1,9 +1,44 @@
-"""Triton backend (GPU, or CPU tensors under TRITON_INTERPRET=1)."""
+"""Triton backend (GPU, or CPU tensors under TRITON_INTERPRET=1).
+
+The backend contract of moe_kernels.ops: ``unavailable_reason``, ``topk_gating``, ``expert_mlp``;
+plus ``routing_plan`` (the RoutingPlan built on device) and ``LAUNCHES`` (kernel launch counts,
+reset with ``reset_launch_counts``). Importing this package never requires Triton: without it,
+``unavailable_reason`` says why and every op raises.
+"""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
+
+try:
+    from moe_kernels.triton.ops import expert_mlp, routing_plan, topk_gating
+    from moe_kernels.triton.runtime import LAUNCHES
+    from moe_kernels.triton.runtime import unavailable_reason as _unavailable_reason
+
+    _IMPORT_ERROR: str | None = None
+except ImportError as exc:  # triton missing or broken
+    _IMPORT_ERROR = f"cannot import triton: {exc}"
+    LAUNCHES = Counter()
+
+    def _unavailable(*args, **kwargs):
+        from moe_kernels.ops import BackendUnavailableError
+
+        raise BackendUnavailableError(f"backend 'triton' cannot run: {_IMPORT_ERROR}")
+
+    expert_mlp = routing_plan = topk_gating = _unavailable
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    return "the Triton kernels are not implemented yet"
+    """None if the Triton kernels can run on tensors of ``device``, else a sentence saying why not."""
+    if _IMPORT_ERROR is not None:
+        return _IMPORT_ERROR
+    return _unavailable_reason(torch.device(device))
+
+
+def reset_launch_counts() -> None:
+    LAUNCHES.clear()
+
+
+__all__ = ["LAUNCHES", "expert_mlp", "reset_launch_counts", "routing_plan", "topk_gating", "unavailable_reason"]

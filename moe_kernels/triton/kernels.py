@@ -1,0 +1,481 @@
+"""Triton kernels of the sparse MoE MLP: router, routing metadata, grouped GEMMs, combine, backward.
+
+T tokens, K top_k slots per token, E experts, D input features, H expert hidden size
+(H1 = H, or 2*H with GLU: gate rows then up rows), O output features, R = T*K rows.
+A *slot* is ``t * K + k``; a *row* is a position in expert-sorted order (see moe_kernels.routing):
+expert e owns rows ``[offsets[e], offsets[e+1])``, dropped slots sit in ``[offsets[E], R)`` and are
+never computed. Row tiles of the grouped GEMMs never straddle two experts: expert e has
+``ceil(count_e / BLOCK_M)`` tiles, so the grid is sized for the worst case ``ceil(R / BLOCK_M) + E``
+and surplus programs exit; no host sync, CUDA-graph capturable.
+
+Every row/token index is widened to int64 before it is multiplied by a stride, so offsets past
+2**31 elements (T*K*D at scale) are safe. Accumulation is fp32; loads keep their dtype for tl.dot
+(DOT_FP32 converts the operands first: the interpreter's bf16 tl.dot is wrong) and are converted
+explicitly wherever arithmetic mixes dtypes.
+"""
+
+import triton
+import triton.language as tl
+
+# Activation codes (constexpr), in the order of ACTIVATION_CODES in ops.py.
+GELU, GELU_TANH, QUICK_GELU, SILU, RELU = 0, 1, 2, 3, 4
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _activation(x, ACTIVATION: tl.constexpr):
+    """fp32 act(x)."""
+    if ACTIVATION == 0:  # gelu (erf)
+        y = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    elif ACTIVATION == 1:  # gelu (tanh): 0.5 * (1 + tanh(z)) == sigmoid(2z), without cancellation
+        z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        y = x * _sigmoid(2.0 * z)
+    elif ACTIVATION == 2:  # quick_gelu
+        y = x * _sigmoid(1.702 * x)
+    elif ACTIVATION == 3:  # silu
+        y = x * _sigmoid(x)
+    else:  # relu
+        y = tl.maximum(x, 0.0)
+    return y
+
+
+@triton.jit
+def _activation_grad(x, ACTIVATION: tl.constexpr):
+    """fp32 d act(x) / dx."""
+    if ACTIVATION == 0:
+        cdf = 0.5 * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        d = cdf + x * tl.exp(-0.5 * x * x) * 0.3989422804014327
+    elif ACTIVATION == 1:
+        z = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+        s = _sigmoid(2.0 * z)
+        d = s + x * 2.0 * s * (1.0 - s) * 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    elif ACTIVATION == 2:
+        s = _sigmoid(1.702 * x)
+        d = s + 1.702 * x * s * (1.0 - s)
+    elif ACTIVATION == 3:
+        s = _sigmoid(x)
+        d = s * (1.0 + x * (1.0 - s))
+    else:
+        d = tl.where(x > 0.0, 1.0, 0.0)
+    return d
+
+
+# ----------------------------------------------------------------------------------------------
+# Router
+
+
+@triton.jit
+def topk_gating_kernel(
+    logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt, stride_le,
+    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """fp32 softmax over E, top-k by repeated arg-max (ties to the lower id), optional renormalise.
+
+    Reads logits [T, E]; writes weights [T, K] fp32 and ids [T, K] int64. Grid: (cdiv(T, BLOCK_T),).
+    """
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < T
+    experts = tl.arange(0, BLOCK_E)
+    expert_mask = experts < E
+    mask = token_mask[:, None] & expert_mask[None, :]
+    logits = tl.load(logits_ptr + tokens[:, None] * stride_lt + experts[None, :] * stride_le,
+                     mask=mask, other=0.0).to(tl.float32)
+    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
+    exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    probs = exp / tl.sum(exp, axis=1)[:, None]
+    # Probabilities are >= 0: padding columns (-1) are never picked, picked ones become -2.
+    work = tl.where(expert_mask[None, :], probs, -1.0)
+    ks = tl.arange(0, BLOCK_K)
+    top_w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+    top_i = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
+    for k in tl.static_range(TOP_K):
+        best = tl.max(work, axis=1)
+        best_id = tl.min(tl.where(work == best[:, None], experts[None, :], BLOCK_E), axis=1)
+        top_w = tl.where(ks[None, :] == k, best[:, None], top_w)
+        top_i = tl.where(ks[None, :] == k, best_id[:, None].to(tl.int64), top_i)
+        work = tl.where(experts[None, :] == best_id[:, None], -2.0, work)
+    if NORMALIZE:
+        top_w = top_w / tl.sum(top_w, axis=1)[:, None]
+    out_mask = token_mask[:, None] & (ks[None, :] < TOP_K)
+    out_offsets = tokens[:, None] * TOP_K + ks[None, :]
+    tl.store(weights_ptr + out_offsets, top_w, mask=out_mask)
+    tl.store(ids_ptr + out_offsets, top_i, mask=out_mask)
+
+
+@triton.jit
+def topk_gating_backward_kernel(
+    logits_ptr, ids_ptr, grad_weights_ptr, grad_logits_ptr, T, E,
+    stride_lt, stride_le, stride_gt, stride_ge,
+    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Gradient of topk_gating w.r.t. the logits (softmax recomputed, not stored).
+
+    s_k = p[id_k]; w_k = s_k / S (S = sum_k s_k) -> dL/ds_k = (dw_k - sum_j dw_j w_j) / S;
+    dL/dlogits = p * (g - sum_e g_e p_e), g scattering dL/ds_k to the chosen experts.
+    Reads logits [T, E], ids [T, K], grad_weights [T, K] fp32; writes grad_logits [T, E].
+    Grid: (cdiv(T, BLOCK_T),).
+    """
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < T
+    experts = tl.arange(0, BLOCK_E)
+    expert_mask = experts < E
+    mask = token_mask[:, None] & expert_mask[None, :]
+    logits = tl.load(logits_ptr + tokens[:, None] * stride_lt + experts[None, :] * stride_le,
+                     mask=mask, other=0.0).to(tl.float32)
+    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
+    exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    probs = exp / tl.sum(exp, axis=1)[:, None]
+
+    ks = tl.arange(0, BLOCK_K)
+    k_mask = token_mask[:, None] & (ks[None, :] < TOP_K)
+    k_offsets = tokens[:, None] * TOP_K + ks[None, :]
+    ids = tl.load(ids_ptr + k_offsets, mask=k_mask, other=-1)
+    grad_w = tl.load(grad_weights_ptr + k_offsets, mask=k_mask, other=0.0)
+    if NORMALIZE:
+        picked = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
+        for k in tl.static_range(TOP_K):
+            id_k = tl.sum(tl.where(ks[None, :] == k, ids, 0), axis=1)
+            p_k = tl.sum(tl.where(experts[None, :] == id_k[:, None], probs, 0.0), axis=1)
+            picked = tl.where(ks[None, :] == k, p_k[:, None], picked)
+        total = tl.where(token_mask, tl.sum(picked, axis=1), 1.0)  # padding tokens: no 0/0
+        weights = picked / total[:, None]
+        grad_picked = (grad_w - tl.sum(grad_w * weights, axis=1)[:, None]) / total[:, None]
+    else:
+        grad_picked = grad_w
+    grad_probs = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        id_k = tl.sum(tl.where(ks[None, :] == k, ids, 0), axis=1)
+        g_k = tl.sum(tl.where(ks[None, :] == k, grad_picked, 0.0), axis=1)
+        grad_probs = tl.where(experts[None, :] == id_k[:, None], g_k[:, None], grad_probs)
+    grad_logits = probs * (grad_probs - tl.sum(grad_probs * probs, axis=1)[:, None])
+    tl.store(grad_logits_ptr + tokens[:, None] * stride_gt + experts[None, :] * stride_ge,
+             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing metadata: a stable counting sort in three launches (histogram, scan, scatter).
+
+
+@triton.jit
+def _buckets(ids_ptr, slots, slot_mask, E):
+    """Bucket of each slot: its expert, or E for a dropped slot (id outside [0, E))."""
+    ids = tl.load(ids_ptr + slots, mask=slot_mask, other=-1)
+    return tl.where((ids >= 0) & (ids < E), ids, E)
+
+
+@triton.jit
+def routing_histogram_kernel(ids_ptr, block_counts_ptr, num_slots, E,
+                             BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per slot-block histogram over the E+1 buckets.
+
+    Reads ids [R] int64; writes block_counts [num_blocks, E+1] int64. Grid: (num_blocks,).
+    """
+    block = tl.program_id(0).to(tl.int64)
+    slots = block * BLOCK_S + tl.arange(0, BLOCK_S)
+    slot_mask = slots < num_slots
+    buckets = _buckets(ids_ptr, slots, slot_mask, E)
+    bins = tl.arange(0, BLOCK_E)
+    one_hot = (buckets[:, None] == bins[None, :]) & slot_mask[:, None]
+    counts = tl.sum(one_hot.to(tl.int64), axis=0)
+    tl.store(block_counts_ptr + block * (E + 1) + bins, counts, mask=bins < E + 1)
+
+
+@triton.jit
+def routing_scan_kernel(block_counts_ptr, counts_ptr, offsets_ptr, num_blocks, E,
+                        BLOCK_B: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Exclusive scans: block_counts becomes, in place, each block's first rank within its bucket;
+    counts [E] = kept rows per expert; offsets [E+1] = exclusive scan of the bucket totals.
+    Grid: (1,); it loops over the slot blocks BLOCK_B at a time."""
+    bins = tl.arange(0, BLOCK_E)
+    bin_mask = bins < E + 1
+    carry = tl.zeros((BLOCK_E,), dtype=tl.int64)
+    for first in range(0, num_blocks, BLOCK_B):
+        blocks = first + tl.arange(0, BLOCK_B).to(tl.int64)
+        mask = (blocks < num_blocks)[:, None] & bin_mask[None, :]
+        ptrs = block_counts_ptr + blocks[:, None] * (E + 1) + bins[None, :]
+        block_counts = tl.load(ptrs, mask=mask, other=0)
+        tl.store(ptrs, carry[None, :] + tl.cumsum(block_counts, axis=0) - block_counts, mask=mask)
+        carry += tl.sum(block_counts, axis=0)
+    tl.store(counts_ptr + bins, carry, mask=bins < E)
+    tl.store(offsets_ptr + bins, tl.cumsum(carry, axis=0) - carry, mask=bin_mask)
+
+
+@triton.jit
+def routing_scatter_kernel(ids_ptr, block_bases_ptr, offsets_ptr, sorted_slots_ptr, slot_rows_ptr,
+                           num_slots, E, BLOCK_S: tl.constexpr):
+    """row(slot) = offsets[bucket] + rank of the block within the bucket + rank within the block
+    (slots of the same bucket earlier in the block): a stable sort. Writes slot_rows [R] and its
+    inverse sorted_slots [R]. Grid: (num_blocks,)."""
+    block = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_S)
+    slots = block * BLOCK_S + lanes
+    slot_mask = slots < num_slots
+    buckets = _buckets(ids_ptr, slots, slot_mask, E)
+    earlier_same = (buckets[:, None] == buckets[None, :]) & (lanes[None, :] < lanes[:, None])
+    rank = tl.sum(earlier_same.to(tl.int64), axis=1)
+    base = tl.load(offsets_ptr + buckets, mask=slot_mask, other=0)
+    base += tl.load(block_bases_ptr + block * (E + 1) + buckets, mask=slot_mask, other=0)
+    rows = base + rank
+    tl.store(slot_rows_ptr + slots, rows, mask=slot_mask)
+    tl.store(sorted_slots_ptr + rows, slots, mask=slot_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped GEMM over expert segments
+
+
+@triton.jit
+def _expert_tile(pid_m, expert_offsets_ptr, E, BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr):
+    """(expert, first row, end row) of row tile pid_m; expert >= E for a surplus program.
+
+    Tiles go expert after expert, ceil(count_e / BLOCK_M) each, so a tile never spans two experts.
+    """
+    experts = tl.arange(0, BLOCK_E)
+    expert_mask = experts < E
+    starts = tl.load(expert_offsets_ptr + experts, mask=expert_mask, other=0)
+    ends = tl.load(expert_offsets_ptr + experts + 1, mask=expert_mask, other=0)
+    tiles = (ends - starts + BLOCK_M - 1) // BLOCK_M
+    tiles_through = tl.cumsum(tiles, axis=0)
+    expert = tl.sum((tiles_through <= pid_m).to(tl.int32), axis=0)
+    chosen = experts == expert
+    first_tile = tl.sum(tl.where(chosen, tiles_through - tiles, 0), axis=0)
+    row_start = tl.sum(tl.where(chosen, starts, 0), axis=0) + (pid_m - first_tile) * BLOCK_M
+    row_end = tl.sum(tl.where(chosen, ends, 0), axis=0)
+    return expert, row_start, row_end
+
+
+@triton.jit
+def grouped_gemm_kernel(
+    a_ptr, b_ptr, bias_ptr, row_scale_ptr, aux_ptr, out_ptr, sorted_slots_ptr, expert_offsets_ptr,
+    R, N, K, E,
+    stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_bias_e,
+    stride_auxm, stride_auxn, stride_om, stride_on,
+    rows_bucket,  # autotune key only: decode-sized and prefill-sized problems tune apart
+    TOP_K: tl.constexpr, GATHER_A: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr,
+    EPILOGUE: tl.constexpr, GLU: tl.constexpr, ACTIVATION: tl.constexpr, STORE_AUX: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """For each kept row r of expert e: acc[r, n] = sum_k A[a(r), k] * B[e, k, n] (+ bias[e, n]),
+    times row_scale[slot(r)] if SCALE_ROWS, then the epilogue, for n in [0, N).
+
+    A rows: a(r) = sorted_slots[r] // TOP_K (token rows gathered in-kernel, no permuted copy) if
+    GATHER_A, else r. B is read through strides, so W [E, N, K] (nn.Linear) and W^T both work.
+    EPILOGUE 0: out = acc.
+    EPILOGUE 1 (fc1): out = act(acc) [R, N]; with GLU a second accumulator reads B columns N + n
+                     (the up rows) and out = act(gate) * up; STORE_AUX keeps the pre-activation
+                     [R, N or 2N] in aux for the backward.
+    EPILOGUE 2 (fc2 backward into fc1's output): acc is d act; aux holds the pre-activation;
+                     out = d pre-activation [R, N or 2N] (gate then up with GLU).
+    Grid: ((cdiv(R, BLOCK_M) + E) * cdiv(N, BLOCK_N),), grouped GROUP_M row tiles at a time.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(R, BLOCK_M) + E
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_in_group) * GROUP_M
+    group_size_m = tl.minimum(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_in_group) % group_size_m
+    pid_n = (pid % pids_in_group) // group_size_m
+
+    expert, row_start, row_end = _expert_tile(pid_m, expert_offsets_ptr, E, BLOCK_M, BLOCK_E)
+    if expert >= E:
+        return
+    rows = row_start.to(tl.int64) + tl.arange(0, BLOCK_M)
+    row_mask = rows < row_end
+    if GATHER_A or SCALE_ROWS:
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+    if GATHER_A:
+        a_rows = slots // TOP_K
+    else:
+        a_rows = rows
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
+    cols64 = cols.to(tl.int64)
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols64[None, :] * stride_bn
+    b_up_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + (cols64 + N)[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k0 * BLOCK_K
+        a = tl.load(a_ptrs, mask=row_mask[:, None] & (ks[None, :] < k_left), other=0.0)
+        b_mask = (ks[:, None] < k_left) & col_mask[None, :]
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        if GLU and EPILOGUE == 1:
+            b_up = tl.load(b_up_ptrs, mask=b_mask, other=0.0)
+            if DOT_FP32:
+                b_up = b_up.to(tl.float32)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+            b_up_ptrs += BLOCK_K * stride_bk
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    if HAS_BIAS:
+        bias_ptrs = bias_ptr + expert.to(tl.int64) * stride_bias_e + cols
+        acc += tl.load(bias_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        if GLU and EPILOGUE == 1:
+            acc_up += tl.load(bias_ptrs + N, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+    if SCALE_ROWS:
+        acc = acc * tl.load(row_scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+
+    mask = row_mask[:, None] & col_mask[None, :]
+    out_ptrs = out_ptr + rows[:, None] * stride_om + cols64[None, :] * stride_on
+    out_up_ptrs = out_ptr + rows[:, None] * stride_om + (cols64 + N)[None, :] * stride_on
+    out_ty = out_ptr.dtype.element_ty
+    aux_ptrs = aux_ptr + rows[:, None] * stride_auxm + cols64[None, :] * stride_auxn
+    aux_up_ptrs = aux_ptr + rows[:, None] * stride_auxm + (cols64 + N)[None, :] * stride_auxn
+    if EPILOGUE == 0:
+        tl.store(out_ptrs, acc.to(out_ty), mask=mask)
+    elif EPILOGUE == 1:
+        if STORE_AUX:
+            tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
+            if GLU:
+                tl.store(aux_up_ptrs, acc_up.to(aux_ptr.dtype.element_ty), mask=mask)
+        hidden = _activation(acc, ACTIVATION)
+        if GLU:
+            hidden = hidden * acc_up
+        tl.store(out_ptrs, hidden.to(out_ty), mask=mask)
+    else:
+        pre = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
+        if GLU:
+            up = tl.load(aux_up_ptrs, mask=mask, other=0.0).to(tl.float32)
+            tl.store(out_ptrs, (acc * up * _activation_grad(pre, ACTIVATION)).to(out_ty), mask=mask)
+            tl.store(out_up_ptrs, (acc * _activation(pre, ACTIVATION)).to(out_ty), mask=mask)
+        else:
+            tl.store(out_ptrs, (acc * _activation_grad(pre, ACTIVATION)).to(out_ty), mask=mask)
+
+
+@triton.jit
+def grouped_weight_grad_kernel(
+    a_ptr, b_ptr, row_scale_ptr, sorted_slots_ptr, expert_offsets_ptr, grad_w_ptr, grad_bias_ptr,
+    P, Q, E,
+    stride_am, stride_ap, stride_bm, stride_bq, stride_ge, stride_gp, stride_gq, stride_gbe,
+    TOP_K: tl.constexpr, GATHER_A: tl.constexpr, GATHER_B: tl.constexpr, SCALE_A: tl.constexpr,
+    HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """grad_w[e] = sum over expert e's rows r of A[a(r), :]^T B[b(r), :]  -> [P, Q];
+    grad_bias[e] = sum_r A[a(r), :] (programs of the first Q tile). A row is scaled by
+    row_scale[slot(r)] if SCALE_A. Each program owns one (expert, P tile, Q tile) and walks its
+    expert's rows: no atomics, deterministic, experts with no rows get zeros.
+    Grid: (cdiv(P, BLOCK_P) * cdiv(Q, BLOCK_Q), E).
+    """
+    pid = tl.program_id(0)
+    expert = tl.program_id(1).to(tl.int64)
+    num_pid_q = tl.cdiv(Q, BLOCK_Q)
+    pid_p = pid // num_pid_q
+    pid_q = pid % num_pid_q
+    ps = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    qs = pid_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_mask = ps < P
+    q_mask = qs < Q
+    row_start = tl.load(expert_offsets_ptr + expert)
+    row_end = tl.load(expert_offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    bias_acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for first in range(row_start, row_end, BLOCK_R):
+        rows = first + tl.arange(0, BLOCK_R).to(tl.int64)
+        row_mask = rows < row_end
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+        if GATHER_A:
+            a_rows = slots // TOP_K
+        else:
+            a_rows = rows
+        if GATHER_B:
+            b_rows = slots // TOP_K
+        else:
+            b_rows = rows
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + ps[None, :] * stride_ap,
+                    mask=row_mask[:, None] & p_mask[None, :], other=0.0)
+        if SCALE_A:
+            scale = tl.load(row_scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)
+            a = (a.to(tl.float32) * scale[:, None]).to(a_ptr.dtype.element_ty)
+        b = tl.load(b_ptr + b_rows[:, None] * stride_bm + qs[None, :] * stride_bq,
+                    mask=row_mask[:, None] & q_mask[None, :], other=0.0)
+        if DOT_FP32:
+            acc = tl.dot(tl.trans(a.to(tl.float32)), b.to(tl.float32), acc, input_precision=DOT_PRECISION)
+        else:
+            acc = tl.dot(tl.trans(a), b, acc, input_precision=DOT_PRECISION)
+        if HAS_BIAS:
+            bias_acc += tl.sum(a.to(tl.float32), axis=0)
+    grad_ptrs = grad_w_ptr + expert * stride_ge + ps[:, None].to(tl.int64) * stride_gp + qs[None, :] * stride_gq
+    tl.store(grad_ptrs, acc.to(grad_w_ptr.dtype.element_ty), mask=p_mask[:, None] & q_mask[None, :])
+    if HAS_BIAS:
+        if pid_q == 0:
+            tl.store(grad_bias_ptr + expert * stride_gbe + ps, bias_acc.to(grad_bias_ptr.dtype.element_ty),
+                     mask=p_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Combine back to token order, and the gradient of the top-k weights
+
+
+@triton.jit
+def combine_kernel(
+    rows_ptr, slot_rows_ptr, ids_ptr, weights_ptr, out_ptr, T, N, E,
+    stride_rm, stride_rn, stride_om, stride_on,
+    TOP_K: tl.constexpr, APPLY_WEIGHTS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """out[t] = sum over kept slots k of (weights[t, k] *) rows[slot_rows[t*K + k]], in fp32.
+
+    A gather-sum in slot order: deterministic, no atomics. Dropped slots are selected away and
+    their rows never read, so a NaN there cannot leak. Grid: (cdiv(T, BLOCK_T), cdiv(N, BLOCK_N)).
+    """
+    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < T
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < N
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for k in tl.static_range(TOP_K):
+        slots = tokens * TOP_K + k
+        ids = tl.load(ids_ptr + slots, mask=token_mask, other=-1)
+        kept = token_mask & (ids >= 0) & (ids < E)
+        rows = tl.load(slot_rows_ptr + slots, mask=kept, other=0)
+        values = tl.load(rows_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
+                         mask=kept[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        if APPLY_WEIGHTS:
+            values = values * tl.load(weights_ptr + slots, mask=kept, other=0.0)[:, None]
+        acc += tl.where(kept[:, None], values, 0.0)
+    tl.store(out_ptr + tokens[:, None] * stride_om + cols[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=token_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def topk_weight_grad_kernel(
+    grad_out_ptr, rows_ptr, slot_rows_ptr, ids_ptr, grad_weights_ptr, num_slots, N, E,
+    stride_gm, stride_gn, stride_rm, stride_rn,
+    TOP_K: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """grad_weights[t, k] = <grad_out[t], rows[slot_rows[t*K + k]]> for kept slots, 0 for dropped.
+
+    rows are the unweighted expert outputs [R, N]. Writes fp32 [T*K]. Grid: (cdiv(T*K, BLOCK_S),).
+    """
+    slots = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    slot_mask = slots < num_slots
+    ids = tl.load(ids_ptr + slots, mask=slot_mask, other=-1)
+    kept = slot_mask & (ids >= 0) & (ids < E)
+    rows = tl.load(slot_rows_ptr + slots, mask=kept, other=0)
+    tokens = slots // TOP_K
+    acc = tl.zeros((BLOCK_S,), dtype=tl.float32)
+    for first in range(0, N, BLOCK_N):
+        cols = first + tl.arange(0, BLOCK_N)
+        mask = kept[:, None] & (cols < N)[None, :]
+        grad = tl.load(grad_out_ptr + tokens[:, None] * stride_gm + cols[None, :] * stride_gn,
+                       mask=mask, other=0.0).to(tl.float32)
+        values = tl.load(rows_ptr + rows[:, None] * stride_rm + cols[None, :] * stride_rn,
+                         mask=mask, other=0.0).to(tl.float32)
+        acc += tl.sum(grad * values, axis=1)
+    tl.store(grad_weights_ptr + slots, tl.where(kept, acc, 0.0), mask=slot_mask)

@@ -1,0 +1,335 @@
+"""Launchers and autograd Functions of the Triton backend.
+
+T tokens, K top_k, E experts, D input features, H hidden (H1 = H or 2*H with GLU), O output
+features, R = T*K rows. The kernels live in kernels.py, how they launch in runtime.py; this file
+sizes buffers, picks block sizes, launches, and wires the backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import triton
+from moe_kernels.reference import check_activation
+from moe_kernels.routing import RoutingPlan
+from moe_kernels.triton.runtime import (
+    INTERPRET_GEMM,
+    INTERPRET_WEIGHT_GRAD,
+    check_device,
+    device_guard,
+    dot_options,
+    launch,
+    rows_bucket,
+)
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+ACTIVATION_CODES = {"gelu": 0, "gelu_tanh": 1, "quick_gelu": 2, "silu": 3, "relu": 4}
+EPILOGUE_PLAIN, EPILOGUE_ACTIVATION, EPILOGUE_ACTIVATION_GRAD = 0, 1, 2
+
+# Routing metadata: a histogram/scatter program holds ROUTING_TILE (slot, bucket) pairs, at most
+# ROUTING_MAX_SLOTS slots; the scan walks ROUTING_TILE (block, bucket) counts per step.
+ROUTING_TILE = 8192
+ROUTING_MAX_SLOTS = 128
+ELEMENTWISE_TILE = 4096  # elements per program of the router, combine and weight-gradient kernels
+
+
+# ----------------------------------------------------------------------------------------------
+# Routing
+
+
+def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
+    """Stable counting sort of the T*K assignments by expert, on device (three launches, no sync).
+
+    top_k_idx: [T, K] int (ids outside [0, E) dropped) -> RoutingPlan with int64 tensors, equal to
+    moe_kernels.routing.build_routing_plan's.
+    """
+    interpret = check_device(top_k_idx)
+    if top_k_idx.dim() != 2:
+        raise ValueError(f"top_k_idx must be [T, K], got shape {tuple(top_k_idx.shape)}")
+    with device_guard(top_k_idx):
+        return _routing_plan(top_k_idx.reshape(-1).to(torch.int64).contiguous(), num_experts,
+                             top_k_idx.shape[1], interpret)
+
+
+def _routing_plan(ids: Tensor, num_experts: int, top_k: int, interpret: bool) -> RoutingPlan:
+    num_slots = ids.numel()
+    device = ids.device
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+    sorted_slots = torch.empty(num_slots, dtype=torch.int64, device=device)
+    slot_rows = torch.empty(num_slots, dtype=torch.int64, device=device)
+    if num_slots == 0:
+        return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
+    block_e = triton.next_power_of_2(num_experts + 1)
+    block_s = max(16, min(ROUTING_MAX_SLOTS, ROUTING_TILE // block_e))
+    num_blocks = triton.cdiv(num_slots, block_s)
+    block_counts = torch.empty(num_blocks, num_experts + 1, dtype=torch.int64, device=device)
+    launch("routing_histogram_kernel", interpret, (num_blocks,), ids, block_counts, num_slots, num_experts,
+           BLOCK_S=block_s, BLOCK_E=block_e)
+    launch("routing_scan_kernel", interpret, (1,), block_counts, counts, offsets, num_blocks, num_experts,
+           BLOCK_B=max(1, ROUTING_TILE // block_e), BLOCK_E=block_e)
+    launch("routing_scatter_kernel", interpret, (num_blocks,), ids, block_counts, offsets, sorted_slots,
+           slot_rows, num_slots, num_experts, BLOCK_S=block_s)
+    return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
+
+
+# ----------------------------------------------------------------------------------------------
+# Router
+
+
+def _gating_tiles(num_experts: int, top_k: int) -> dict:
+    block_e = triton.next_power_of_2(num_experts)
+    return dict(BLOCK_T=max(1, min(64, ELEMENTWISE_TILE // block_e)), BLOCK_E=block_e,
+                BLOCK_K=triton.next_power_of_2(top_k))
+
+
+class _TopKGating(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: Tensor, top_k: int, normalize: bool):
+        interpret = check_device(logits)
+        num_tokens, num_experts = logits.shape
+        weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+        ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+        tiles = _gating_tiles(num_experts, top_k)
+        if num_tokens > 0:
+            with device_guard(logits):
+                launch("topk_gating_kernel", interpret, (triton.cdiv(num_tokens, tiles["BLOCK_T"]),),
+                       logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1),
+                       TOP_K=top_k, NORMALIZE=normalize, **tiles)
+        ctx.save_for_backward(logits, ids)
+        ctx.top_k, ctx.normalize, ctx.interpret = top_k, normalize, interpret
+        ctx.mark_non_differentiable(ids)
+        return weights, ids
+
+    @staticmethod
+    def backward(ctx, grad_weights: Tensor, _grad_ids):
+        logits, ids = ctx.saved_tensors
+        num_tokens, num_experts = logits.shape
+        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+        if num_tokens > 0:
+            tiles = _gating_tiles(num_experts, ctx.top_k)
+            with device_guard(logits):
+                launch("topk_gating_backward_kernel", ctx.interpret, (triton.cdiv(num_tokens, tiles["BLOCK_T"]),),
+                       logits, ids, grad_weights.float().contiguous(), grad_logits, num_tokens, num_experts,
+                       logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
+                       TOP_K=ctx.top_k, NORMALIZE=ctx.normalize, **tiles)
+        return grad_logits, None, None
+
+
+def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Fused router: fp32 softmax -> top-k (ties to the lower id) -> optional renormalise.
+
+    logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64).
+    Differentiable in logits (the router-weight gradient flows through it).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
+    if not 1 <= top_k <= logits.shape[1]:
+        raise ValueError(f"top_k must be in [1, {logits.shape[1]}], got {top_k}")
+    return _TopKGating.apply(logits, top_k, normalize)
+
+
+# ----------------------------------------------------------------------------------------------
+# Grouped GEMM, combine
+
+
+def _grouped_gemm(a: Tensor, weight: Tensor, b_strides: tuple[int, int], plan: RoutingPlan, out: Tensor,
+                  num_cols: int, interpret: bool, *, gather: bool, bias: Tensor | None = None,
+                  row_scale: Tensor | None = None, aux: Tensor | None = None,
+                  epilogue: int = EPILOGUE_PLAIN, glu: bool = False, activation: str = "gelu",
+                  store_aux: bool = False) -> None:
+    """out rows of expert e = epilogue(A rows @ B[e] (+ bias[e]) (* row_scale)), B[e][k, n] read
+    at weight[e] + k * b_strides[0] + n * b_strides[1]; K = a.shape[1]; N = num_cols."""
+    num_rows = plan.sorted_slots.numel()
+    num_experts = weight.shape[0]
+    reduce_dim = a.shape[1]
+    dummy = out
+    aux_t = aux if aux is not None else out
+    meta = dict(TOP_K=plan.top_k, GATHER_A=gather, HAS_BIAS=bias is not None, SCALE_ROWS=row_scale is not None,
+                EPILOGUE=epilogue, GLU=glu, ACTIVATION=ACTIVATION_CODES[activation], STORE_AUX=store_aux,
+                BLOCK_E=triton.next_power_of_2(num_experts), **dot_options(a.dtype, interpret))
+    if interpret:
+        meta.update(INTERPRET_GEMM)
+
+    def grid(m):
+        return ((triton.cdiv(num_rows, m["BLOCK_M"]) + num_experts) * triton.cdiv(num_cols, m["BLOCK_N"]),)
+
+    launch("grouped_gemm_kernel", interpret, grid,
+           a, weight, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
+           aux_t, out, plan.sorted_slots, plan.expert_offsets,
+           num_rows, num_cols, reduce_dim, num_experts,
+           a.stride(0), a.stride(1), weight.stride(0), b_strides[0], b_strides[1],
+           bias.stride(0) if bias is not None else 0,
+           aux_t.stride(0), aux_t.stride(1), out.stride(0), out.stride(1), rows_bucket(num_rows), **meta)
+
+
+def _weight_grad(a: Tensor, b: Tensor, plan: RoutingPlan, grad_w: Tensor, grad_bias: Tensor | None,
+                 interpret: bool, *, gather_a: bool, gather_b: bool, row_scale: Tensor | None = None) -> None:
+    """grad_w[e] = A_e^T B_e over expert e's rows, grad_bias[e] = column sums of A_e."""
+    num_experts, p_dim, q_dim = grad_w.shape
+    meta = dict(TOP_K=plan.top_k, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=row_scale is not None,
+                HAS_BIAS=grad_bias is not None, **dot_options(a.dtype, interpret))
+    if interpret:
+        meta.update(INTERPRET_WEIGHT_GRAD)
+
+    def grid(m):
+        return (triton.cdiv(p_dim, m["BLOCK_P"]) * triton.cdiv(q_dim, m["BLOCK_Q"]), num_experts)
+
+    launch("grouped_weight_grad_kernel", interpret, grid,
+           a, b, row_scale if row_scale is not None else grad_w, plan.sorted_slots, plan.expert_offsets,
+           grad_w, grad_bias if grad_bias is not None else grad_w, p_dim, q_dim, num_experts,
+           a.stride(0), a.stride(1), b.stride(0), b.stride(1),
+           grad_w.stride(0), grad_w.stride(1), grad_w.stride(2),
+           grad_bias.stride(0) if grad_bias is not None else 0, **meta)
+
+
+def _combine(rows: Tensor, ids: Tensor, weights: Tensor | None, plan: RoutingPlan, num_experts: int,
+             out: Tensor, interpret: bool) -> None:
+    """out[t] = sum over kept k of (weights[t, k] *) rows[slot_rows[t*K + k]]."""
+    num_tokens, num_cols = out.shape
+    block_n = min(triton.next_power_of_2(max(num_cols, 1)), 16 if interpret else 128)
+    block_t = max(1, min(64, ELEMENTWISE_TILE // block_n))
+    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_cols, block_n))
+    launch("combine_kernel", interpret, grid,
+           rows, plan.slot_rows, ids, weights if weights is not None else rows, out,
+           num_tokens, num_cols, num_experts, rows.stride(0), rows.stride(1), out.stride(0), out.stride(1),
+           TOP_K=plan.top_k, APPLY_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_N=block_n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Expert MLP
+
+
+class _ExpertMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu):
+        interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
+        num_tokens, top_k = top_k_idx.shape
+        num_experts, hidden1, _ = w1.shape
+        out_features, hidden = w2.shape[1], w2.shape[2]
+        ids = top_k_idx.reshape(-1).to(torch.int64).contiguous()
+        weights = top_k_weights.reshape(-1).float().contiguous()
+        b1 = b1.contiguous() if b1 is not None else None
+        b2 = b2.contiguous() if b2 is not None else None
+        needs = ctx.needs_input_grad
+        grad_hidden = needs[0] or needs[3] or needs[4]  # x, w1, b1 need d pre-activation
+        any_grad = grad_hidden or needs[1] or needs[5] or needs[6]
+        keep_rows = needs[1]  # the top-k weight gradient needs the unweighted expert outputs
+        num_rows = num_tokens * top_k
+        out = torch.zeros(num_tokens, out_features, dtype=x.dtype, device=x.device)
+        pre = torch.empty(num_rows, hidden1, dtype=x.dtype, device=x.device) if grad_hidden else None
+        hidden_rows = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
+        rows = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
+        with device_guard(x):
+            plan = _routing_plan(ids, num_experts, top_k, interpret)
+            if num_rows > 0:
+                # fc1: token rows gathered in-kernel; B[e][d, h] = w1[e, h, d].
+                _grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret,
+                              gather=True, bias=b1, aux=pre, epilogue=EPILOGUE_ACTIVATION, glu=glu,
+                              activation=activation, store_aux=grad_hidden)
+                # fc2: the top-k weight is folded into the epilogue unless its gradient is needed.
+                _grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, rows, out_features, interpret,
+                              gather=False, bias=b2, row_scale=None if keep_rows else weights)
+                _combine(rows, ids, weights if keep_rows else None, plan, num_experts, out, interpret)
+        if any_grad:
+            ctx.save_for_backward(x, weights, ids, w1, w2, *plan[:4], pre, hidden_rows,
+                                  rows if keep_rows else None)
+        ctx.meta = (activation, glu, top_k, interpret, top_k_weights.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weights, ids, w1, w2, counts, offsets, sorted_slots, slot_rows, pre, hidden_rows, rows = ctx.saved_tensors
+        activation, glu, top_k, interpret, weights_dtype = ctx.meta
+        plan = RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
+        needs = ctx.needs_input_grad
+        num_tokens = x.shape[0]
+        num_experts, hidden1, d_in = w1.shape
+        out_features, hidden = w2.shape[1], w2.shape[2]
+        num_rows = num_tokens * top_k
+        grad_out = grad_out.to(x.dtype)
+        grad_x = grad_weights = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+
+        grad_w2_t = torch.empty_like(w2, memory_format=torch.contiguous_format) if (needs[5] or needs[6]) else None
+        grad_b2_t = torch.empty(num_experts, out_features, dtype=w2.dtype, device=w2.device) if needs[6] else None
+        grad_w1_t = torch.empty_like(w1, memory_format=torch.contiguous_format) if (needs[3] or needs[4]) else None
+        grad_b1_t = torch.empty(num_experts, hidden1, dtype=w1.dtype, device=w1.device) if needs[4] else None
+
+        with device_guard(x):
+            if needs[1]:
+                grad_weights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
+                if num_rows > 0:
+                    block_n = min(triton.next_power_of_2(out_features), 16 if interpret else 128)
+                    block_s = max(1, min(128, ELEMENTWISE_TILE // block_n))
+                    launch("topk_weight_grad_kernel", interpret, (triton.cdiv(num_rows, block_s),),
+                           grad_out, rows, slot_rows, ids, grad_weights, num_rows, out_features, num_experts,
+                           grad_out.stride(0), grad_out.stride(1), rows.stride(0), rows.stride(1),
+                           TOP_K=top_k, BLOCK_S=block_s, BLOCK_N=block_n)
+                grad_weights = grad_weights.view(num_tokens, top_k).to(weights_dtype)
+            if grad_w2_t is not None:
+                # dW2[e] = (w * dy[token])^T h over expert e's rows; db2 = column sums.
+                if num_rows > 0:
+                    _weight_grad(grad_out, hidden_rows, plan, grad_w2_t, grad_b2_t, interpret,
+                                 gather_a=True, gather_b=False, row_scale=weights)
+                else:
+                    grad_w2_t.zero_()
+                    if grad_b2_t is not None:
+                        grad_b2_t.zero_()
+            if needs[0] or needs[3] or needs[4]:
+                grad_pre = torch.empty(num_rows, hidden1, dtype=x.dtype, device=x.device)
+                if num_rows > 0:
+                    # d pre = act'(pre) * (w * dy[token]) @ W2[e]; B[e][o, h] = w2[e, o, h].
+                    _grouped_gemm(grad_out, w2, (w2.stride(1), w2.stride(2)), plan, grad_pre, hidden, interpret,
+                                  gather=True, row_scale=weights, aux=pre, epilogue=EPILOGUE_ACTIVATION_GRAD,
+                                  glu=glu, activation=activation)
+                if grad_w1_t is not None:
+                    if num_rows > 0:
+                        _weight_grad(grad_pre, x, plan, grad_w1_t, grad_b1_t, interpret, gather_a=False, gather_b=True)
+                    else:
+                        grad_w1_t.zero_()
+                        if grad_b1_t is not None:
+                            grad_b1_t.zero_()
+                if needs[0]:
+                    grad_x = torch.zeros(num_tokens, d_in, dtype=x.dtype, device=x.device)
+                    if num_rows > 0:
+                        # dX rows = d pre @ W1[e] (B[e][h, d] = w1[e, h, d]), then a gather-sum over the
+                        # k slots back to token order: deterministic, no atomics.
+                        grad_x_rows = torch.empty(num_rows, d_in, dtype=x.dtype, device=x.device)
+                        _grouped_gemm(grad_pre, w1, (w1.stride(1), w1.stride(2)), plan, grad_x_rows, d_in,
+                                      interpret, gather=False)
+                        _combine(grad_x_rows, ids, None, plan, num_experts, grad_x, interpret)
+        if needs[3]:
+            grad_w1 = grad_w1_t
+        if needs[4]:
+            grad_b1 = grad_b1_t
+        if needs[5]:
+            grad_w2 = grad_w2_t
+        if needs[6]:
+            grad_b2 = grad_b2_t
+        return grad_x, grad_weights, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+
+
+def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
+               w2: Tensor, b2: Tensor | None, activation: str = "gelu", glu: bool = False) -> Tensor:
+    """Sparse expert MLP with Triton kernels; semantics of moe_kernels.reference.expert_mlp.
+
+    x: [T, D]; top_k_weights: [T, K] float; top_k_idx: [T, K] int64 (ids outside [0, E) dropped);
+    w1: [E, H1, D]; b1: [E, H1] | None; w2: [E, O, H]; b2: [E, O] | None -> [T, O] in x.dtype.
+    Differentiable in x, top_k_weights, w1, b1, w2, b2.
+    """
+    check_activation(activation)
+    if x.dim() != 2 or top_k_idx.dim() != 2 or top_k_weights.shape != top_k_idx.shape:
+        raise ValueError("expected x [T, D], top_k_weights and top_k_idx [T, K]")
+    num_experts, hidden1, d_in = w1.shape
+    hidden = w2.shape[2]
+    if x.shape[1] != d_in or top_k_idx.shape[0] != x.shape[0] or w2.shape[0] != num_experts:
+        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+    if hidden1 != (2 * hidden if glu else hidden):
+        raise ValueError(f"w1 has {hidden1} rows; expected {'2*' if glu else ''}{hidden} (w2's hidden size)")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton expert kernels take {[str(d) for d in SUPPORTED_DTYPES]}, got {x.dtype}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; the expert weights must match x")
+    return _ExpertMLP.apply(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
