@@ -76,8 +76,8 @@ def rel_err(actual: Tensor, expected: Tensor) -> float:
     """Max abs error relative to the max magnitude of the expected tensor."""
     if expected.numel() == 0:
         return 0.0
-    scale = expected.double().abs().max().clamp_min(1e-30)
-    return float((actual.double() - expected.double()).abs().max() / scale)
+    scale = expected.detach().double().abs().max().clamp_min(1e-30)
+    return float((actual.detach().double() - expected.detach().double()).abs().max() / scale)
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str = "") -> None:
