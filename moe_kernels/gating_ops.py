@@ -23,9 +23,11 @@ def topk_gating_backward(
     """Gradient of softmax -> gather(top_k_idx) -> (renormalise) w.r.t. the logits.
 
     grad_weights: [T, K] float; logits: [T, E] float; top_k_idx: [T, K] int64 -> [T, E] logits.dtype.
+    Computed in float32, or float64 for float64 logits (the weights' dtype, as the forward).
     """
-    probs = torch.softmax(logits.float(), dim=-1)
-    grad = grad_weights.float()
+    accumulate = torch.promote_types(logits.dtype, torch.float32)
+    probs = torch.softmax(logits.to(accumulate), dim=-1)
+    grad = grad_weights.to(accumulate)
     if normalize:
         selected = probs.gather(1, top_k_idx)
         total = selected.sum(dim=-1, keepdim=True)
@@ -39,7 +41,7 @@ def topk_gating_backward(
 def _gating_fake(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     torch._check(logits.dim() == 2, lambda: "topk_gating: logits must be [T, E]")
     num_tokens = logits.shape[0]
-    weights = logits.new_empty((num_tokens, top_k), dtype=torch.float32)
+    weights = logits.new_empty((num_tokens, top_k), dtype=torch.promote_types(logits.dtype, torch.float32))
     idx = logits.new_empty((num_tokens, top_k), dtype=torch.int64)
     return weights, idx
 

@@ -29,6 +29,7 @@ CUMO_HOST_DEVICE int64_t round_up(int64_t length, int64_t block_size) {
   return (length + block_size - 1) / block_size * block_size;
 }
 
+// acc_t is the accumulation type: float, or double for float64 logits (exact gradient checks).
 CUMO_HOST_DEVICE float exp_f32(float x) {
 #ifdef __CUDA_ARCH__
   return expf(x);  // the accurate expf, not __expf: weights must match the fp32 reference to 1e-5
@@ -37,19 +38,30 @@ CUMO_HOST_DEVICE float exp_f32(float x) {
 #endif
 }
 
+CUMO_HOST_DEVICE double exp_f32(double x) {
+#ifdef __CUDA_ARCH__
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
 // Softmax probability of one logit, given the row max and the reciprocal of sum(exp(x - max)).
-CUMO_HOST_DEVICE float softmax_prob(float logit, float row_max, float inv_row_sum) {
+template <typename acc_t>
+CUMO_HOST_DEVICE acc_t softmax_prob(acc_t logit, acc_t row_max, acc_t inv_row_sum) {
   return exp_f32(logit - row_max) * inv_row_sum;
 }
 
 // True when candidate a = (prob_a, id_a) is selected before b: higher probability, then lower id.
-CUMO_HOST_DEVICE bool ranks_before(float prob_a, int64_t id_a, float prob_b, int64_t id_b) {
+template <typename acc_t>
+CUMO_HOST_DEVICE bool ranks_before(acc_t prob_a, int64_t id_a, acc_t prob_b, int64_t id_b) {
   return prob_a > prob_b || (prob_a == prob_b && id_a < id_b);
 }
 
 // Inserts (prob, id) into the sorted top-k list (weights[0..filled), ids[0..filled)), which holds the
 // best candidates so far in selection order; keeps at most k entries. Returns the new fill count.
-CUMO_HOST_DEVICE int64_t topk_insert(float* weights, int64_t* ids, int64_t filled, int64_t k, float prob,
+template <typename acc_t>
+CUMO_HOST_DEVICE int64_t topk_insert(acc_t* weights, int64_t* ids, int64_t filled, int64_t k, acc_t prob,
                                      int64_t id) {
   if (filled == k && !ranks_before(prob, id, weights[k - 1], ids[k - 1])) {
     return filled;
@@ -66,25 +78,27 @@ CUMO_HOST_DEVICE int64_t topk_insert(float* weights, int64_t* ids, int64_t fille
 }
 
 // Divides the k selected weights by their sum (summed in selection order), as the reference does.
-CUMO_HOST_DEVICE void renormalize(float* weights, int64_t k) {
-  float total = 0.f;
+template <typename acc_t>
+CUMO_HOST_DEVICE void renormalize(acc_t* weights, int64_t k) {
+  acc_t total = 0;
   for (int64_t i = 0; i < k; ++i) total += weights[i];
   for (int64_t i = 0; i < k; ++i) weights[i] = weights[i] / total;
 }
 
-// The whole gating of one token row, sequentially: softmax over E logits read through `load(e)`,
-// top-k selection and optional renormalisation. weights/ids: [k] outputs, in selection order.
-template <typename Load>
+// The whole gating of one token row, sequentially: softmax over E logits read through `load(e)`
+// (which returns acc_t), top-k selection and optional renormalisation. weights/ids: [k] outputs,
+// in selection order.
+template <typename acc_t, typename Load>
 CUMO_HOST_DEVICE void topk_softmax_row(Load load, int64_t num_experts, int64_t k, bool normalize,
-                                       float* weights, int64_t* ids) {
-  float row_max = load(0);
+                                       acc_t* weights, int64_t* ids) {
+  acc_t row_max = load(0);
   for (int64_t e = 1; e < num_experts; ++e) {
-    float x = load(e);
+    acc_t x = load(e);
     row_max = x > row_max ? x : row_max;
   }
-  float row_sum = 0.f;
+  acc_t row_sum = 0;
   for (int64_t e = 0; e < num_experts; ++e) row_sum += exp_f32(load(e) - row_max);
-  const float inv_row_sum = 1.f / row_sum;
+  const acc_t inv_row_sum = acc_t(1) / row_sum;
   int64_t filled = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
     filled = topk_insert(weights, ids, filled, k, softmax_prob(load(e), row_max, inv_row_sum), e);

@@ -1,5 +1,5 @@
 // CPU top-k softmax gating: cumo::topk_gating(logits [T, E], top_k, normalize)
-//   -> (weights [T, K] float32, idx [T, K] int64).
+//   -> (weights [T, K] float32 (float64 for float64 logits), idx [T, K] int64).
 // T tokens, E experts, K = top_k. Reads each logit row (any float dtype, any strides) a few times,
 // writes K weights and ids per token; tokens run in parallel (at::parallel_for), one row per task
 // step, with the per-row rules of csrc/common/gating.h (the CUDA kernel uses the same helpers).
@@ -9,6 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <type_traits>
 
 #include "common/gating.h"
 
@@ -24,21 +26,24 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& logits, int
   const int64_t num_experts = logits.size(1);
   TORCH_CHECK(top_k >= 1 && top_k <= num_experts, "topk_gating: need 1 <= top_k <= num_experts, got top_k=",
               top_k, ", num_experts=", num_experts);
-  auto weights = at::empty({num_tokens, top_k}, logits.options().dtype(at::kFloat));
+  const bool exact = logits.scalar_type() == at::kDouble;
+  auto weights = at::empty({num_tokens, top_k}, logits.options().dtype(exact ? at::kDouble : at::kFloat));
   auto ids = at::empty({num_tokens, top_k}, logits.options().dtype(at::kLong));
   if (num_tokens == 0) return {weights, ids};
 
   const int64_t row_stride = logits.stride(0);
   const int64_t col_stride = logits.stride(1);
-  float* weights_ptr = weights.data_ptr<float>();
   int64_t* ids_ptr = ids.data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "cumo_topk_gating_cpu", [&] {
+    using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const scalar_t* logits_ptr = logits.const_data_ptr<scalar_t>();
+    acc_t* weights_ptr = weights.data_ptr<acc_t>();
     at::parallel_for(0, num_tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* row = logits_ptr + t * row_stride;
-        auto load = [row, col_stride](int64_t e) { return static_cast<float>(row[e * col_stride]); };
-        cumo::topk_softmax_row(load, num_experts, top_k, normalize, weights_ptr + t * top_k, ids_ptr + t * top_k);
+        auto load = [row, col_stride](int64_t e) { return static_cast<acc_t>(row[e * col_stride]); };
+        cumo::topk_softmax_row<acc_t>(load, num_experts, top_k, normalize, weights_ptr + t * top_k,
+                                      ids_ptr + t * top_k);
       }
     });
   });

@@ -49,6 +49,8 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits, in
                                   logits.stride(1), top_k, normalize, weights.data_ptr<float>(),
                                   ids.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream()),
                "topk_gating");
+  // The kernel selects in fp32; float64 logits get float64 weights (the op's declared dtype, as on CPU).
+  if (logits.scalar_type() == at::kDouble) return {weights.to(at::kDouble), ids};
   return {weights, ids};
 }
 

@@ -56,7 +56,7 @@ def rows_without_ties(logits: torch.Tensor) -> torch.Tensor:
 def test_matches_reference(dtype, experts, top_k, normalize):
     logits = 3 * torch.randn(37, experts, dtype=dtype)
     weights, idx = torch.ops.cumo.topk_gating(logits, top_k, normalize)
-    assert weights.dtype == torch.float32 and idx.dtype == torch.int64
+    assert weights.dtype == torch.promote_types(dtype, torch.float32) and idx.dtype == torch.int64
     assert weights.shape == idx.shape == (37, top_k)
     assert torch.equal(idx, canonical_topk(logits, top_k))
     ref_weights, ref_idx = reference.topk_gating(logits, top_k, normalize)
@@ -64,7 +64,7 @@ def test_matches_reference(dtype, experts, top_k, normalize):
     if dtype != torch.bfloat16:  # bf16 rows of many experts always tie: the canonical check covers them
         assert untied.all()
     assert torch.equal(idx[untied], ref_idx[untied])
-    # Weights are fp32 whatever the logits' dtype: the fp32 tolerance applies.
+    # Weights are fp32 (fp64 for fp64 logits): the fp32 tolerance applies.
     assert_close(weights, weights_for(logits, idx, normalize), torch.float32, "weights vs formula")
     assert_close(weights[untied], ref_weights[untied], torch.float32, "weights vs reference")
 
@@ -147,6 +147,17 @@ def test_fake_shapes():
     weights, idx = torch.ops.cumo.topk_gating(torch.empty(7, 6, device="meta", dtype=torch.bfloat16), 4, True)
     assert weights.device.type == "meta" and weights.shape == idx.shape == (7, 4)
     assert weights.dtype == torch.float32 and idx.dtype == torch.int64
+    weights64, _ = torch.ops.cumo.topk_gating(torch.empty(7, 6, device="meta", dtype=torch.float64), 4, True)
+    assert weights64.dtype == torch.float64
+
+
+def test_float64_weights_are_exact():
+    """float64 logits are gated in float64: the layer's fp64 gradcheck runs through this op."""
+    logits = torch.randn(21, 7, dtype=torch.float64)
+    weights, idx = torch.ops.cumo.topk_gating(logits, 3, True)
+    ref_weights, ref_idx = reference.topk_gating(logits, 3, True)
+    assert torch.equal(idx, ref_idx)
+    assert_close(weights, ref_weights, torch.float64, "weights")
 
 
 @pytest.mark.parametrize("top_k", [0, 6])

@@ -1,0 +1,361 @@
+// Sparse expert MLP on CPU, forward and backward, for a given routing.
+//
+// T tokens, D input features, H1 first-layer rows (H, or 2H with GLU: gate rows then up rows),
+// H hidden, O output features, E experts, K = top_k, N = T*K rows in expert-sorted order.
+//
+// Forward, per expert e owning rows [r0, r1) of the routing plan:
+//   gather x rows -> [m, D]; hidden = x_rows @ w1[e]^T + b1[e] -> [m, H1] (saved for backward);
+//   act -> [m, H]; out_rows[r0:r1] = act @ w2[e]^T + b2[e] -> [m, O];
+// then y[t] = sum_k w[t,k] * out_rows[row(t,k)] in fp32 (fp64 for fp64), fixed k order: no atomics.
+// Backward recomputes the activation from the saved hidden; d(router weight) of a row is
+// <dy[t] @ w2[e], act_row> + <dy[t], b2[e]>, so the second GEMM's output is never stored.
+// Each expert is handled by exactly one thread (its weight gradients need no reduction); an expert
+// too big to balance runs alone with every thread inside its GEMMs (see for_each_expert).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <c10/core/InferenceMode.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+#include "activation.h"
+#include "routing.h"
+#include "small_gemm.h"
+
+namespace cumo {
+namespace {
+
+constexpr int64_t kExpertFixedCost = 16;  // per-expert cost (weight reads, calls) in rows, for balancing
+constexpr int64_t kRowGrain = 64;         // rows per task in the gather/combine loops
+
+// Calls fn(e, r0, r1) once for every expert that owns rows. Whole experts are packed into one bin per
+// thread, largest first into the least loaded bin, and the bins run in parallel; inside a parallel
+// region ATen runs each GEMM on the calling thread, which beats splitting every GEMM across threads
+// (no barriers, no shared weight panels). An expert too large to balance (more than a thread's
+// share of the total) runs first, alone, its GEMMs on every thread. The schedule depends only on
+// the counts, so results are deterministic.
+template <typename F>
+void for_each_expert(const int64_t* offsets, int64_t num_experts, const F& fn) {
+  auto rows_of = [&](int64_t e) { return offsets[e + 1] - offsets[e]; };
+  auto cost_of = [&](int64_t e) { return rows_of(e) + kExpertFixedCost; };
+  std::vector<int64_t> small;
+  int64_t total = 0;
+  for (int64_t e = 0; e < num_experts; ++e) {
+    if (rows_of(e) > 0) {
+      small.push_back(e);
+      total += cost_of(e);
+    }
+  }
+  std::stable_sort(small.begin(), small.end(), [&](int64_t a, int64_t b) { return rows_of(a) > rows_of(b); });
+  const int64_t threads = at::get_num_threads();
+  size_t first_small = 0;
+  for (; threads > 1 && first_small < small.size(); ++first_small) {
+    const int64_t e = small[first_small];
+    if (cost_of(e) * threads <= total) break;
+    fn(e, offsets[e], offsets[e + 1]);
+    total -= cost_of(e);
+  }
+  small.erase(small.begin(), small.begin() + first_small);
+  if (small.empty()) return;
+  const int64_t bins = std::min<int64_t>(threads, small.size());
+  std::vector<std::vector<int64_t>> bin_experts(bins);
+  std::vector<int64_t> load(bins, 0);
+  for (int64_t e : small) {
+    const int64_t b = std::min_element(load.begin(), load.end()) - load.begin();
+    bin_experts[b].push_back(e);
+    load[b] += cost_of(e);
+  }
+  if (bins == 1) {  // one thread's worth: run here, so the GEMMs may still use every thread
+    for (int64_t e : bin_experts[0]) fn(e, offsets[e], offsets[e + 1]);
+    return;
+  }
+  // Worker threads take the caller's thread-local state (inference mode, grad mode, dispatch keys),
+  // which ATen's parallel_for does not carry, so the ATen calls in fn behave as on the caller.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, bins, 1, [&](int64_t b0, int64_t b1) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t e : bin_experts[b]) fn(e, offsets[e], offsets[e + 1]);
+  });
+}
+
+// out[i] = src[slots[i] / K]: the token rows of m expert-sorted rows. src: [T, C] contiguous -> [m, C].
+at::Tensor gather_token_rows(const at::Tensor& src, const int64_t* slots, int64_t m, int64_t top_k) {
+  at::Tensor out = at::empty({m, src.size(1)}, src.options());
+  const int64_t bytes = src.size(1) * src.element_size();
+  const char* from = static_cast<const char*>(src.const_data_ptr());
+  char* to = static_cast<char*>(out.data_ptr());
+  at::parallel_for(0, m, kRowGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(to + i * bytes, from + (slots[i] / top_k) * bytes, bytes);
+  });
+  return out;
+}
+
+// Row loops of the combine, vectorised by the compiler for the CPU found at load time (ifunc clones).
+#define CUMO_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+template <typename acc_t, typename scalar_t>
+void axpy_row(acc_t* acc, const scalar_t* row, acc_t s, int64_t n) {  // acc += s * row
+  for (int64_t c = 0; c < n; ++c) acc[c] += s * static_cast<acc_t>(row[c]);
+}
+
+template <typename acc_t, typename scalar_t>
+void store_row(scalar_t* out, const acc_t* acc, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = static_cast<scalar_t>(acc[c]);
+}
+
+CUMO_CLONES void axpy_row(float* acc, const float* row, float s, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) acc[c] += s * row[c];
+}
+
+CUMO_CLONES void axpy_row(float* acc, const c10::BFloat16* row, float s, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(row);
+  for (int64_t c = 0; c < n; ++c) {
+    const uint32_t widened = static_cast<uint32_t>(bits[c]) << 16;
+    float value;
+    std::memcpy(&value, &widened, sizeof(value));
+    acc[c] += s * value;
+  }
+}
+
+// Round to nearest even, NaN to the canonical 0x7FC0, as c10::BFloat16 does.
+CUMO_CLONES void store_row(c10::BFloat16* out, const float* acc, int64_t n) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(out);
+  for (int64_t c = 0; c < n; ++c) {
+    uint32_t u;
+    std::memcpy(&u, acc + c, sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    bits[c] = acc[c] != acc[c] ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+}
+
+// out[t] = sum_k [id kept] scale[t,k] * rows[slot_rows[t*K+k]], accumulated in opmath_t, in k order.
+// scale == nullptr means 1. Dropped slots are skipped, never multiplied, so nothing leaks from them.
+template <typename scalar_t>
+void combine_kernel(const scalar_t* rows, const int64_t* slot_rows, const at::opmath_type<scalar_t>* scale,
+                    const int64_t* ids, int64_t num_experts, int64_t tokens, int64_t top_k, int64_t cols,
+                    scalar_t* out) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, tokens, kRowGrain, [&](int64_t t0, int64_t t1) {
+    std::vector<acc_t> acc(cols);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), acc_t(0));
+      for (int64_t k = 0; k < top_k; ++k) {
+        const int64_t slot = t * top_k + k;
+        if (ids[slot] < 0 || ids[slot] >= num_experts) continue;
+        const scalar_t* row = rows + slot_rows[slot] * cols;
+        axpy_row(acc.data(), row, scale ? scale[slot] : acc_t(1), cols);
+      }
+      store_row(out + t * cols, acc.data(), cols);
+    }
+  });
+}
+
+// rows: [N, C] expert-sorted; scale: [T, K] opmath dtype or undefined -> [T, C].
+at::Tensor combine(const at::Tensor& rows, const RoutingPlan& plan, const at::Tensor& scale, const at::Tensor& ids,
+                   int64_t num_experts) {
+  const int64_t tokens = ids.size(0), top_k = ids.size(1), cols = rows.size(1);
+  at::Tensor out = at::empty({tokens, cols}, rows.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, rows.scalar_type(), "cumo_combine", [&] {
+    combine_kernel<scalar_t>(rows.const_data_ptr<scalar_t>(), plan.slot_rows.const_data_ptr<int64_t>(),
+                             scale.defined() ? scale.const_data_ptr<at::opmath_type<scalar_t>>() : nullptr,
+                             ids.const_data_ptr<int64_t>(), num_experts, tokens, top_k, cols,
+                             out.mutable_data_ptr<scalar_t>());
+  });
+  return out;
+}
+
+at::ScalarType opmath_dtype(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+// out = a @ weight^T (+ bias), written into out; a handful of rows take the weight-streaming kernel.
+void linear_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (small_linear(out, a, weight, bias)) return;
+  if (bias.has_value()) at::addmm_out(out, *bias, a, weight.t());
+  else at::mm_out(out, a, weight.t());
+}
+
+std::optional<at::Tensor> detached(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->detach()) : std::nullopt;
+}
+
+struct Problem {
+  int64_t tokens, top_k, d_in, h1, hidden, d_out, experts;
+};
+
+Problem check_problem(const at::Tensor& x, const at::Tensor& top_k_weights, const at::Tensor& top_k_idx,
+                      const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                      const std::optional<at::Tensor>& b2, bool glu) {
+  TORCH_CHECK(x.dim() == 2, "x must be [T, D], got ", x.sizes());
+  TORCH_CHECK(top_k_idx.dim() == 2 && top_k_idx.size(0) == x.size(0), "top_k_idx must be [T, K], got ",
+              top_k_idx.sizes());
+  TORCH_CHECK(!at::isFloatingType(top_k_idx.scalar_type()) && !at::isComplexType(top_k_idx.scalar_type()),
+              "top_k_idx must hold integer expert ids");
+  TORCH_CHECK(top_k_weights.sizes() == top_k_idx.sizes(), "top_k_weights ", top_k_weights.sizes(),
+              " must match top_k_idx ", top_k_idx.sizes());
+  TORCH_CHECK(at::isFloatingType(top_k_weights.scalar_type()), "top_k_weights must be floating point");
+  TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3, "w1 must be [E, H1, D] and w2 [E, O, H]");
+  Problem p{x.size(0), top_k_idx.size(1), x.size(1), w1.size(1), w2.size(2), w2.size(1), w1.size(0)};
+  TORCH_CHECK(w1.size(2) == p.d_in, "w1 ", w1.sizes(), " does not match x ", x.sizes());
+  TORCH_CHECK(w2.size(0) == p.experts, "w1 and w2 disagree on the number of experts");
+  TORCH_CHECK(p.h1 == (glu ? 2 * p.hidden : p.hidden), "w1 has ", p.h1, " rows, expected ",
+              glu ? "2*" : "", p.hidden, " (w2's hidden size", glu ? ", GLU)" : ")");
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be floating point");
+  for (const at::Tensor* t : {&w1, &w2}) TORCH_CHECK(t->scalar_type() == x.scalar_type(), "weights must have x's dtype");
+  if (b1) TORCH_CHECK(b1->sizes() == at::IntArrayRef({p.experts, p.h1}) && b1->scalar_type() == x.scalar_type(),
+                      "b1 must be [E, H1] in x's dtype, got ", b1->sizes());
+  if (b2) TORCH_CHECK(b2->sizes() == at::IntArrayRef({p.experts, p.d_out}) && b2->scalar_type() == x.scalar_type(),
+                      "b2 must be [E, O] in x's dtype, got ", b2->sizes());
+  for (const at::Tensor* t : {&x, &top_k_weights, &top_k_idx, &w1, &w2})
+    TORCH_CHECK(t->device().is_cpu(), "cumo CPU ops take CPU tensors");
+  return p;
+}
+
+// Returns (y [T, O], hidden [N, H1] pre-activation per row or [0, H1], expert_offsets [E+1],
+// sorted_slots [N], slot_rows [N]). save_hidden=False (inference) skips the hidden buffer; backward
+// then recomputes it (one more GEMM per expert).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_mlp_forward(
+    const at::Tensor& x_in, const at::Tensor& top_k_weights, const at::Tensor& top_k_idx, const at::Tensor& w1_in,
+    const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
+    c10::string_view activation, bool glu, bool save_hidden) {
+  // Detached views: nothing inside needs autograd, whatever dispatch state a worker thread has.
+  const at::Tensor w1 = w1_in.detach(), w2 = w2_in.detach();
+  const std::optional<at::Tensor> b1 = detached(b1_in), b2 = detached(b2_in);
+  const Problem p = check_problem(x_in, top_k_weights, top_k_idx, w1, b1, w2, b2, glu);
+  const Activation act = parse_activation(activation);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor x = x_in.detach().contiguous();
+  const at::Tensor ids = top_k_idx.to(at::kLong).contiguous();
+  const at::Tensor scale = top_k_weights.detach().to(opmath_dtype(x.scalar_type())).contiguous();
+  const RoutingPlan plan = build_routing_plan(ids, p.experts);
+  const int64_t n = p.tokens * p.top_k;
+  const int64_t* offsets = plan.offsets.const_data_ptr<int64_t>();
+  const int64_t* sorted_slots = plan.sorted_slots.const_data_ptr<int64_t>();
+
+  at::Tensor hidden = at::empty({save_hidden ? n : 0, p.h1}, x.options());
+  at::Tensor out_rows = at::empty({n, p.d_out}, x.options());
+  for_each_expert(offsets, p.experts, [&](int64_t e, int64_t r0, int64_t r1) {
+    const int64_t m = r1 - r0;
+    const at::Tensor x_rows = gather_token_rows(x, sorted_slots + r0, m, p.top_k);
+    at::Tensor h = save_hidden ? hidden.narrow(0, r0, m) : at::empty({m, p.h1}, x.options());
+    linear_into(h, x_rows, w1[e], b1 ? std::optional<at::Tensor>((*b1)[e]) : std::nullopt);
+    at::Tensor out = out_rows.narrow(0, r0, m);
+    linear_into(out, activation_forward(h, act, glu), w2[e], b2 ? std::optional<at::Tensor>((*b2)[e]) : std::nullopt);
+  });
+  if (save_hidden) hidden.narrow(0, offsets[p.experts], n - offsets[p.experts]).zero_();
+  at::Tensor y = combine(out_rows, plan, scale, ids, p.experts);
+  return {y, hidden, plan.offsets, plan.sorted_slots, plan.slot_rows};
+}
+
+// Returns (grad_x [T, D], grad_top_k_weights [T, K], grad_w1, grad_b1, grad_w2, grad_b2); grad_x is [0] unless
+// grad_input, the parameter gradients are [0] unless grad_params (and the bias gradients without a bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_mlp_backward(
+    const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& top_k_weights, const at::Tensor& top_k_idx,
+    const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
+    const std::optional<at::Tensor>& b2_in, const at::Tensor& hidden_in, const at::Tensor& expert_offsets,
+    const at::Tensor& sorted_slots_t, const at::Tensor& slot_rows, c10::string_view activation, bool glu,
+    bool grad_input, bool grad_params) {
+  const at::Tensor w1 = w1_in.detach(), w2 = w2_in.detach(), hidden = hidden_in.detach();
+  const std::optional<at::Tensor> b1 = detached(b1_in), b2 = detached(b2_in);
+  const Problem p = check_problem(x_in, top_k_weights, top_k_idx, w1, b1, w2, b2, glu);
+  const Activation act = parse_activation(activation);
+  const int64_t n = p.tokens * p.top_k;
+  TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({p.tokens, p.d_out}), "grad_y must be [T, O], got ", grad_y.sizes());
+  const bool recompute = hidden.size(0) == 0;  // forward ran with save_hidden=False
+  TORCH_CHECK((recompute || hidden.size(0) == n) && hidden.size(1) == p.h1,
+              "hidden must be the [T*K, H1] (or [0, H1]) tensor of expert_mlp_forward, got ", hidden.sizes());
+  TORCH_CHECK(expert_offsets.numel() == p.experts + 1 && sorted_slots_t.numel() == n && slot_rows.numel() == n,
+              "routing plan tensors do not match the problem");
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const auto dtype = x_in.scalar_type();
+  const auto acc_dtype = opmath_dtype(dtype);
+  const at::Tensor x = x_in.detach().contiguous();
+  const at::Tensor dy = grad_y.detach().to(dtype).contiguous();
+  const at::Tensor ids = top_k_idx.to(at::kLong).contiguous();
+  const at::Tensor scale = top_k_weights.detach().to(acc_dtype).contiguous();
+  const RoutingPlan plan{at::Tensor(), expert_offsets.contiguous(), sorted_slots_t.contiguous(), slot_rows.contiguous()};
+  const int64_t* offsets = plan.offsets.const_data_ptr<int64_t>();
+  const int64_t* sorted_slots = plan.sorted_slots.const_data_ptr<int64_t>();
+
+  auto none = [&] { return at::empty({0}, x.options()); };  // a fresh one each: outputs must not alias
+  at::Tensor grad_w1 = grad_params ? at::empty({p.experts, p.h1, p.d_in}, x.options()) : none();
+  at::Tensor grad_w2 = grad_params ? at::empty({p.experts, p.d_out, p.hidden}, x.options()) : none();
+  at::Tensor grad_b1 = grad_params && b1 ? at::empty({p.experts, p.h1}, x.options()) : none();
+  at::Tensor grad_b2 = grad_params && b2 ? at::empty({p.experts, p.d_out}, x.options()) : none();
+  at::Tensor grad_x_rows = at::empty({grad_input ? n : 0, p.d_in}, x.options());  // only kept rows written/read
+  at::Tensor grad_scale_rows = at::empty({n}, scale.options());                    // per expert-sorted row
+  for (int64_t e = 0; grad_params && e < p.experts; ++e) {
+    if (offsets[e + 1] > offsets[e]) continue;  // experts with no rows get zero gradients
+    grad_w1[e].zero_();
+    grad_w2[e].zero_();
+    if (b1) grad_b1[e].zero_();
+    if (b2) grad_b2[e].zero_();
+  }
+  const at::Tensor scale_flat = scale.view({-1});
+  for_each_expert(offsets, p.experts, [&](int64_t e, int64_t r0, int64_t r1) {
+    const int64_t m = r1 - r0;
+    const at::Tensor slots = plan.sorted_slots.narrow(0, r0, m);
+    const at::Tensor row_scale = scale_flat.index_select(0, slots).unsqueeze(1);  // [m, 1]
+    const at::Tensor dy_rows = gather_token_rows(dy, sorted_slots + r0, m, p.top_k);  // [m, O], unscaled
+    const at::Tensor dy_rows_acc = dy_rows.to(acc_dtype);
+    const at::Tensor grad_act_unscaled = at::mm(dy_rows, w2[e]).to(acc_dtype);  // [m, H]
+    const at::Tensor x_rows = gather_token_rows(x, sorted_slots + r0, m, p.top_k);
+    at::Tensor h;
+    if (recompute) {
+      h = at::empty({m, p.h1}, x.options());
+      linear_into(h, x_rows, w1[e], b1 ? std::optional<at::Tensor>((*b1)[e]) : std::nullopt);
+    } else {
+      h = hidden.narrow(0, r0, m);
+    }
+    auto [act_out, grad_h] = activation_backward(h.to(acc_dtype), grad_act_unscaled * row_scale, act, glu);
+    at::Tensor d_scale = (grad_act_unscaled * act_out).sum(1);
+    if (b2) d_scale.add_(at::mv(dy_rows_acc, (*b2)[e].to(acc_dtype)));
+    grad_scale_rows.narrow(0, r0, m).copy_(d_scale);
+    const at::Tensor d_out_rows = dy_rows_acc * row_scale;  // dL/d(expert output row)
+    const at::Tensor grad_h_lp = grad_h.to(dtype);
+    if (grad_params) {
+      if (b2) grad_b2[e].copy_(d_out_rows.sum(0));
+      at::Tensor gw2 = grad_w2[e];
+      at::mm_out(gw2, d_out_rows.to(dtype).t(), act_out.to(dtype));
+      if (b1) grad_b1[e].copy_(grad_h.sum(0));
+      at::Tensor gw1 = grad_w1[e];
+      at::mm_out(gw1, grad_h_lp.t(), x_rows);
+    }
+    if (grad_input) {
+      at::Tensor gx = grad_x_rows.narrow(0, r0, m);
+      at::mm_out(gx, grad_h_lp, w1[e]);
+    }
+  });
+  const at::Tensor grad_x = grad_input ? combine(grad_x_rows, plan, at::Tensor(), ids, p.experts) : none();
+  // d(weight)[slot] = grad_scale_rows[row(slot)] for kept slots, 0 for dropped ones.
+  at::Tensor grad_scale = at::zeros({p.tokens, p.top_k}, scale.options());
+  const int64_t kept = offsets[p.experts];
+  grad_scale.view({-1}).index_copy_(0, plan.sorted_slots.narrow(0, 0, kept), grad_scale_rows.narrow(0, 0, kept));
+  return {grad_x, grad_scale.to(top_k_weights.scalar_type()), grad_w1, grad_b1, grad_w2, grad_b2};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cumo, m) {
+  m.def(
+      "expert_mlp_forward(Tensor x, Tensor top_k_weights, Tensor top_k_idx, Tensor w1, Tensor? b1, Tensor w2, "
+      "Tensor? b2, str activation, bool glu, bool save_hidden) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "expert_mlp_backward(Tensor grad_y, Tensor x, Tensor top_k_weights, Tensor top_k_idx, Tensor w1, Tensor? b1, "
+      "Tensor w2, Tensor? b2, Tensor hidden, Tensor expert_offsets, Tensor sorted_slots, Tensor slot_rows, "
+      "str activation, bool glu, bool grad_input, bool grad_params) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(cumo, CPU, m) {
+  m.impl("expert_mlp_forward", &expert_mlp_forward);
+  m.impl("expert_mlp_backward", &expert_mlp_backward);
+}
+
+}  // namespace cumo

@@ -1,0 +1,344 @@
+"""The compiled CPU backend (moe_kernels/cpu.py, csrc/cpu) against moe_kernels/reference.py."""
+
+import pytest
+import torch
+
+from moe_kernels import cpu, ops, reference
+from moe_kernels.routing import build_routing_plan
+from tests.helpers import (
+    LOW_PRECISION,
+    ODD_SHAPES,
+    ROUTINGS,
+    RTOL,
+    Shape,
+    assert_close,
+    assert_lowp_close,
+    random_problem,
+    routing_indices,
+)
+
+_REASON = cpu.unavailable_reason(torch.device("cpu"))
+if _REASON is not None:
+    pytest.skip(f"CPU backend unavailable: {_REASON}", allow_module_level=True)
+
+ACTIVATIONS = ["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
+NAMES = ["x", "top_k_weights", "w1", "b1", "w2", "b2"]  # differentiable inputs, in argument order
+# Extra shapes for the C++ scheduling; the ODD_SHAPES of tests/helpers.py cover the rest.
+SCHEDULE_SHAPES = [
+    (Shape(600, 16, 8, 12, 3, 2), "3 experts of ~400 rows over the threads' bins (GEMMs through at::mm)"),
+    (Shape(40, 8, 4, 8, 64, 8), "many small experts packed into per-thread bins, most with 0-8 rows"),
+]
+
+
+def run(fn, problem, activation, glu, grad_out=None):
+    """Output of fn and the gradients of every differentiable input (None where absent)."""
+    x, w, idx, w1, b1, w2, b2 = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None
+                                 for t in problem]
+    y = fn(x, w, idx, w1, b1, w2, b2, activation, glu)
+    if grad_out is None:
+        return y.detach(), None
+    inputs = [x, w, w1, b1, w2, b2]
+    present = [t for t in inputs if t is not None]
+    grads = iter(torch.autograd.grad(y, present, grad_out, allow_unused=True))
+    return y.detach(), [next(grads) if t is not None else None for t in inputs]
+
+
+def compare(problem, activation, glu, dtype=torch.float32):
+    """Forward and every gradient of the CPU backend against the reference in the same dtype."""
+    grad_out = torch.randn(problem[0].shape[0], problem[5].shape[1], dtype=dtype)
+    y, grads = run(cpu.expert_mlp, problem, activation, glu, grad_out)
+    y_ref, grads_ref = run(reference.expert_mlp, problem, activation, glu, grad_out)
+    assert y.dtype == problem[0].dtype
+    assert_close(y, y_ref, dtype, "y")
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        if g_ref is None:
+            assert g is None or not g.abs().any(), name
+            continue
+        assert g is not None, f"no gradient for {name}"
+        assert g.dtype == g_ref.dtype, name
+        assert_close(g, g_ref, dtype, f"grad {name}")
+
+
+@pytest.mark.parametrize("shape", [s for s, _ in ODD_SHAPES], ids=[why for _, why in ODD_SHAPES])
+@pytest.mark.parametrize("routing", ROUTINGS)
+@pytest.mark.parametrize("glu", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+def test_matches_reference_fp32(shape, routing, glu, bias):
+    problem = random_problem(shape, glu=glu, bias=bias, routing=routing)
+    compare(problem, "silu" if glu else "gelu", glu)
+
+
+@pytest.mark.parametrize("shape", [s for s, _ in SCHEDULE_SHAPES], ids=[why for _, why in SCHEDULE_SHAPES])
+@pytest.mark.parametrize("routing", ["random", "one_expert"])
+def test_scheduling_paths(shape, routing):
+    compare(random_problem(shape, glu=True, routing=routing), "silu", True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unbalanced_expert_runs_alone(dtype):
+    """An expert with more than a thread's share of the rows runs alone (threaded GEMMs), the rest in bins."""
+    shape = Shape(300, 24, 12, 20, 5, 2)
+    x, w, idx, w1, b1, w2, b2 = random_problem(shape, dtype=torch.float64, glu=True, routing="one_expert")
+    idx[:, 1] = torch.where(torch.rand(300) < 0.5, 5, idx[:, 1])  # drop half the second choices
+    problem64 = (x, w, idx, w1, b1, w2, b2)
+    problem = [t.to(dtype) if t is not None and t.is_floating_point() and i != 1 else t for i, t in enumerate(problem64)]
+    if dtype == torch.float32:
+        compare(problem, "silu", True)
+        return
+    problem64 = [t.to(torch.float64) if t is not None and t.is_floating_point() else t for t in problem]
+    y = cpu.expert_mlp(*problem, "silu", True)
+    assert_lowp_close(y, reference.expert_mlp(*problem, "silu", True), reference.expert_mlp(*problem64, "silu", True))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_row_kernel(dtype):
+    """Experts with 1..8 rows take the weight-streaming AVX-512 kernel: every row count, unrolled
+    main loop and masked tail (D=300, H=136 are not multiples of the 16-wide vectors)."""
+    shape = Shape(36, 300, 136, 200, 8, 1)
+    problem64 = list(random_problem(shape, dtype=torch.float64, glu=True))
+    problem64[2] = torch.arange(8).repeat_interleave(torch.arange(1, 9))[torch.randperm(36)].unsqueeze(1)
+    problem = [t.to(dtype) if t is not None and t.is_floating_point() and i != 1 else t for i, t in enumerate(problem64)]
+    if dtype == torch.float32:
+        compare(problem, "silu", True)
+        return
+    problem64 = [t.to(torch.float64) if t is not None and t.is_floating_point() else t for t in problem]
+    y = cpu.expert_mlp(*problem, "silu", True)
+    assert_lowp_close(y, reference.expert_mlp(*problem, "silu", True), reference.expert_mlp(*problem64, "silu", True))
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("glu", [False, True])
+def test_activations(activation, glu):
+    compare(random_problem(Shape(29, 24, 12, 20, 5, 2), glu=glu), activation, glu)
+
+
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+@pytest.mark.parametrize("shape", [Shape(7, 24, 12, 20, 4, 2), Shape(130, 40, 24, 56, 6, 3), Shape(600, 16, 8, 12, 3, 2)])
+@pytest.mark.parametrize("glu", [False, True])
+def test_low_precision(dtype, shape, glu):
+    """Error against an fp64 reference at most ~2x the reference's own error in the same dtype."""
+    activation = "silu" if glu else "gelu"
+    problem64 = random_problem(shape, dtype=torch.float64, glu=glu, routing="one_expert")
+    problem = [t.to(dtype) if t is not None and t.is_floating_point() and i != 1 else t
+               for i, t in enumerate(problem64)]
+    # the fp64 reference sees the same rounded inputs
+    problem64 = [t.to(torch.float64) if t is not None and t.is_floating_point() else t for t in problem]
+    grad64 = torch.randn(shape.tokens, shape.d_out, dtype=torch.float64)
+    y, grads = run(cpu.expert_mlp, problem, activation, glu, grad64.to(dtype))
+    y_lp, grads_lp = run(reference.expert_mlp, problem, activation, glu, grad64.to(dtype))
+    y_64, grads_64 = run(reference.expert_mlp, problem64, activation, glu, grad64)
+    assert y.dtype == dtype
+    assert_lowp_close(y, y_lp, y_64, "y")
+    for name, g, g_lp, g_64 in zip(NAMES, grads, grads_lp, grads_64):
+        if g_64 is not None:
+            assert g.dtype == g_lp.dtype, name
+            assert_lowp_close(g, g_lp, g_64, f"grad {name}")
+
+
+@pytest.mark.parametrize("shape", [Shape(7, 24, 12, 20, 4, 2), Shape(130, 40, 24, 56, 6, 3)])
+def test_matches_reference_fp64(shape):
+    problem = list(random_problem(shape, dtype=torch.float64, glu=True, routing="one_expert"))
+    problem[1] = problem[1].double()
+    compare(problem, "gelu_tanh", True, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("glu,activation", [(False, "gelu"), (True, "silu"), (False, "quick_gelu"), (True, "gelu_tanh")])
+def test_gradcheck_fp64(glu, activation):
+    x, w, idx, w1, b1, w2, b2 = random_problem(Shape(5, 6, 4, 5, 3, 2), dtype=torch.float64, glu=glu)
+    w = w.double()
+    inputs = [t.requires_grad_() for t in (x, w, w1, b1, w2, b2)]
+
+    def fn(x, w, w1, b1, w2, b2):
+        return cpu.expert_mlp(x, w, idx, w1, b1, w2, b2, activation, glu)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_dropped_slots_and_nan_isolation():
+    """Ids == E or < 0 are dropped: zero contribution, zero weight gradient, a NaN weight cannot leak."""
+    shape = Shape(31, 16, 8, 12, 4, 3)
+    x, w, idx, w1, b1, w2, b2 = random_problem(shape, glu=True)
+    drop = torch.rand(idx.shape) < 0.3
+    drop[0] = True  # a token with every slot dropped
+    idx = torch.where(drop, torch.where(torch.rand(idx.shape) < 0.5, shape.experts, -1), idx)
+    w = torch.where(drop, float("nan"), w)
+    problem = (x, w, idx, w1, b1, w2, b2)
+    grad_out = torch.randn(shape.tokens, shape.d_out)
+    y, grads = run(cpu.expert_mlp, problem, "silu", True, grad_out)
+    y_ref, grads_ref = run(reference.expert_mlp, problem, "silu", True, grad_out)
+    assert not y.isnan().any() and not any(g.isnan().any() for g in grads)
+    assert not y[0].any() and not grads[0][0].any(), "a fully dropped token must be zero, with zero grad"
+    assert not grads[1][drop].any(), "dropped slots get no weight gradient"
+    assert_close(y, y_ref, torch.float32, "y")
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        if name == "top_k_weights":
+            g_ref = torch.where(drop, 0.0, g_ref)  # reference's where() passes NaN*0 to dropped slots
+        assert_close(g, g_ref, torch.float32, f"grad {name}")
+
+
+def test_non_contiguous_inputs():
+    shape = Shape(23, 16, 8, 12, 5, 2)
+    x, w, idx, w1, b1, w2, b2 = random_problem(shape, glu=True)
+    problem = (
+        torch.cat([x, x], dim=1)[:, ::2].clone().t().contiguous().t(),  # column-major x
+        w.t().contiguous().t(),
+        idx.t().contiguous().t(),
+        w1.transpose(1, 2).contiguous().transpose(1, 2),
+        b1[:, None].expand(-1, 2, -1)[:, 0],
+        w2.transpose(1, 2).contiguous().transpose(1, 2),
+        b2,
+    )
+    assert not problem[0].is_contiguous() and not problem[3].is_contiguous()
+    grad_out = torch.randn(shape.tokens, shape.d_out)
+    y, grads = run(cpu.expert_mlp, problem, "silu", True, grad_out)
+    y_ref, grads_ref = run(reference.expert_mlp, [t.contiguous() for t in problem], "silu", True, grad_out)
+    assert_close(y, y_ref, torch.float32, "y")
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert_close(g, g_ref, torch.float32, f"grad {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deterministic(dtype):
+    """Bit-identical output and gradients on repeat, on a problem that uses every thread."""
+    problem = random_problem(Shape(700, 32, 16, 24, 8, 4), dtype=dtype, glu=True, routing="one_expert")
+    grad_out = torch.randn(700, 24, dtype=dtype)
+    y1, g1 = run(cpu.expert_mlp, problem, "silu", True, grad_out)
+    y2, g2 = run(cpu.expert_mlp, problem, "silu", True, grad_out)
+    assert torch.equal(y1, y2)
+    for name, a, b in zip(NAMES, g1, g2):
+        assert torch.equal(a, b), name
+
+
+def test_inference_saves_nothing():
+    """Without grad the forward skips the [T*K, H1] hidden buffer; with grad it keeps it."""
+    x, w, idx, w1, b1, w2, b2 = random_problem(Shape(9, 8, 4, 8, 4, 2))
+    args = (x, w, idx, w1, b1, w2, b2, "gelu", False)
+    assert torch.ops.cumo.expert_mlp_forward(*args, False)[1].shape == (0, 4)
+    assert torch.ops.cumo.expert_mlp_forward(*args, True)[1].shape == (18, 4)
+    with torch.no_grad():
+        w1.requires_grad_()
+        y = cpu.expert_mlp(*args)
+    assert not y.requires_grad
+
+
+def test_inference_mode():
+    """Under torch.inference_mode the worker threads' ATen calls must see inference mode too."""
+    problem = random_problem(Shape(300, 16, 8, 12, 16, 4), glu=True)
+    with torch.inference_mode():
+        y = cpu.expert_mlp(*problem, "silu", True)
+    assert_close(y, reference.expert_mlp(*problem, "silu", True), torch.float32, "y")
+
+
+def test_backward_recomputes_unsaved_hidden():
+    """save_hidden=False still differentiates: backward recomputes the hidden rows."""
+    problem = random_problem(Shape(37, 16, 8, 12, 5, 3), glu=True)
+    grad_out = torch.randn(37, 12)
+
+    def unsaved(*args):
+        return torch.ops.cumo.expert_mlp_forward(*args, False)[0]
+
+    y, grads = run(unsaved, problem, "gelu_tanh", True, grad_out)
+    y_ref, grads_ref = run(reference.expert_mlp, problem, "gelu_tanh", True, grad_out)
+    assert_close(y, y_ref, torch.float32, "y")
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert_close(g, g_ref, torch.float32, f"grad {name}")
+
+
+ROUTING_PLAN_CASES = [
+    (0, 4, 2),  # empty
+    (37, 8, 3),  # odd T, serial counting sort
+    (50, 64, 1),  # many experts, most empty
+    (5000, 16, 8),  # 40000 slots: chunked (parallel) histogram and scatter
+]
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", ROUTING_PLAN_CASES)
+@pytest.mark.parametrize("routing", ROUTINGS + ["dropped"])
+def test_routing_plan_equals_reference(tokens, experts, top_k, routing):
+    idx = routing_indices(tokens, experts, top_k, "random" if routing == "dropped" else routing)
+    if routing == "dropped":
+        idx = torch.where(torch.rand(idx.shape) < 0.2, torch.where(torch.rand(idx.shape) < 0.5, experts, -3), idx)
+    plan = cpu.routing_plan(idx, experts)
+    expected = build_routing_plan(idx, experts)
+    assert plan.top_k == expected.top_k
+    for name, a, b in zip(plan._fields[:4], plan[:4], expected[:4]):
+        assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+def test_opcheck():
+    x, w, idx, w1, b1, w2, b2 = random_problem(Shape(11, 8, 4, 6, 4, 2), glu=True)
+    for t in (x, w, w1, b1, w2, b2):
+        t.requires_grad_()
+    torch.library.opcheck(torch.ops.cumo.expert_mlp_forward, (x, w, idx, w1, b1, w2, b2, "silu", True, True))
+    torch.library.opcheck(torch.ops.cumo.expert_mlp_forward, (x, w, idx, w1, None, w2, None, "relu", True, False))
+    torch.library.opcheck(torch.ops.cumo.routing_plan, (idx, 4))
+    _, hidden, offsets, sorted_slots, slot_rows = torch.ops.cumo.expert_mlp_forward(
+        x, w, idx, w1, b1, w2, b2, "silu", True, True)
+    grad_y = torch.randn(11, 6)
+    backward_args = (grad_y, x.detach(), w.detach(), idx, w1.detach(), b1.detach(), w2.detach(), b2.detach(),
+                     hidden, offsets, sorted_slots, slot_rows, "silu", True)
+    for flags in [(True, True), (False, True), (True, False)]:
+        torch.library.opcheck(torch.ops.cumo.expert_mlp_backward, (*backward_args, *flags))
+
+
+@pytest.mark.parametrize("trainable", ["x", "experts", "router"])
+def test_partial_gradients(trainable):
+    """Frozen experts or a frozen input: backward skips those GEMMs, the rest match the reference."""
+    problem = random_problem(Shape(37, 16, 8, 12, 5, 3), glu=True)
+    wanted = {"x": [0], "experts": [3, 4, 5, 6], "router": [1]}[trainable]
+    grad_out = torch.randn(37, 12)
+    grads = {}
+    for name, fn in (("cpu", cpu.expert_mlp), ("ref", reference.expert_mlp)):
+        args = [t.detach().clone().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(problem)]
+        y = fn(*args, "silu", True)
+        grads[name] = torch.autograd.grad(y, [args[i] for i in wanted], grad_out)
+    for g, g_ref in zip(grads["cpu"], grads["ref"]):
+        assert_close(g, g_ref, torch.float32, trainable)
+
+
+def test_torch_compile_fullgraph():
+    problem = random_problem(Shape(13, 8, 4, 6, 4, 2), glu=True)
+    grad_out = torch.randn(13, 6)
+    compiled = torch.compile(cpu.expert_mlp, backend="aot_eager", fullgraph=True)
+    y, grads = run(compiled, problem, "silu", True, grad_out)
+    y_ref, grads_ref = run(reference.expert_mlp, problem, "silu", True, grad_out)
+    assert_close(y, y_ref, torch.float32, "y")
+    for name, g, g_ref in zip(NAMES, grads, grads_ref):
+        assert_close(g, g_ref, torch.float32, f"grad {name}")
+
+
+def test_dispatch_by_name():
+    problem = random_problem(Shape(9, 8, 4, 8, 4, 2))
+    assert ops.resolve_backend("auto", "cpu") is cpu
+    y = ops.expert_mlp(*problem, activation="gelu", backend="cpu")
+    assert_close(y, reference.expert_mlp(*problem, "gelu"), torch.float32, "y")
+    int32_ids = list(problem)
+    int32_ids[2] = problem[2].int()
+    assert torch.equal(cpu.expert_mlp(*int32_ids, "gelu", False), y)
+
+
+def test_bad_arguments_raise():
+    x, w, idx, w1, b1, w2, b2 = random_problem(Shape(9, 8, 4, 8, 4, 2))
+    with pytest.raises(ValueError, match="activation"):
+        cpu.expert_mlp(x, w, idx, w1, b1, w2, b2, "tanh", False)
+    with pytest.raises(RuntimeError, match="GLU"):
+        cpu.expert_mlp(x, w, idx, w1, b1, w2, b2, "gelu", True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu.expert_mlp(x.double(), w, idx, w1, b1, w2, b2, "gelu", False)
+
+
+def test_topk_gating():
+    """The wrapper runs the compiled op, or says clearly that it is missing; never falls back."""
+    logits = torch.randn(19, 8)
+    if not hasattr(torch.ops.cumo, "topk_gating"):
+        with pytest.raises(RuntimeError, match="topk_gating"):
+            cpu.topk_gating(logits, 2, True)
+        return
+    logits.requires_grad_()
+    weights, idx = cpu.topk_gating(logits, 2, True)
+    ref_weights, ref_idx = reference.topk_gating(logits, 2, True)
+    assert torch.equal(idx, ref_idx)
+    assert_close(weights, ref_weights, torch.float32, "weights")
+    grad = torch.randn_like(weights)  # the backend's loader registers the op's autograd
+    assert_close(torch.autograd.grad(weights, logits, grad)[0], torch.autograd.grad(ref_weights, logits, grad)[0],
+                 torch.float32, "grad logits")
