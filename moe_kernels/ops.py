@@ -43,12 +43,18 @@ def check_backend_name(backend: str) -> None:
         raise ValueError(f"unknown backend {backend!r}; expected one of {list(BACKENDS)}")
 
 
+_LOADED: dict[str, ModuleType | str] = {}
+
+
 def _load(name: str) -> ModuleType | str:
-    """The backend module, or a string saying why it cannot be imported."""
-    try:
-        return importlib.import_module(BACKEND_MODULES[name])
-    except ImportError as exc:
-        return f"cannot import {BACKEND_MODULES[name]}: {exc}"
+    """The backend module, or a string saying why it cannot be imported (cached: torch.compile
+    traces the cache lookup and never reaches importlib)."""
+    if name not in _LOADED:
+        try:
+            _LOADED[name] = importlib.import_module(BACKEND_MODULES[name])
+        except ImportError as exc:
+            _LOADED[name] = f"cannot import {BACKEND_MODULES[name]}: {exc}"
+    return _LOADED[name]
 
 
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
@@ -110,3 +116,9 @@ def expert_mlp(
     """
     module = resolve_backend(backend, x.device)
     return module.expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
+
+
+# Load the light backends now (Triton's import is heavy, so it stays lazy): torch.compile then
+# finds them in the cache instead of tracing into importlib.
+for _name in ("torch", "cpu", "cuda"):
+    _load(_name)

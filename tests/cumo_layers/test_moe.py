@@ -241,3 +241,15 @@ def test_named_backend_matches_torch_or_raises(backend):
     assert_close(x.grad, x_ref.grad, torch.float32, f"{backend} dx")
     for (name, p), p_ref in zip(moe.named_parameters(), ref.parameters()):
         assert_close(p.grad, p_ref.grad, torch.float32, f"{backend} d{name}")
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_compiles_to_one_graph(backend):
+    """torch.compile(fullgraph=True) traces the layer, forward and backward, without graph breaks."""
+    moe = SparseMoEMLP(16, 24, num_experts=4, top_k=2, glu=True, activation="silu", backend=backend)
+    compiled = torch.compile(moe, backend="aot_eager", fullgraph=True)
+    x = torch.randn(11, 16, requires_grad=True)
+    y = compiled(x)
+    assert_close(y, moe(x), torch.float32, "compiled forward")
+    y.sum().backward()
+    assert x.grad is not None and moe.w1.grad is not None and moe.router.weight.grad is not None
