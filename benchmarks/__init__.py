@@ -1,0 +1,1 @@
+"""Benchmarks of cumo-moe against its peers: pytest-benchmark suites and the report script."""
