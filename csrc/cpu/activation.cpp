@@ -1,6 +1,11 @@
 // Activation forward/backward for the expert MLP; see activation.h.
 #include "activation.h"
 
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+
+#include <algorithm>
+
 namespace cumo {
 namespace {
 
@@ -64,6 +69,41 @@ std::pair<at::Tensor, at::Tensor> activation_backward(const at::Tensor& hidden, 
   at::mul_out(grad_up, grad_out, gate_act);
   grad_hidden.narrow(1, 0, h).copy_(act_backward(grad_out * up, gate, act));
   return {gate_act * up, grad_hidden};
+}
+
+void activation_backward_rows(const at::Tensor& hidden, const at::Tensor& grad_act, const at::Tensor& row_scale,
+                              Activation act, bool glu, at::Tensor& act_out, at::Tensor& grad_hidden,
+                              at::Tensor& d_scale, at::Tensor& grad_bias) {
+  const int64_t m = hidden.size(0), h1 = hidden.size(1);
+  if (m == 0) return;
+  const auto acc_dtype = row_scale.scalar_type();
+  // About 32K elements of each [rows, H1] operand per tile: the handful of opmath temporaries of a
+  // tile fit in L2 together.
+  constexpr int64_t kTileElements = 32768;
+  const int64_t tile_rows = std::max<int64_t>(1, kTileElements / std::max<int64_t>(h1, 1));
+  const int64_t tiles = (m + tile_rows - 1) / tile_rows;
+  // Per-tile column sums, added in tile order afterwards: the bias gradient does not depend on the schedule.
+  at::Tensor bias_parts = grad_bias.defined() ? at::empty({tiles, h1}, grad_bias.options()) : at::Tensor();
+  const at::ThreadLocalState caller_state;
+  // Grain 1 tile: parallel over tiles outside a parallel region, inline inside one.
+  at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t * tile_rows, rows = std::min(tile_rows, m - r0);
+      const at::Tensor h = hidden.narrow(0, r0, rows).to(acc_dtype);
+      const at::Tensor g = grad_act.narrow(0, r0, rows).to(acc_dtype);
+      auto [a, gh] = activation_backward(h, g * row_scale.narrow(0, r0, rows).unsqueeze(1), act, glu);
+      at::Tensor ds = d_scale.narrow(0, r0, rows);
+      at::sum_out(ds, g * a, {1});
+      act_out.narrow(0, r0, rows).copy_(a);
+      grad_hidden.narrow(0, r0, rows).copy_(gh);
+      if (grad_bias.defined()) {
+        at::Tensor part = bias_parts[t];
+        at::sum_out(part, gh, {0});
+      }
+    }
+  });
+  if (grad_bias.defined()) grad_bias.add_(bias_parts.sum(0));
 }
 
 }  // namespace cumo

@@ -20,4 +20,15 @@ at::Tensor activation_forward(const at::Tensor& hidden, Activation act, bool glu
 std::pair<at::Tensor, at::Tensor> activation_backward(const at::Tensor& hidden, const at::Tensor& grad_out,
                                                       Activation act, bool glu);
 
+// The backward of the expert MLP's activation for one expert's rows, in row tiles that stay in cache,
+// the math in opmath (fp32 for bf16/fp16); no [M, H] opmath tensor is ever allocated.
+// hidden: [M, H1] and grad_act: [M, H] (d loss / d act, before the row scale) in the expert dtype;
+// row_scale: [M] opmath. Writes act_out [M, H] (dtype) = act(hidden), grad_hidden [M, H1] (dtype) =
+// d loss / d hidden for grad_act * row_scale, d_scale [M] (opmath) = sum_j grad_act * act (act in opmath),
+// and, when grad_bias is defined ([H1] opmath), adds the column sums of the opmath grad_hidden to
+// it (per tile, then in tile order: the result does not depend on the thread count). Parallel over tiles when called outside a parallel region.
+void activation_backward_rows(const at::Tensor& hidden, const at::Tensor& grad_act, const at::Tensor& row_scale,
+                              Activation act, bool glu, at::Tensor& act_out, at::Tensor& grad_hidden,
+                              at::Tensor& d_scale, at::Tensor& grad_bias);
+
 }  // namespace cumo

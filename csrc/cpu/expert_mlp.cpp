@@ -303,8 +303,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor slots = plan.sorted_slots.narrow(0, r0, m);
     const at::Tensor row_scale = scale_flat.index_select(0, slots).unsqueeze(1);  // [m, 1]
     const at::Tensor dy_rows = gather_token_rows(dy, sorted_slots + r0, m, p.top_k);  // [m, O], unscaled
-    const at::Tensor dy_rows_acc = dy_rows.to(acc_dtype);
-    const at::Tensor grad_act_unscaled = at::mm(dy_rows, w2[e]).to(acc_dtype);  // [m, H]
+    const at::Tensor grad_act = at::mm(dy_rows, w2[e]);  // [m, H] unscaled, in dtype like the dense backward
     const at::Tensor x_rows = gather_token_rows(x, sorted_slots + r0, m, p.top_k);
     at::Tensor h;
     if (recompute) {
@@ -313,17 +312,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     } else {
       h = hidden.narrow(0, r0, m);
     }
-    auto [act_out, grad_h] = activation_backward(h.to(acc_dtype), grad_act_unscaled * row_scale, act, glu);
-    at::Tensor d_scale = (grad_act_unscaled * act_out).sum(1);
-    if (b2) d_scale.add_(at::mv(dy_rows_acc, (*b2)[e].to(acc_dtype)));
-    grad_scale_rows.narrow(0, r0, m).copy_(d_scale);
-    const at::Tensor d_out_rows = dy_rows_acc * row_scale;  // dL/d(expert output row)
-    const at::Tensor grad_h_lp = grad_h.to(dtype);
+    // Activation backward and d(scale) in cache-sized row tiles (opmath inside, dtype outside).
+    at::Tensor act_out = at::empty({m, p.hidden}, x.options());
+    at::Tensor grad_h_lp = at::empty({m, p.h1}, x.options());
+    at::Tensor d_scale = grad_scale_rows.narrow(0, r0, m);
+    at::Tensor grad_b1_acc = grad_params && b1 ? at::zeros({p.h1}, scale.options()) : at::Tensor();
+    activation_backward_rows(h, grad_act, row_scale.view({-1}), act, glu, act_out, grad_h_lp, d_scale, grad_b1_acc);
+    if (b2) d_scale.add_(at::mv(dy_rows.to(acc_dtype), (*b2)[e].to(acc_dtype)));
     if (grad_params) {
+      const at::Tensor d_out_rows = dy_rows.to(acc_dtype) * row_scale;  // dL/d(expert output row), [m, O]
       if (b2) grad_b2[e].copy_(d_out_rows.sum(0));
       at::Tensor gw2 = grad_w2[e];
-      at::mm_out(gw2, d_out_rows.to(dtype).t(), act_out.to(dtype));
-      if (b1) grad_b1[e].copy_(grad_h.sum(0));
+      at::mm_out(gw2, d_out_rows.to(dtype).t(), act_out);
+      if (b1) grad_b1[e].copy_(grad_b1_acc);
       at::Tensor gw1 = grad_w1[e];
       at::mm_out(gw1, grad_h_lp.t(), x_rows);
     }

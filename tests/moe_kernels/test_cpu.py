@@ -74,6 +74,17 @@ def test_scheduling_paths(shape, routing):
     compare(random_problem(shape, glu=True, routing=routing), "silu", True)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("routing", ["random", "one_expert"])
+@pytest.mark.parametrize("glu", [False, True])
+def test_activation_backward_row_tiles(dtype, routing, glu):
+    """A wide hidden layer (H1 = 2048 or 4096): the activation backward runs in several row tiles of
+    ~32K elements (8 or 16 rows), in parallel over tiles for the expert that runs alone, with the b1
+    gradient summed per tile; a partial last tile (60 rows per expert on average, 120 on one)."""
+    problem = random_problem(Shape(60, 8, 2048, 8, 3, 2), dtype=dtype, glu=glu, bias=True, routing=routing)
+    compare(problem, "silu" if glu else "quick_gelu", glu, dtype)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unbalanced_expert_runs_alone(dtype):
     """An expert with more than a thread's share of the rows runs alone (threaded GEMMs), the rest in bins."""
