@@ -12,13 +12,16 @@ enum class Activation { kGelu, kGeluTanh, kQuickGelu, kSilu, kRelu };
 
 Activation parse_activation(c10::string_view name);
 
-// hidden: [M, H1] -> [M, H] in hidden's dtype (the forward of inference and training).
-at::Tensor activation_forward(const at::Tensor& hidden, Activation act, bool glu);
-
 // hidden: [M, H1], grad_out: [M, H] (same floating dtype, the math runs in it)
 // -> (act_out [M, H], grad_hidden [M, H1]).
 std::pair<at::Tensor, at::Tensor> activation_backward(const at::Tensor& hidden, const at::Tensor& grad_out,
                                                       Activation act, bool glu);
+
+// The forward of the expert MLP's activation for one expert's rows, in row tiles that stay in cache:
+// each tile of hidden [M, H1] is read once, act (and GLU's act(gate) * up) is computed in opmath (fp32
+// for bf16/fp16, one rounding at the end) and written to act_out [M, H] in hidden's dtype. Parallel over
+// tiles when called outside a parallel region; each element depends only on its own row.
+void activation_forward_rows(const at::Tensor& hidden, Activation act, bool glu, at::Tensor& act_out);
 
 // The backward of the expert MLP's activation for one expert's rows, in row tiles that stay in cache,
 // the math in opmath (fp32 for bf16/fp16); no [M, H] opmath tensor is ever allocated.

@@ -5,7 +5,8 @@
 //
 // Forward, per expert e owning rows [r0, r1) of the routing plan:
 //   gather x rows -> [m, D]; hidden = x_rows @ w1[e]^T + b1[e] -> [m, H1] (saved for backward);
-//   act -> [m, H]; out_rows[r0:r1] = act @ w2[e]^T + b2[e] -> [m, O];
+//   act -> [m, H] (one pass over hidden in row tiles, in opmath, GLU's product fused, rounded once);
+//   out_rows[r0:r1] = act @ w2[e]^T + b2[e] -> [m, O];
 // then y[t] = sum_k w[t,k] * out_rows[row(t,k)] in fp32 (fp64 for fp64), fixed k order: no atomics.
 // Backward recomputes the activation from the saved hidden; d(router weight) of a row is
 // <dy[t] @ w2[e], act_row> + <dy[t], b2[e]>, so the second GEMM's output is never stored.
@@ -246,7 +247,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ml
     at::Tensor h = save_hidden ? hidden.narrow(0, r0, m) : at::empty({m, p.h1}, x.options());
     linear_into(h, x_rows, w1[e], b1 ? std::optional<at::Tensor>((*b1)[e]) : std::nullopt);
     at::Tensor out = out_rows.narrow(0, r0, m);
-    linear_into(out, activation_forward(h, act, glu), w2[e], b2 ? std::optional<at::Tensor>((*b2)[e]) : std::nullopt);
+    at::Tensor a = at::empty({m, p.hidden}, x.options());
+    activation_forward_rows(h, act, glu, a);
+    linear_into(out, a, w2[e], b2 ? std::optional<at::Tensor>((*b2)[e]) : std::nullopt);
   });
   if (save_hidden) hidden.narrow(0, offsets[p.experts], n - offsets[p.experts]).zero_();
   at::Tensor y = combine(out_rows, plan, scale, ids, p.experts);

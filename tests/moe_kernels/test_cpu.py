@@ -85,6 +85,36 @@ def test_activation_backward_row_tiles(dtype, routing, glu):
     compare(problem, "silu" if glu else "quick_gelu", glu, dtype)
 
 
+@pytest.mark.parametrize("glu,activation", [(False, "quick_gelu"), (True, "silu"), (True, "gelu"), (False, "gelu")])
+@pytest.mark.parametrize("routing", ["random", "one_expert"])
+def test_forward_activation_rounds_once_bf16(glu, activation, routing):
+    """bf16 forward: the activation (and GLU's act(gate) * up) is computed in fp32 from the fc1 output
+    and rounded to bf16 once, in row tiles (H1 = 2048 or 4096: tiles of 64 or 32 rows, several per
+    expert, in parallel for the expert that runs alone), whatever the thread count. Identity weights,
+    no biases and weight 1 make every GEMM and the combine exact, so y is exactly the rounded
+    activation of x."""
+    h = 2048
+    h1 = 2 * h if glu else h
+    x = torch.randn(200, h1).bfloat16()
+    idx = routing_indices(200, 3, 1, routing, "cpu")
+    w = torch.ones(200, 1)
+    w1 = torch.eye(h1).expand(3, h1, h1).bfloat16()
+    w2 = torch.eye(h).expand(3, h, h).bfloat16()
+    hf = x.float()
+    act = reference.ACTIVATIONS[activation]
+    # contiguous gate: ATen's strided gelu path differs from its vectorised one in the last fp32 bit
+    expected = (act(hf[:, :h].contiguous()) * hf[:, h:] if glu else act(hf)).bfloat16()
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with torch.inference_mode():
+                y = cpu.expert_mlp(x, w, idx, w1, None, w2, None, activation, glu)
+            assert torch.equal(y, expected), f"{n} threads: {(y.float() - expected.float()).abs().max()}"
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unbalanced_expert_runs_alone(dtype):
     """An expert with more than a thread's share of the rows runs alone (threaded GEMMs), the rest in bins."""
