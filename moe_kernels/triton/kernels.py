@@ -69,6 +69,17 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _softmax_rows(logits_ptr, tokens, token_mask, experts, expert_mask, stride_lt, stride_le):
+    """fp32 softmax over the E columns of a [BLOCK_T, BLOCK_E] tile of logits; padding columns are 0."""
+    mask = token_mask[:, None] & expert_mask[None, :]
+    logits = tl.load(logits_ptr + tokens[:, None] * stride_lt + experts[None, :] * stride_le,
+                     mask=mask, other=0.0).to(tl.float32)
+    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
+    exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+    return exp / tl.sum(exp, axis=1)[:, None]
+
+
+@triton.jit
 def topk_gating_kernel(
     logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt, stride_le,
     TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
@@ -82,12 +93,7 @@ def topk_gating_kernel(
     token_mask = tokens < T
     experts = tl.arange(0, BLOCK_E)
     expert_mask = experts < E
-    mask = token_mask[:, None] & expert_mask[None, :]
-    logits = tl.load(logits_ptr + tokens[:, None] * stride_lt + experts[None, :] * stride_le,
-                     mask=mask, other=0.0).to(tl.float32)
-    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
-    exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    probs = exp / tl.sum(exp, axis=1)[:, None]
+    probs = _softmax_rows(logits_ptr, tokens, token_mask, experts, expert_mask, stride_lt, stride_le)
     # Probabilities are >= 0: padding columns (-1) are never picked, picked ones become -2.
     work = tl.where(expert_mask[None, :], probs, -1.0)
     ks = tl.arange(0, BLOCK_K)
@@ -125,12 +131,7 @@ def topk_gating_backward_kernel(
     token_mask = tokens < T
     experts = tl.arange(0, BLOCK_E)
     expert_mask = experts < E
-    mask = token_mask[:, None] & expert_mask[None, :]
-    logits = tl.load(logits_ptr + tokens[:, None] * stride_lt + experts[None, :] * stride_le,
-                     mask=mask, other=0.0).to(tl.float32)
-    logits = tl.where(expert_mask[None, :], logits, float("-inf"))
-    exp = tl.exp(logits - tl.max(logits, axis=1)[:, None])
-    probs = exp / tl.sum(exp, axis=1)[:, None]
+    probs = _softmax_rows(logits_ptr, tokens, token_mask, experts, expert_mask, stride_lt, stride_le)
 
     ks = tl.arange(0, BLOCK_K)
     k_mask = token_mask[:, None] & (ks[None, :] < TOP_K)
@@ -155,7 +156,7 @@ def topk_gating_backward_kernel(
         grad_probs = tl.where(experts[None, :] == id_k[:, None], g_k[:, None], grad_probs)
     grad_logits = probs * (grad_probs - tl.sum(grad_probs * probs, axis=1)[:, None])
     tl.store(grad_logits_ptr + tokens[:, None] * stride_gt + experts[None, :] * stride_ge,
-             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
+             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=token_mask[:, None] & expert_mask[None, :])
 
 
 # ----------------------------------------------------------------------------------------------
