@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_kernels import gating_ops
-from moe_kernels.reference import apply_activation, check_activation
+from moe_kernels.reference import apply_activation, check_activation, combine
 from moe_kernels.routing import RoutingPlan, expert_buckets
 
 try:
@@ -117,9 +117,8 @@ def expert_mlp_from_plan(
     Shapes as ``expert_mlp``. Rows past offsets[E] (dropped slots) are zeroed after each GEMM
     (where, not multiply: their memory is uninitialised), so neither values nor gradients leak.
     """
-    num_tokens, top_k = top_k_idx.shape
     num_experts = w1.shape[0]
-    num_rows = num_tokens * top_k
+    num_rows = top_k_idx.numel()
     group_ends = plan.expert_offsets[1:].to(torch.int32)
     kept_rows = (torch.arange(num_rows, device=x.device) < plan.expert_offsets[num_experts]).unsqueeze(1)
     row_experts = expert_buckets(top_k_idx, num_experts).index_select(0, plan.sorted_slots).clamp(max=num_experts - 1)
@@ -134,10 +133,7 @@ def expert_mlp_from_plan(
         out = out + b2.index_select(0, row_experts)
     out = torch.where(kept_rows, out, 0)
 
-    per_slot = out.index_select(0, plan.slot_rows).float().view(num_tokens, top_k, w2.shape[1])
-    kept_slots = ((top_k_idx >= 0) & (top_k_idx < num_experts)).unsqueeze(-1)
-    weighted = torch.where(kept_slots, per_slot * top_k_weights.float().unsqueeze(-1), 0.0)
-    return weighted.sum(dim=1).to(x.dtype)
+    return combine(out, top_k_weights, top_k_idx, plan)
 
 
 def expert_mlp(
