@@ -6,11 +6,29 @@
 #include <ATen/ATen.h>
 #include <c10/util/string_view.h>
 
+#include <cmath>
+
 namespace cumo {
 
 enum class Activation { kGelu, kGeluTanh, kQuickGelu, kSilu, kRelu };
 
 Activation parse_activation(c10::string_view name);
+
+// act(x) for one opmath value: the formulas of ATen's kernels (and of moe_kernels/reference.py), for
+// loops over a handful of rows where a vectorised ATen call per row would cost more than the math.
+template <typename acc_t>
+inline acc_t activation_scalar(acc_t x, Activation act) {
+  constexpr acc_t kInvSqrt2 = acc_t(0.70710678118654752440), kSqrt2OverPi = acc_t(0.79788456080286535588);
+  switch (act) {
+    case Activation::kGelu: return acc_t(0.5) * x * (acc_t(1) + std::erf(x * kInvSqrt2));
+    case Activation::kGeluTanh:
+      return acc_t(0.5) * x * (acc_t(1) + std::tanh(kSqrt2OverPi * (x + acc_t(0.044715) * x * x * x)));
+    case Activation::kQuickGelu: return x / (acc_t(1) + std::exp(acc_t(-1.702) * x));
+    case Activation::kSilu: return x / (acc_t(1) + std::exp(-x));
+    case Activation::kRelu: return x > acc_t(0) || x != x ? x : acc_t(0);  // NaN stays NaN, as in ATen
+  }
+  return x;
+}
 
 // hidden: [M, H1], grad_out: [M, H] (same floating dtype, the math runs in it)
 // -> (act_out [M, H], grad_hidden [M, H1]).

@@ -190,6 +190,52 @@ struct Problem {
   int64_t tokens, top_k, d_in, h1, hidden, d_out, experts;
 };
 
+// Pointer to expert e's [rows, cols] block of a [E, rows, cols] tensor (or e's row of a bias [E, cols]).
+template <typename T>
+const T* expert_block(const at::Tensor& t, int64_t e) {
+  return t.const_data_ptr<T>() + e * t.stride(0);
+}
+
+// Whether an expert with m rows takes the small path below: a handful of rows, unit-stride weight rows.
+bool small_path_applies(int64_t m, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                        const std::optional<at::Tensor>& b2) {
+  auto unit_rows = [](const at::Tensor& t) { return t.stride(-1) == 1; };
+  return m <= kSmallGemmMaxRows && small_gemm_supported(w1.scalar_type()) && unit_rows(w1) && unit_rows(w2) &&
+         (!b1 || unit_rows(*b1)) && (!b2 || unit_rows(*b2));
+}
+
+// The forward of one expert that owns a handful of rows (decode, small batches), on raw pointers:
+// the token rows are read in place by the weight-streaming kernel (no gathered copy), the first
+// layer's output is rounded to the dtype (as the ATen path stores it), the activation and GLU product
+// run in fp32 and round once, and the second layer writes the expert-sorted output rows. No ATen
+// call per expert: at a few rows per expert the per-call costs would rival the weight reads.
+template <typename T>
+void small_expert_forward(const Problem& p, const T* x, const int64_t* slots, int64_t m, const T* w1, int64_t ldw1,
+                          const T* b1, const T* w2, int64_t ldw2, const T* b2, Activation act, bool glu,
+                          T* hidden_rows, T* out_rows) {
+  const T* rows[kSmallGemmMaxRows];
+  for (int64_t i = 0; i < m; ++i) rows[i] = x + (slots[i] / p.top_k) * p.d_in;
+  std::vector<float> h(m * p.h1);
+  small_rows_linear<T>(rows, m, p.d_in, w1, ldw1, b1, p.h1, h.data());
+  for (float& v : h) v = static_cast<float>(static_cast<T>(v));
+  if (hidden_rows != nullptr)
+    for (int64_t i = 0; i < m * p.h1; ++i) hidden_rows[i] = static_cast<T>(h[i]);
+  std::vector<T> a(m * p.hidden);
+  const T* a_rows[kSmallGemmMaxRows];
+  for (int64_t i = 0; i < m; ++i) {
+    const float* hi = h.data() + i * p.h1;
+    T* ai = a.data() + i * p.hidden;
+    for (int64_t c = 0; c < p.hidden; ++c) {
+      const float v = activation_scalar(hi[c], act);
+      ai[c] = static_cast<T>(glu ? v * hi[p.hidden + c] : v);
+    }
+    a_rows[i] = ai;
+  }
+  std::vector<float> out(m * p.d_out);
+  small_rows_linear<T>(a_rows, m, p.hidden, w2, ldw2, b2, p.d_out, out.data());
+  for (int64_t i = 0; i < m * p.d_out; ++i) out_rows[i] = static_cast<T>(out[i]);
+}
+
 Problem check_problem(const at::Tensor& x, const at::Tensor& top_k_weights, const at::Tensor& top_k_idx,
                       const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                       const std::optional<at::Tensor>& b2, bool glu) {
@@ -243,6 +289,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ml
   at::Tensor out_rows = at::empty({n, p.d_out}, x.options());
   for_each_expert(offsets, p.experts, [&](int64_t e, int64_t r0, int64_t r1) {
     const int64_t m = r1 - r0;
+    if (small_path_applies(m, w1, b1, w2, b2)) {
+      auto run = [&](auto zero) {
+        using T = decltype(zero);
+        small_expert_forward<T>(p, x.const_data_ptr<T>(), sorted_slots + r0, m, expert_block<T>(w1, e), w1.stride(1),
+                                b1 ? expert_block<T>(*b1, e) : nullptr, expert_block<T>(w2, e), w2.stride(1),
+                                b2 ? expert_block<T>(*b2, e) : nullptr, act, glu,
+                                save_hidden ? hidden.mutable_data_ptr<T>() + r0 * p.h1 : nullptr,
+                                out_rows.mutable_data_ptr<T>() + r0 * p.d_out);
+      };
+      if (x.scalar_type() == at::kFloat) run(float{});
+      else run(c10::BFloat16{});
+      return;
+    }
     const at::Tensor x_rows = gather_token_rows(x, sorted_slots + r0, m, p.top_k);
     at::Tensor h = save_hidden ? hidden.narrow(0, r0, m) : at::empty({m, p.h1}, x.options());
     linear_into(h, x_rows, w1[e], b1 ? std::optional<at::Tensor>((*b1)[e]) : std::nullopt);

@@ -132,19 +132,60 @@ def test_unbalanced_expert_runs_alone(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_small_row_kernel(dtype):
-    """Experts with 1..8 rows take the weight-streaming AVX-512 kernel: every row count, unrolled
-    main loop and masked tail (D=300, H=136 are not multiples of the 16-wide vectors)."""
+@pytest.mark.parametrize("glu,activation,bias", [(True, "silu", True), (False, "gelu", False),
+                                                 (False, "quick_gelu", True), (True, "gelu_tanh", False),
+                                                 (False, "relu", True)])
+def test_small_row_kernel(dtype, glu, activation, bias):
+    """Experts with 1..8 rows take the weight-streaming AVX-512 path (token rows read in place, bf16
+    through VDPBF16PS where the CPU has it): every row count, unrolled main loop and masked tail
+    (D=300, H=136 are not multiples of the 16- or 32-wide vectors), every activation, with and
+    without biases, forward and (fp32) every gradient."""
     shape = Shape(36, 300, 136, 200, 8, 1)
-    problem64 = list(random_problem(shape, dtype=torch.float64, glu=True))
+    problem64 = list(random_problem(shape, dtype=torch.float64, glu=glu, bias=bias))
     problem64[2] = torch.arange(8).repeat_interleave(torch.arange(1, 9))[torch.randperm(36)].unsqueeze(1)
     problem = [t.to(dtype) if t is not None and t.is_floating_point() and i != 1 else t for i, t in enumerate(problem64)]
     if dtype == torch.float32:
-        compare(problem, "silu", True)
+        compare(problem, activation, glu)
         return
     problem64 = [t.to(torch.float64) if t is not None and t.is_floating_point() else t for t in problem]
-    y = cpu.expert_mlp(*problem, "silu", True)
-    assert_lowp_close(y, reference.expert_mlp(*problem, "silu", True), reference.expert_mlp(*problem64, "silu", True))
+    with torch.inference_mode():
+        y = cpu.expert_mlp(*problem, activation, glu)
+    assert_lowp_close(y, reference.expert_mlp(*problem, activation, glu),
+                      reference.expert_mlp(*problem64, activation, glu))
+
+
+@pytest.mark.parametrize("glu,activation", [(False, "quick_gelu"), (True, "silu"), (True, "gelu"), (False, "gelu_tanh")])
+def test_small_rows_round_once_bf16(glu, activation):
+    """The small-row path rounds like the ATen path: fc1's output to bf16, then act (and GLU's product)
+    in fp32 rounded once. Identity weights, no biases and weight 1 make the GEMMs and the combine exact
+    (VDPBF16PS products of bf16 values are exact), so y is exactly the rounded activation of x."""
+    h = 96
+    h1 = 2 * h if glu else h
+    x = torch.randn(12, h1).bfloat16()
+    idx = torch.arange(12).remainder(4).unsqueeze(1)  # 3 rows on each of 4 experts
+    w1 = torch.eye(h1).expand(4, h1, h1).bfloat16()
+    w2 = torch.eye(h).expand(4, h, h).bfloat16()
+    hf = x.float()
+    act = reference.ACTIVATIONS[activation]
+    expected = (act(hf[:, :h].contiguous()) * hf[:, h:] if glu else act(hf)).bfloat16()
+    with torch.inference_mode():
+        y = cpu.expert_mlp(x, torch.ones(12, 1), idx, w1, None, w2, None, activation, glu)
+    # scalar erf/tanh/exp may differ from ATen's vectorised ones in the last fp32 bit: one bf16 ulp at most
+    ulp = expected.float().abs().clamp_min(2.0**-126) * 2.0**-7
+    assert ((y.float() - expected.float()).abs() <= ulp).all()
+
+
+@pytest.mark.parametrize("tokens", [6, 300])
+def test_strided_weights(tokens):
+    """Expert weights that are transposed views (no unit stride along the reduction) take the ATen
+    GEMMs on every path, small and large; biases that are views too."""
+    shape = Shape(tokens, 40, 24, 32, 4, 2)
+    x, w, idx, w1, b1, w2, b2 = random_problem(shape, glu=True)
+    w1 = w1.transpose(1, 2).contiguous().transpose(1, 2)
+    w2 = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    b1 = b1.t().contiguous().t()
+    assert w1.stride(-1) != 1 and b1.stride(-1) != 1
+    compare((x, w, idx, w1, b1, w2, b2), "silu", True)
 
 
 @pytest.mark.parametrize("activation", ACTIVATIONS)
