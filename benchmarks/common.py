@@ -109,6 +109,13 @@ class Problem(NamedTuple):
         """The gradients a MoE training step leaves on the shared leaves (None where it left none)."""
         return {"x": self.x.grad, "router_weight": self.router_weight.grad, "w1": self.w1.grad, "w2": self.w2.grad}
 
+    def moe_params(self) -> tuple[Tensor, ...]:
+        """The parameters of every MoE peer: router and all experts."""
+        return (self.router_weight, self.w1, self.w2)
+
+    def dense_params(self) -> tuple[Tensor, ...]:
+        return (self.dense_w1, self.dense_w2)
+
     def clear_grads(self) -> None:
         for tensor in self.leaves:
             tensor.grad = None
