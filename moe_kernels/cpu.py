@@ -136,10 +136,15 @@ def _register() -> None:
         ctx.activation, ctx.glu = activation, glu
         ctx.save_for_backward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, offsets, sorted_slots, slot_rows)
         ctx.mark_non_differentiable(hidden, offsets, sorted_slots, slot_rows)
+        # Otherwise autograd hands backward a zero-filled gradient for every non-differentiable output:
+        # a [T*K, H1] tensor of zeros for hidden alone, as large as the saved activations.
+        ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_y, *_unused):
         x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, offsets, sorted_slots, slot_rows = ctx.saved_tensors
         need = ctx.needs_input_grad
+        if grad_y is None:  # y took no part in the loss (grads are not materialised)
+            return (None,) * 10
         grad_input, grad_params = need[0], any(need[i] for i in (3, 4, 5, 6))
         gx, gw, gw1, gb1, gw2, gb2 = torch.ops.cumo.expert_mlp_backward(
             grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, offsets, sorted_slots, slot_rows,

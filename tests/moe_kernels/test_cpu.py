@@ -424,3 +424,32 @@ def test_topk_gating():
     grad = torch.randn_like(weights)  # the backend's loader registers the op's autograd
     assert_close(torch.autograd.grad(weights, logits, grad)[0], torch.autograd.grad(ref_weights, logits, grad)[0],
                  torch.float32, "grad logits")
+
+
+def test_backward_allocates_no_zero_gradient_for_hidden():
+    """The saved [T*K, H1] hidden is a non-differentiable output of the forward op: backward must not
+    receive (and allocate) a zero-filled gradient for it, which would be as large as the activations."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    shape = Shape(40, 24, 12, 20, 4, 2)
+    x, w, idx, w1, b1, w2, b2 = [t.requires_grad_() if t.is_floating_point() else t
+                                 for t in random_problem(shape, glu=True)]
+    y = cpu.expert_mlp(x, w, idx, w1, b1, w2, b2, "silu", True)
+    hidden_shape = (shape.tokens * shape.top_k, 2 * shape.hidden)
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.shapes.append((str(func), tuple(t.shape)))
+            return out
+
+    with Record() as record:
+        y.backward(torch.randn_like(y))
+    assert not [f for f, s in record.shapes if s == hidden_shape and "expert_mlp" not in f], record.shapes
+    assert w1.grad is not None and x.grad is not None
