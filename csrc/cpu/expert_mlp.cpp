@@ -127,6 +127,9 @@ class ThreadScratch {
     return Arena(slabs_[t]);
   }
 
+  // Frees the slabs (before the combine allocates the output, so the two never add up).
+  void release() { slabs_.assign(slabs_.size(), at::Tensor()); }
+
  private:
   static int64_t round_up(int64_t bytes) { return (bytes + 63) / 64 * 64; }
   static at::Tensor new_slab(int64_t bytes) { return at::empty({bytes}, at::TensorOptions().dtype(at::kByte)); }
@@ -359,6 +362,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ml
     activation_forward_rows(h, act, glu, a);
     linear_into(out, a, w2[e], b2 ? std::optional<at::Tensor>((*b2)[e]) : std::nullopt);
   });
+  scratch.release();
   if (save_hidden) hidden.narrow(0, offsets[p.experts], n - offsets[p.experts]).zero_();
   at::Tensor y = combine(out_rows, plan, scale, ids, p.experts);
   return {y, hidden, plan.offsets, plan.sorted_slots, plan.slot_rows};
@@ -453,6 +457,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::mm_out(gx, grad_h_lp, w1[e]);
     }
   });
+  scratch.release();
   const at::Tensor grad_x = grad_input ? combine(grad_x_rows, plan, at::Tensor(), ids, p.experts) : none();
   // d(weight)[slot] = grad_scale_rows[row(slot)] for kept slots, 0 for dropped ones.
   at::Tensor grad_scale = at::zeros({p.tokens, p.top_k}, scale.options());
