@@ -17,6 +17,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/record_function.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
@@ -86,6 +87,21 @@ void for_each_expert(const int64_t* offsets, int64_t num_experts, const F& fn) {
       for (int64_t e : bin_experts[b]) fn(e, offsets[e], offsets[e + 1]);
   });
 }
+
+// Consecutive named spans for torch.profiler (python -m benchmarks.phases): next() ends the current
+// span and starts the next, the destructor ends the last. A thread-local check when no profiler runs.
+class Phases {
+ public:
+  explicit Phases(const char* first) { next(first); }
+  void next(const char* name) {
+    span_.reset();
+    span_.emplace(at::RecordScope::USER_SCOPE);
+    if (span_->isActive()) span_->before(name);
+  }
+
+ private:
+  std::optional<at::RecordFunction> span_;
+};
 
 // Per-thread scratch for the per-expert temporaries of one call: one ATen allocation per thread,
 // reused by every expert the thread runs, instead of three to seven allocations per expert. The
@@ -328,7 +344,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ml
   const at::Tensor x = x_in.detach().contiguous();
   const at::Tensor ids = top_k_idx.to(at::kLong).contiguous();
   const at::Tensor scale = top_k_weights.detach().to(opmath_dtype(x.scalar_type())).contiguous();
+  Phases phase("cumo::routing_plan");
   const RoutingPlan plan = build_routing_plan(ids, p.experts);
+  phase.next("cumo::experts");
   const int64_t n = p.tokens * p.top_k;
   const int64_t* offsets = plan.offsets.const_data_ptr<int64_t>();
   const int64_t* sorted_slots = plan.sorted_slots.const_data_ptr<int64_t>();
@@ -340,6 +358,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ml
   for_each_expert(offsets, p.experts, [&](int64_t e, int64_t r0, int64_t r1) {
     const int64_t m = r1 - r0;
     if (small_path_applies(m, w1, b1, w2, b2)) {
+      const Phases phase("cumo::small_expert");
       auto run = [&](auto zero) {
         using T = decltype(zero);
         small_expert_forward<T>(p, x.const_data_ptr<T>(), sorted_slots + r0, m, expert_block<T>(w1, e), w1.stride(1),
@@ -352,17 +371,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ml
       else run(c10::BFloat16{});
       return;
     }
+    Phases phase("cumo::gather_rows");
     ThreadScratch::Arena arena = scratch.arena(m);
     at::Tensor x_rows = arena.take(m, p.d_in, x.scalar_type());
     gather_token_rows(x_rows, x, sorted_slots + r0, m, p.top_k);
+    phase.next("cumo::fc1");
     at::Tensor h = save_hidden ? hidden.narrow(0, r0, m) : arena.take(m, p.h1, x.scalar_type());
     linear_into(h, x_rows, w1[e], b1 ? std::optional<at::Tensor>((*b1)[e]) : std::nullopt);
+    phase.next("cumo::activation");
     at::Tensor out = out_rows.narrow(0, r0, m);
     at::Tensor a = arena.take(m, p.hidden, x.scalar_type());
     activation_forward_rows(h, act, glu, a);
+    phase.next("cumo::fc2");
     linear_into(out, a, w2[e], b2 ? std::optional<at::Tensor>((*b2)[e]) : std::nullopt);
   });
   scratch.release();
+  phase.next("cumo::combine");
   if (save_hidden) hidden.narrow(0, offsets[p.experts], n - offsets[p.experts]).zero_();
   at::Tensor y = combine(out_rows, plan, scale, ids, p.experts);
   return {y, hidden, plan.offsets, plan.sorted_slots, plan.slot_rows};
@@ -418,23 +442,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                          p.d_out * elem});
   for_each_expert(offsets, p.experts, [&](int64_t e, int64_t r0, int64_t r1) {
     const int64_t m = r1 - r0;
+    Phases phase("cumo::gather_rows");
     ThreadScratch::Arena arena = scratch.arena(m);
     const at::Tensor slots = plan.sorted_slots.narrow(0, r0, m);
     const at::Tensor row_scale = scale_flat.index_select(0, slots).unsqueeze(1);  // [m, 1]
     at::Tensor dy_rows = arena.take(m, p.d_out, dtype);  // [m, O], unscaled
     gather_token_rows(dy_rows, dy, sorted_slots + r0, m, p.top_k);
-    at::Tensor grad_act = arena.take(m, p.hidden, dtype);  // [m, H] unscaled, in dtype like the dense backward
-    at::mm_out(grad_act, dy_rows, w2[e]);
     at::Tensor x_rows = arena.take(m, p.d_in, dtype);
     gather_token_rows(x_rows, x, sorted_slots + r0, m, p.top_k);
+    phase.next("cumo::bwd_fc2_dgrad");
+    at::Tensor grad_act = arena.take(m, p.hidden, dtype);  // [m, H] unscaled, in dtype like the dense backward
+    at::mm_out(grad_act, dy_rows, w2[e]);
     at::Tensor h;
     if (recompute) {
+      phase.next("cumo::fc1");
       h = arena.take(m, p.h1, dtype);
       linear_into(h, x_rows, w1[e], b1 ? std::optional<at::Tensor>((*b1)[e]) : std::nullopt);
     } else {
       h = hidden.narrow(0, r0, m);
     }
     // Activation backward and d(scale) in cache-sized row tiles (opmath inside, dtype outside).
+    phase.next("cumo::bwd_activation");
     at::Tensor act_out = arena.take(m, p.hidden, dtype);
     at::Tensor grad_h_lp = arena.take(m, p.h1, dtype);
     at::Tensor d_scale = grad_scale_rows.narrow(0, r0, m);
@@ -442,6 +470,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     activation_backward_rows(h, grad_act, row_scale.view({-1}), act, glu, act_out, grad_h_lp, d_scale, grad_b1_acc);
     if (b2) d_scale.add_(at::mv(dy_rows.to(acc_dtype), (*b2)[e].to(acc_dtype)));
     if (grad_params) {
+      phase.next("cumo::bwd_wgrad");
       // dL/d(expert output row) [m, O]: the product in opmath, rounded once to dtype for the GEMM
       at::Tensor d_out_rows = arena.take(m, p.d_out, dtype);
       at::mul_out(d_out_rows, dy_rows, row_scale);
@@ -453,11 +482,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::mm_out(gw1, grad_h_lp.t(), x_rows);
     }
     if (grad_input) {
+      phase.next("cumo::bwd_fc1_dgrad");
       at::Tensor gx = grad_x_rows.narrow(0, r0, m);
       at::mm_out(gx, grad_h_lp, w1[e]);
     }
   });
   scratch.release();
+  const Phases output_phase("cumo::combine");
   const at::Tensor grad_x = grad_input ? combine(grad_x_rows, plan, at::Tensor(), ids, p.experts) : none();
   // d(weight)[slot] = grad_scale_rows[row(slot)] for kept slots, 0 for dropped ones.
   at::Tensor grad_scale = at::zeros({p.tokens, p.top_k}, scale.options());
