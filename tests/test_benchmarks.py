@@ -1,0 +1,43 @@
+"""The benchmark tooling itself (not timings): phase spans of the cpu backend, the report's memory metrics."""
+
+import pytest
+import torch
+
+from benchmarks.common import MODES_BY_NAME, Regime, cumo_backend, make_problem, make_step
+from moe_kernels import cpu
+
+needs_cpu_backend = pytest.mark.skipif(cpu.unavailable_reason(torch.device("cpu")) is not None,
+                                       reason="CPU backend unavailable")
+
+
+@needs_cpu_backend
+@pytest.mark.parametrize("tokens,mode,expected,absent", [
+    (256, "infer-fp32", {"cumo::gather_rows", "cumo::fc1", "cumo::activation", "cumo::fc2", "cumo::combine"},
+     {"cumo::small_expert"}),
+    (2, "infer-bf16", {"cumo::small_expert", "cumo::combine"}, {"cumo::fc1"}),
+    (256, "train-fp32", {"cumo::fc1", "cumo::bwd_fc2_dgrad", "cumo::bwd_activation", "cumo::bwd_wgrad",
+                         "cumo::bwd_fc1_dgrad"}, {"cumo::small_expert"}),
+])
+def test_phase_spans(tokens, mode, expected, absent):
+    """The C++ ops record their phases in torch.profiler (worker threads included), as benchmarks.phases reads them."""
+    from benchmarks.phases import phase_times
+
+    if "cumo::small_expert" in expected and torch.backends.cpu.get_cpu_capability() != "AVX512":
+        pytest.skip("the small-row path needs AVX-512")
+    regime = Regime("tiny", tokens, 32, 16, 32, 4, 2, "silu", True, True)
+    problem = make_problem(regime, MODES_BY_NAME[mode])
+    spans = phase_times(make_step(cumo_backend("cpu")(problem), problem), rounds=1)
+    assert expected <= set(spans), sorted(spans)
+    assert not absent & set(spans), sorted(spans)
+
+
+def test_activation_memory_metric():
+    """Training memory less the parameter gradients, relative to the dense equivalent's."""
+    from benchmarks.report import CaseResult, PeerResult
+
+    case = CaseResult("fine-grained", "train-fp32", 1, None, {
+        "dense-equiv": PeerResult("ok", times=[1.0], peak_bytes=300, param_grad_bytes=100),
+        "cumo-cpu": PeerResult("ok", times=[1.1], peak_bytes=900, param_grad_bytes=800),
+    })
+    assert case.ratio("cumo-cpu", "dense-equiv", "peak") == 3.0
+    assert case.ratio("cumo-cpu", "dense-equiv", "activation") == 0.5
