@@ -18,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/record_function.h>
+#include <immintrin.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
@@ -25,6 +26,7 @@
 #include <cstring>
 #include <numeric>
 #include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "activation.h"
@@ -201,6 +203,39 @@ CUMO_CLONES void store_row(c10::BFloat16* out, const float* acc, int64_t n) {
   }
 }
 
+// One token of the combine with AVX-512 (fp32 and bf16 rows): out[c] = sum_r scales[r] * rows[r][c] over
+// the token's n kept rows, the sum for 16 columns held in a register while all n rows stream in
+// lockstep (n concurrent read streams per thread), one fused multiply-add per row in row order, bf16
+// rounded to nearest even with NaN canonical. Only called after the CPU check.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
+
+inline __m512 load16_widened(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 load16_widened(const c10::BFloat16* p, __mmask16 mask) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+inline void store16_rounded(float* p, __m512 v, __mmask16 mask) { _mm512_mask_storeu_ps(p, mask, v); }
+inline void store16_rounded(c10::BFloat16* p, __m512 v, __mmask16 mask) {
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), lsb), 16);
+  rounded = _mm512_mask_mov_epi32(rounded, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_mask_storeu_epi16(p, mask, _mm512_cvtepi32_epi16(rounded));
+}
+
+template <typename scalar_t>
+void combine_token_avx512(const scalar_t* const* rows, const float* scales, int64_t n, int64_t cols, scalar_t* out) {
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 mask = cols - c >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << (cols - c)) - 1);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t r = 0; r < n; ++r)
+      acc = _mm512_fmadd_ps(_mm512_set1_ps(scales[r]), load16_widened(rows[r] + c, mask), acc);
+    store16_rounded(out + c, acc, mask);
+  }
+}
+
+#pragma GCC pop_options
+
 // out[t] = sum_k [id kept] scale[t,k] * rows[slot_rows[t*K+k]], accumulated in opmath_t, in k order.
 // scale == nullptr means 1. Dropped slots are skipped, never multiplied, so nothing leaks from them.
 template <typename scalar_t>
@@ -208,6 +243,27 @@ void combine_kernel(const scalar_t* rows, const int64_t* slot_rows, const at::op
                     const int64_t* ids, int64_t num_experts, int64_t tokens, int64_t top_k, int64_t cols,
                     scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
+    static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+    if (avx512 && top_k <= 64) {
+      at::parallel_for(0, tokens, kRowGrain, [&](int64_t t0, int64_t t1) {
+        const scalar_t* token_rows[64];
+        float token_scales[64];
+        for (int64_t t = t0; t < t1; ++t) {
+          int64_t n = 0;
+          for (int64_t k = 0; k < top_k; ++k) {
+            const int64_t slot = t * top_k + k;
+            if (ids[slot] < 0 || ids[slot] >= num_experts) continue;
+            token_rows[n] = rows + slot_rows[slot] * cols;
+            token_scales[n++] = scale ? scale[slot] : 1.f;
+          }
+          combine_token_avx512(token_rows, token_scales, n, cols, out + t * cols);
+        }
+      });
+      return;
+    }
+  }
   at::parallel_for(0, tokens, kRowGrain, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(cols);
     for (int64_t t = t0; t < t1; ++t) {

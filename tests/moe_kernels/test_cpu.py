@@ -453,3 +453,31 @@ def test_backward_allocates_no_zero_gradient_for_hidden():
         y.backward(torch.randn_like(y))
     assert not [f for f, s in record.shapes if s == hidden_shape and "expert_mlp" not in f], record.shapes
     assert w1.grad is not None and x.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens", [5, 200])
+def test_combine_exact(dtype, tokens):
+    """The weighted combine: sum_k w_k * row_k over the kept slots in fp32, rounded once (bf16: to nearest
+    even, NaN canonical), with a partial last vector (O = 37). Identity experts and relu on positive
+    inputs make every expert output row equal to x's row; x with 8 significant bits and weights in
+    eighths make every product and sum exact in fp32, so the expected value is exact whatever the
+    order or fusion of the multiply-adds, and the bf16 output shows the rounding alone."""
+    d, k, e = 37, 3, 4
+    x = (torch.randint(64, 256, (tokens, d)) / 64).to(dtype)
+    x[1, 3] = float("nan")
+    idx = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)])
+    idx[0, 2] = e  # a dropped slot: skipped, its weight unused
+    w = torch.randint(1, 8, (tokens, k)) / 8
+    w[0, 2] = float("nan")
+    eye = torch.eye(d).expand(e, d, d).to(dtype)
+    with torch.inference_mode():
+        y = cpu.expert_mlp(x, w, idx, eye, None, eye, None, "relu", False)
+    kept = (idx < e).float()
+    expected = (torch.nan_to_num(w) * kept).sum(1, keepdim=True) * x.float()
+    expected[1] = float("nan")  # the NaN reaches every column of token 1 through the GEMMs (NaN * 0)
+    expected = expected.to(dtype)
+    assert torch.isnan(y[1]).all()
+    assert torch.equal(y[2:], expected[2:]) and torch.equal(y[0], expected[0])
+    if dtype == torch.bfloat16:
+        assert (y.view(torch.int16)[1] == 0x7FC0).all()
