@@ -291,6 +291,31 @@ def test_deterministic(dtype):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_independent_of_thread_count(dtype):
+    """Bit-identical output and gradients with 1 and 2 threads: the bins, the small-row path's feature
+    split, the activation tiles and the combine must not change any sum's order. One expert runs alone
+    (threaded GEMMs), the others share bins, several own at most 8 rows (small-row path)."""
+    shape = Shape(300, 40, 24, 36, 16, 2)
+    problem = list(random_problem(shape, dtype=dtype, glu=True, routing="one_expert"))
+    idx = problem[2]
+    idx[:40, 1] = torch.arange(1, 41) % 15 + 1  # experts 1..15 get a few rows each...
+    idx[40:, 1] = 1 + (torch.arange(260) % 2)   # ...and experts 1, 2 over a hundred more
+    grad_out = torch.randn(shape.tokens, shape.d_out, dtype=dtype)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.append(run(cpu.expert_mlp, problem, "silu", True, grad_out))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, g1), (y2, g2) = results
+    assert torch.equal(y1, y2)
+    for name, a, b in zip(NAMES, g1, g2):
+        assert torch.equal(a, b), name
+
+
 def test_inference_saves_nothing():
     """Without grad the forward skips the [T*K, H1] hidden buffer; with grad it keeps it."""
     x, w, idx, w1, b1, w2, b2 = random_problem(Shape(9, 8, 4, 8, 4, 2))
