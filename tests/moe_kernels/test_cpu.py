@@ -506,3 +506,18 @@ def test_combine_exact(dtype, tokens):
     assert torch.equal(y[2:], expected[2:]) and torch.equal(y[0], expected[0])
     if dtype == torch.bfloat16:
         assert (y.view(torch.int16)[1] == 0x7FC0).all()
+
+
+def test_concurrent_calls_from_python_threads():
+    """Serving: calls from several Python threads at once (the op releases the GIL) each get their own
+    scratch and plan; every result equals the same call made alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = [random_problem(Shape(t, 24, 12, 20, 6, 2), glu=True) for t in (5, 40, 300, 7)]
+    with torch.inference_mode():
+        alone = [cpu.expert_mlp(*p, "silu", True) for p in problems]
+        with ThreadPoolExecutor(4) as pool:
+            for _ in range(5):
+                together = list(pool.map(lambda p: cpu.expert_mlp(*p, "silu", True), problems))
+                for a, b in zip(alone, together):
+                    assert torch.equal(a, b)
