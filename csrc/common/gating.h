@@ -87,21 +87,28 @@ CUMO_HOST_DEVICE void renormalize(acc_t* weights, int64_t k) {
 
 // The whole gating of one token row, sequentially: softmax over E logits read through `load(e)`
 // (which returns acc_t), top-k selection and optional renormalisation. weights/ids: [k] outputs,
-// in selection order.
+// in selection order. exps: scratch for E values (the exponentials are then computed once, not
+// twice), or null; the results are the same bits either way.
 template <typename acc_t, typename Load>
 CUMO_HOST_DEVICE void topk_softmax_row(Load load, int64_t num_experts, int64_t k, bool normalize,
-                                       acc_t* weights, int64_t* ids) {
+                                       acc_t* weights, int64_t* ids, acc_t* exps = nullptr) {
   acc_t row_max = load(0);
   for (int64_t e = 1; e < num_experts; ++e) {
     acc_t x = load(e);
     row_max = x > row_max ? x : row_max;
   }
   acc_t row_sum = 0;
-  for (int64_t e = 0; e < num_experts; ++e) row_sum += exp_f32(load(e) - row_max);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    const acc_t ex = exp_f32(load(e) - row_max);
+    if (exps != nullptr) exps[e] = ex;
+    row_sum += ex;
+  }
   const acc_t inv_row_sum = acc_t(1) / row_sum;
   int64_t filled = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
-    filled = topk_insert(weights, ids, filled, k, softmax_prob(load(e), row_max, inv_row_sum), e);
+    // softmax_prob(load(e), row_max, inv_row_sum), from the stored exponential when there is one
+    const acc_t prob = exps != nullptr ? exps[e] * inv_row_sum : softmax_prob(load(e), row_max, inv_row_sum);
+    filled = topk_insert(weights, ids, filled, k, prob, e);
   }
   if (normalize) renormalize(weights, k);
 }

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include <type_traits>
+#include <vector>
 
 #include "common/gating.h"
 
@@ -39,11 +40,12 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cpu(const at::Tensor& logits, int
     const scalar_t* logits_ptr = logits.const_data_ptr<scalar_t>();
     acc_t* weights_ptr = weights.data_ptr<acc_t>();
     at::parallel_for(0, num_tokens, kTokensPerTask, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> exps(num_experts);
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* row = logits_ptr + t * row_stride;
         auto load = [row, col_stride](int64_t e) { return static_cast<acc_t>(row[e * col_stride]); };
         cumo::topk_softmax_row<acc_t>(load, num_experts, top_k, normalize, weights_ptr + t * top_k,
-                                      ids_ptr + t * top_k);
+                                      ids_ptr + t * top_k, exps.data());
       }
     });
   });
