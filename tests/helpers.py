@@ -87,11 +87,14 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str
     assert err <= RTOL[dtype], f"{what}: relative error {err:.3g} > {RTOL[dtype]:.0e} ({dtype})"
 
 
-def assert_lowp_close(actual: Tensor, reference_lowp: Tensor, reference_exact: Tensor, what: str = "") -> None:
+def assert_lowp_close(actual: Tensor, reference_lowp: Tensor, reference_exact: Tensor, what: str = "",
+                      floor: float = 1e-3) -> None:
     """Flash-attention's rule: the backend's error against an exact (fp64) reference is at most
-    2x the error of the plain PyTorch reference run in the same low precision (plus a floor)."""
+    2x the error of the plain PyTorch reference run in the same low precision (plus a floor).
+    On a handful of elements the reference's max error is a small-sample statistic that can be
+    near 0 by chance; callers with such tensors pass the dtype's unit roundoff as the floor."""
     err = rel_err(actual, reference_exact)
-    budget = 2 * rel_err(reference_lowp, reference_exact) + 1e-3
+    budget = 2 * rel_err(reference_lowp, reference_exact) + floor
     assert err <= budget, f"{what}: error {err:.3g} > 2x reference's low-precision error ({budget:.3g})"
 
 
