@@ -1,7 +1,8 @@
 """Builds the compiled extensions of cumo-moe with torch.utils.cpp_extension (ninja).
 
 moe_kernels._C     CPU ops (C++/OpenMP/ATen), every csrc/cpu/*.cpp. Skipped with CUMO_SKIP_CPU=1.
-                   CUMO_SKIP_EXT=1 skips both extensions.
+                   CUMO_SKIP_EXT=1 skips both extensions. CUMO_PORTABLE=1 leaves out the x86 AVX-512
+                   kernels (csrc/cpu/cpu_features.h): the build that ARM and clang get, checkable on x86.
 moe_kernels._cuda  CUDA ops, every csrc/cuda/*.cu and *.cpp. Built only where a CUDA build of torch
                    and nvcc exist; skipped with CUMO_SKIP_CUDA=1. Architectures from
                    TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). No GPU is queried at build time.
@@ -33,7 +34,7 @@ def extensions():
                 "moe_kernels._C",
                 cpu_sources,
                 include_dirs=include_dirs,
-                extra_compile_args={"cxx": CXX_FLAGS},
+                extra_compile_args={"cxx": CXX_FLAGS + (["-DCUMO_PORTABLE"] if os.environ.get("CUMO_PORTABLE") == "1" else [])},
                 extra_link_args=["-fopenmp"],
             )
         )

@@ -18,7 +18,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
 #include <ATen/record_function.h>
-#include <immintrin.h>
 #include <c10/core/InferenceMode.h>
 #include <torch/library.h>
 
@@ -30,6 +29,7 @@
 #include <vector>
 
 #include "activation.h"
+#include "cpu_features.h"
 #include "routing.h"
 #include "small_gemm.h"
 
@@ -165,8 +165,13 @@ void gather_token_rows(at::Tensor& out, const at::Tensor& src, const int64_t* sl
   });
 }
 
+#if CUMO_X86_KERNELS
+#include <immintrin.h>
 // Row loops of the combine, vectorised by the compiler for the CPU found at load time (ifunc clones).
 #define CUMO_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define CUMO_CLONES
+#endif
 
 template <typename acc_t, typename scalar_t>
 void axpy_row(acc_t* acc, const scalar_t* row, acc_t s, int64_t n) {  // acc += s * row
@@ -207,6 +212,7 @@ CUMO_CLONES void store_row(c10::BFloat16* out, const float* acc, int64_t n) {
 // the token's n kept rows, the sum for 16 columns held in a register while all n rows stream in
 // lockstep (n concurrent read streams per thread), one fused multiply-add per row in row order, bf16
 // rounded to nearest even with NaN canonical. Only called after the CPU check.
+#if CUMO_X86_KERNELS
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq")
 
@@ -235,6 +241,7 @@ void combine_token_avx512(const scalar_t* const* rows, const float* scales, int6
 }
 
 #pragma GCC pop_options
+#endif  // CUMO_X86_KERNELS
 
 // out[t] = sum_k [id kept] scale[t,k] * rows[slot_rows[t*K+k]], accumulated in opmath_t, in k order.
 // scale == nullptr means 1. Dropped slots are skipped, never multiplied, so nothing leaks from them.
@@ -243,10 +250,9 @@ void combine_kernel(const scalar_t* rows, const int64_t* slot_rows, const at::op
                     const int64_t* ids, int64_t num_experts, int64_t tokens, int64_t top_k, int64_t cols,
                     scalar_t* out) {
   using acc_t = at::opmath_type<scalar_t>;
+#if CUMO_X86_KERNELS
   if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::BFloat16>) {
-    static const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                               __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-    if (avx512 && top_k <= 64) {
+    if (cpu_has_avx512() && top_k <= 64) {
       at::parallel_for(0, tokens, kRowGrain, [&](int64_t t0, int64_t t1) {
         const scalar_t* token_rows[64];
         float token_scales[64];
@@ -264,6 +270,7 @@ void combine_kernel(const scalar_t* rows, const int64_t* slot_rows, const at::op
       return;
     }
   }
+#endif
   at::parallel_for(0, tokens, kRowGrain, [&](int64_t t0, int64_t t1) {
     std::vector<acc_t> acc(cols);
     for (int64_t t = t0; t < t1; ++t) {

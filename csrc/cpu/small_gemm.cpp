@@ -6,15 +6,18 @@
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
-#include <immintrin.h>
 
 #include <vector>
 
+#include "cpu_features.h"
+
+#if CUMO_X86_KERNELS
+#include <immintrin.h>
+#endif
+
 namespace cumo {
-namespace {
 
-constexpr int64_t kFeatureGrain = 64;  // output features per parallel task
-
+#if CUMO_X86_KERNELS
 bool cpu_has_avx512() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
@@ -25,7 +28,16 @@ bool cpu_has_avx512_bf16() {
   static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return has;
 }
+#else
+bool cpu_has_avx512() { return false; }
+bool cpu_has_avx512_bf16() { return false; }
+#endif
 
+namespace {
+
+constexpr int64_t kFeatureGrain = 64;  // output features per parallel task
+
+#if CUMO_X86_KERNELS
 // Only the kernels below are compiled for AVX-512; the entry points check the CPU before calling them.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512bf16")
@@ -146,6 +158,8 @@ Bf16Kernel bf16_kernel_for_rows(int64_t m) {
   TORCH_CHECK(false, "small_rows_linear: ", m, " rows, expected 1..", kSmallGemmMaxRows);
 }
 
+#endif  // CUMO_X86_KERNELS
+
 template <typename F>
 void over_features(int64_t n, const F& fn) {
   at::parallel_for(0, n, kFeatureGrain, fn);
@@ -157,6 +171,7 @@ bool small_gemm_supported(at::ScalarType dtype) {
   return cpu_has_avx512() && (dtype == at::kFloat || dtype == at::kBFloat16);
 }
 
+#if CUMO_X86_KERNELS
 template <>
 void small_rows_linear<float>(const float* const* rows, int64_t m, int64_t k, const float* w, int64_t ldw,
                               const float* bias, int64_t n, float* out) {
@@ -182,6 +197,19 @@ void small_rows_linear<c10::BFloat16>(const c10::BFloat16* const* rows, int64_t 
   const Fp32Kernel<c10::BFloat16> kernel = fp32_kernel_for_rows<c10::BFloat16>(m);
   over_features(n, [&](int64_t j0, int64_t j1) { kernel(widened_rows, k, w, ldw, bias, j0, j1, out, n); });
 }
+#else
+template <>
+void small_rows_linear<float>(const float* const*, int64_t, int64_t, const float*, int64_t, const float*, int64_t,
+                              float*) {
+  TORCH_CHECK(false, "small_rows_linear: this build has no x86 kernels (check small_gemm_supported first)");
+}
+
+template <>
+void small_rows_linear<c10::BFloat16>(const c10::BFloat16* const*, int64_t, int64_t, const c10::BFloat16*, int64_t,
+                                      const c10::BFloat16*, int64_t, float*) {
+  TORCH_CHECK(false, "small_rows_linear: this build has no x86 kernels (check small_gemm_supported first)");
+}
+#endif
 
 bool small_linear(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
   const auto dtype = weight.scalar_type();
