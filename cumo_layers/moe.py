@@ -62,7 +62,7 @@ class SparseMoEMLP(nn.Module):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         check_activation(activation)
-        ops.check_backend_name(backend)
+        ops.preload(backend)  # checks the name; imports now what torch.compile must not trace
         if capacity_factor is not None and not capacity_factor > 0:
             raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
         if dtype is not None and not dtype.is_floating_point:

@@ -84,7 +84,7 @@ class TopKRouter(nn.Module):
         check_routing_args(in_features, num_experts, top_k)
         if not 0.0 <= jitter < 1.0:
             raise ValueError(f"router jitter must be in [0, 1), got {jitter}")
-        ops.check_backend_name(backend)
+        ops.preload(backend)  # checks the name; imports now what torch.compile must not trace
         self.in_features = in_features
         self.num_experts = num_experts
         self.top_k = top_k

@@ -57,6 +57,21 @@ def _load(name: str) -> ModuleType | str:
     return _LOADED[name]
 
 
+def preload(backend: str) -> None:
+    """Import the module(s) ``backend`` may dispatch to now, not on first use: a first use inside
+    torch.compile would have to trace importlib. A named backend loads itself; "auto" loads what it
+    may pick on this machine (Triton and CUDA only where CUDA is available). Never raises: a backend
+    that cannot load says why when it is used."""
+    check_backend_name(backend)
+    if backend != "auto":
+        _load(backend)
+        return
+    device_types = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device_type in device_types:
+        for name in AUTO_ORDER[device_type]:
+            _load(name)
+
+
 def unavailable_reason(name: str, device: torch.device | str) -> str | None:
     """None if backend ``name`` can run on ``device``, else a sentence saying why not."""
     check_backend_name(name)

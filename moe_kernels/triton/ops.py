@@ -1,4 +1,4 @@
-"""Launchers and autograd Functions of the Triton backend.
+"""Launchers and torch.library custom ops (with fakes and autograd) of the Triton backend.
 
 T tokens, K top_k, E experts, D input features, H hidden (H1 = H or 2*H with GLU), O output
 features, R = T*K rows. The kernels live in kernels.py, how they launch in runtime.py; this file
@@ -84,37 +84,66 @@ def _gating_tiles(num_experts: int, top_k: int) -> dict:
                 BLOCK_K=triton.next_power_of_2(top_k))
 
 
-class _TopKGating(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits: Tensor, top_k: int, normalize: bool):
-        interpret = check_device(logits)
-        num_tokens, num_experts = logits.shape
-        weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
-        ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
-        tiles = _gating_tiles(num_experts, top_k)
-        if num_tokens > 0:
-            with device_guard(logits):
-                launch("topk_gating_kernel", interpret, (triton.cdiv(num_tokens, tiles["BLOCK_T"]),),
-                       logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1),
-                       TOP_K=top_k, NORMALIZE=normalize, **tiles)
-        ctx.save_for_backward(logits, ids)
-        ctx.top_k, ctx.normalize, ctx.interpret = top_k, normalize, interpret
-        ctx.mark_non_differentiable(ids)
-        return weights, ids
+@torch.library.custom_op("cumo_triton::topk_gating", mutates_args=())
+def _topk_gating_op(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    interpret = check_device(logits)
+    num_tokens, num_experts = logits.shape
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    tiles = _gating_tiles(num_experts, top_k)
+    if num_tokens > 0:
+        with device_guard(logits):
+            launch("topk_gating_kernel", interpret, (triton.cdiv(num_tokens, tiles["BLOCK_T"]),),
+                   logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1),
+                   TOP_K=top_k, NORMALIZE=normalize, **tiles)
+    return weights, ids
 
-    @staticmethod
-    def backward(ctx, grad_weights: Tensor, _grad_ids):
-        logits, ids = ctx.saved_tensors
-        num_tokens, num_experts = logits.shape
-        grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-        if num_tokens > 0:
-            tiles = _gating_tiles(num_experts, ctx.top_k)
-            with device_guard(logits):
-                launch("topk_gating_backward_kernel", ctx.interpret, (triton.cdiv(num_tokens, tiles["BLOCK_T"]),),
-                       logits, ids, grad_weights.float().contiguous(), grad_logits, num_tokens, num_experts,
-                       logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
-                       TOP_K=ctx.top_k, NORMALIZE=ctx.normalize, **tiles)
-        return grad_logits, None, None
+
+@_topk_gating_op.register_fake
+def _(logits, top_k, normalize):
+    num_tokens = logits.shape[0]
+    return (logits.new_empty(num_tokens, top_k, dtype=torch.float32),
+            logits.new_empty(num_tokens, top_k, dtype=torch.int64))
+
+
+@torch.library.custom_op("cumo_triton::topk_gating_backward", mutates_args=())
+def _topk_gating_backward_op(logits: Tensor, ids: Tensor, grad_weights: Tensor, top_k: int,
+                             normalize: bool) -> Tensor:
+    interpret = check_device(logits, ids, grad_weights)
+    num_tokens, num_experts = logits.shape
+    grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if num_tokens > 0:
+        tiles = _gating_tiles(num_experts, top_k)
+        with device_guard(logits):
+            launch("topk_gating_backward_kernel", interpret, (triton.cdiv(num_tokens, tiles["BLOCK_T"]),),
+                   logits, ids, grad_weights.float().contiguous(), grad_logits, num_tokens, num_experts,
+                   logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
+                   TOP_K=top_k, NORMALIZE=normalize, **tiles)
+    return grad_logits
+
+
+@_topk_gating_backward_op.register_fake
+def _(logits, ids, grad_weights, top_k, normalize):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _topk_gating_setup(ctx, inputs, output):
+    logits, top_k, normalize = inputs
+    _, ids = output
+    ctx.save_for_backward(logits, ids)
+    ctx.top_k, ctx.normalize = top_k, normalize
+    ctx.mark_non_differentiable(ids)
+    ctx.set_materialize_grads(False)
+
+
+def _topk_gating_backward(ctx, grad_weights, _grad_ids):
+    if grad_weights is None:
+        return None, None, None
+    logits, ids = ctx.saved_tensors
+    return _topk_gating_backward_op(logits, ids, grad_weights, ctx.top_k, ctx.normalize), None, None
+
+
+_topk_gating_op.register_autograd(_topk_gating_backward, setup_context=_topk_gating_setup)
 
 
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
@@ -127,7 +156,7 @@ def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Ten
         raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
     if not 1 <= top_k <= logits.shape[1]:
         raise ValueError(f"top_k must be in [1, {logits.shape[1]}], got {top_k}")
-    return _TopKGating.apply(logits, top_k, normalize)
+    return _topk_gating_op(logits, top_k, normalize)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,113 +230,163 @@ def _combine(rows: Tensor, ids: Tensor, weights: Tensor | None, plan: RoutingPla
 # Expert MLP
 
 
-class _ExpertMLP(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu):
-        interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
-        num_tokens, top_k = top_k_idx.shape
-        num_experts, hidden1, _ = w1.shape
-        out_features, hidden = w2.shape[1], w2.shape[2]
-        ids = top_k_idx.reshape(-1).to(torch.int64).contiguous()
-        weights = top_k_weights.reshape(-1).float().contiguous()
-        b1 = b1.contiguous() if b1 is not None else None
-        b2 = b2.contiguous() if b2 is not None else None
-        needs = ctx.needs_input_grad
-        grad_hidden = needs[0] or needs[3] or needs[4]  # x, w1, b1 need d pre-activation
-        any_grad = grad_hidden or needs[1] or needs[5] or needs[6]
-        keep_rows = needs[1]  # the top-k weight gradient needs the unweighted expert outputs
-        num_rows = num_tokens * top_k
-        out = torch.zeros(num_tokens, out_features, dtype=x.dtype, device=x.device)
-        pre = torch.empty(num_rows, hidden1, dtype=x.dtype, device=x.device) if grad_hidden else None
-        hidden_rows = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
-        rows = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
-        with device_guard(x):
-            plan = _routing_plan(ids, num_experts, top_k, interpret)
+# The forward op returns, besides the output, what its backward reads: fc1's pre-activation rows (when
+# x, w1 or b1 need a gradient; [0, H1] otherwise), the activated rows, the unweighted expert output
+# rows (when the top-k weights need a gradient; [0, O] otherwise) and the routing plan. Which ones it
+# keeps is decided by the caller from requires_grad (save_pre, keep_rows): a custom op does not see
+# autograd state.
+@torch.library.custom_op("cumo_triton::expert_mlp_forward", mutates_args=())
+def _expert_mlp_forward_op(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
+                           w2: Tensor, b2: Tensor | None, activation: str, glu: bool, save_pre: bool,
+                           keep_rows: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
+    num_tokens, top_k = top_k_idx.shape
+    num_experts, hidden1, _ = w1.shape
+    out_features, hidden = w2.shape[1], w2.shape[2]
+    ids = top_k_idx.reshape(-1).to(torch.int64).contiguous()
+    weights = top_k_weights.reshape(-1).float().contiguous()
+    b1 = b1.contiguous() if b1 is not None else None
+    b2 = b2.contiguous() if b2 is not None else None
+    num_rows = num_tokens * top_k
+    out = torch.zeros(num_tokens, out_features, dtype=x.dtype, device=x.device)
+    pre = torch.empty(num_rows if save_pre else 0, hidden1, dtype=x.dtype, device=x.device)
+    hidden_rows = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
+    rows = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
+    with device_guard(x):
+        plan = _routing_plan(ids, num_experts, top_k, interpret)
+        if num_rows > 0:
+            # fc1: token rows gathered in-kernel; B[e][d, h] = w1[e, h, d].
+            _grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret,
+                          gather=True, bias=b1, aux=pre if save_pre else None, epilogue=EPILOGUE_ACTIVATION,
+                          glu=glu, activation=activation, store_aux=save_pre)
+            # fc2: the top-k weight is folded into the epilogue unless its gradient is needed.
+            _grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, rows, out_features, interpret,
+                          gather=False, bias=b2, row_scale=None if keep_rows else weights)
+            _combine(rows, ids, weights if keep_rows else None, plan, num_experts, out, interpret)
+    if not keep_rows:
+        rows = rows.new_empty(0, out_features)
+    return out, pre, hidden_rows, rows, *plan[:4]
+
+
+@_expert_mlp_forward_op.register_fake
+def _(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_pre, keep_rows):
+    num_rows = top_k_idx.shape[0] * top_k_idx.shape[1]
+    num_experts, hidden1, out_features, hidden = w1.shape[0], w1.shape[1], w2.shape[1], w2.shape[2]
+    index = dict(dtype=torch.int64)
+    return (x.new_empty(x.shape[0], out_features), x.new_empty(num_rows if save_pre else 0, hidden1),
+            x.new_empty(num_rows, hidden), x.new_empty(num_rows if keep_rows else 0, out_features),
+            x.new_empty(num_experts, **index), x.new_empty(num_experts + 1, **index),
+            x.new_empty(num_rows, **index), x.new_empty(num_rows, **index))
+
+
+# Gradients that are not wanted come back as [0] tensors (a custom op returns tensors, not None).
+@torch.library.custom_op("cumo_triton::expert_mlp_backward", mutates_args=())
+def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor,
+                            w2: Tensor, counts: Tensor, offsets: Tensor, sorted_slots: Tensor, slot_rows: Tensor,
+                            pre: Tensor, hidden_rows: Tensor, rows: Tensor, activation: str, glu: bool,
+                            need_x: bool, need_weights: bool, need_w1: bool, need_b1: bool, need_w2: bool,
+                            need_b2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    interpret = check_device(grad_out, x, w1, w2)
+    num_tokens, top_k = top_k_idx.shape
+    plan = RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
+    ids = top_k_idx.reshape(-1).to(torch.int64).contiguous()
+    weights = top_k_weights.reshape(-1).float().contiguous()
+    num_experts, hidden1, d_in = w1.shape
+    out_features, hidden = w2.shape[1], w2.shape[2]
+    num_rows = num_tokens * top_k
+    grad_out = grad_out.to(x.dtype)
+
+    def none():
+        return x.new_empty(0)
+
+    grad_x = grad_weights = none()
+    grad_w2_t = torch.empty_like(w2, memory_format=torch.contiguous_format) if (need_w2 or need_b2) else None
+    grad_b2_t = torch.empty(num_experts, out_features, dtype=w2.dtype, device=w2.device) if need_b2 else None
+    grad_w1_t = torch.empty_like(w1, memory_format=torch.contiguous_format) if (need_w1 or need_b1) else None
+    grad_b1_t = torch.empty(num_experts, hidden1, dtype=w1.dtype, device=w1.device) if need_b1 else None
+
+    with device_guard(x):
+        if need_weights:
+            grad_weights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
             if num_rows > 0:
-                # fc1: token rows gathered in-kernel; B[e][d, h] = w1[e, h, d].
-                _grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret,
-                              gather=True, bias=b1, aux=pre, epilogue=EPILOGUE_ACTIVATION, glu=glu,
-                              activation=activation, store_aux=grad_hidden)
-                # fc2: the top-k weight is folded into the epilogue unless its gradient is needed.
-                _grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, rows, out_features, interpret,
-                              gather=False, bias=b2, row_scale=None if keep_rows else weights)
-                _combine(rows, ids, weights if keep_rows else None, plan, num_experts, out, interpret)
-        if any_grad:
-            ctx.save_for_backward(x, weights, ids, w1, w2, *plan[:4], pre, hidden_rows,
-                                  rows if keep_rows else None)
-        ctx.meta = (activation, glu, top_k, interpret, top_k_weights.dtype)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, weights, ids, w1, w2, counts, offsets, sorted_slots, slot_rows, pre, hidden_rows, rows = ctx.saved_tensors
-        activation, glu, top_k, interpret, weights_dtype = ctx.meta
-        plan = RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
-        needs = ctx.needs_input_grad
-        num_tokens = x.shape[0]
-        num_experts, hidden1, d_in = w1.shape
-        out_features, hidden = w2.shape[1], w2.shape[2]
-        num_rows = num_tokens * top_k
-        grad_out = grad_out.to(x.dtype)
-        grad_x = grad_weights = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
-
-        grad_w2_t = torch.empty_like(w2, memory_format=torch.contiguous_format) if (needs[5] or needs[6]) else None
-        grad_b2_t = torch.empty(num_experts, out_features, dtype=w2.dtype, device=w2.device) if needs[6] else None
-        grad_w1_t = torch.empty_like(w1, memory_format=torch.contiguous_format) if (needs[3] or needs[4]) else None
-        grad_b1_t = torch.empty(num_experts, hidden1, dtype=w1.dtype, device=w1.device) if needs[4] else None
-
-        with device_guard(x):
-            if needs[1]:
-                grad_weights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
+                block_n = min(triton.next_power_of_2(out_features), 16 if interpret else 128)
+                block_s = max(1, min(128, ELEMENTWISE_TILE // block_n))
+                launch("topk_weight_grad_kernel", interpret, (triton.cdiv(num_rows, block_s),),
+                       grad_out, rows, slot_rows, ids, grad_weights, num_rows, out_features, num_experts,
+                       grad_out.stride(0), grad_out.stride(1), rows.stride(0), rows.stride(1),
+                       TOP_K=top_k, BLOCK_S=block_s, BLOCK_N=block_n)
+            grad_weights = grad_weights.view(num_tokens, top_k).to(top_k_weights.dtype)
+        if grad_w2_t is not None:
+            # dW2[e] = (w * dy[token])^T h over expert e's rows; db2 = column sums.
+            if num_rows > 0:
+                _weight_grad(grad_out, hidden_rows, plan, grad_w2_t, grad_b2_t, interpret,
+                             gather_a=True, gather_b=False, row_scale=weights)
+            else:
+                grad_w2_t.zero_()
+                if grad_b2_t is not None:
+                    grad_b2_t.zero_()
+        if need_x or need_w1 or need_b1:
+            grad_pre = torch.empty(num_rows, hidden1, dtype=x.dtype, device=x.device)
+            if num_rows > 0:
+                # d pre = act'(pre) * (w * dy[token]) @ W2[e]; B[e][o, h] = w2[e, o, h].
+                _grouped_gemm(grad_out, w2, (w2.stride(1), w2.stride(2)), plan, grad_pre, hidden, interpret,
+                              gather=True, row_scale=weights, aux=pre, epilogue=EPILOGUE_ACTIVATION_GRAD,
+                              glu=glu, activation=activation)
+            if grad_w1_t is not None:
                 if num_rows > 0:
-                    block_n = min(triton.next_power_of_2(out_features), 16 if interpret else 128)
-                    block_s = max(1, min(128, ELEMENTWISE_TILE // block_n))
-                    launch("topk_weight_grad_kernel", interpret, (triton.cdiv(num_rows, block_s),),
-                           grad_out, rows, slot_rows, ids, grad_weights, num_rows, out_features, num_experts,
-                           grad_out.stride(0), grad_out.stride(1), rows.stride(0), rows.stride(1),
-                           TOP_K=top_k, BLOCK_S=block_s, BLOCK_N=block_n)
-                grad_weights = grad_weights.view(num_tokens, top_k).to(weights_dtype)
-            if grad_w2_t is not None:
-                # dW2[e] = (w * dy[token])^T h over expert e's rows; db2 = column sums.
-                if num_rows > 0:
-                    _weight_grad(grad_out, hidden_rows, plan, grad_w2_t, grad_b2_t, interpret,
-                                 gather_a=True, gather_b=False, row_scale=weights)
+                    _weight_grad(grad_pre, x, plan, grad_w1_t, grad_b1_t, interpret, gather_a=False, gather_b=True)
                 else:
-                    grad_w2_t.zero_()
-                    if grad_b2_t is not None:
-                        grad_b2_t.zero_()
-            if needs[0] or needs[3] or needs[4]:
-                grad_pre = torch.empty(num_rows, hidden1, dtype=x.dtype, device=x.device)
+                    grad_w1_t.zero_()
+                    if grad_b1_t is not None:
+                        grad_b1_t.zero_()
+            if need_x:
+                grad_x = torch.zeros(num_tokens, d_in, dtype=x.dtype, device=x.device)
                 if num_rows > 0:
-                    # d pre = act'(pre) * (w * dy[token]) @ W2[e]; B[e][o, h] = w2[e, o, h].
-                    _grouped_gemm(grad_out, w2, (w2.stride(1), w2.stride(2)), plan, grad_pre, hidden, interpret,
-                                  gather=True, row_scale=weights, aux=pre, epilogue=EPILOGUE_ACTIVATION_GRAD,
-                                  glu=glu, activation=activation)
-                if grad_w1_t is not None:
-                    if num_rows > 0:
-                        _weight_grad(grad_pre, x, plan, grad_w1_t, grad_b1_t, interpret, gather_a=False, gather_b=True)
-                    else:
-                        grad_w1_t.zero_()
-                        if grad_b1_t is not None:
-                            grad_b1_t.zero_()
-                if needs[0]:
-                    grad_x = torch.zeros(num_tokens, d_in, dtype=x.dtype, device=x.device)
-                    if num_rows > 0:
-                        # dX rows = d pre @ W1[e] (B[e][h, d] = w1[e, h, d]), then a gather-sum over the
-                        # k slots back to token order: deterministic, no atomics.
-                        grad_x_rows = torch.empty(num_rows, d_in, dtype=x.dtype, device=x.device)
-                        _grouped_gemm(grad_pre, w1, (w1.stride(1), w1.stride(2)), plan, grad_x_rows, d_in,
-                                      interpret, gather=False)
-                        _combine(grad_x_rows, ids, None, plan, num_experts, grad_x, interpret)
-        if needs[3]:
-            grad_w1 = grad_w1_t
-        if needs[4]:
-            grad_b1 = grad_b1_t
-        if needs[5]:
-            grad_w2 = grad_w2_t
-        if needs[6]:
-            grad_b2 = grad_b2_t
-        return grad_x, grad_weights, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None
+                    # dX rows = d pre @ W1[e] (B[e][h, d] = w1[e, h, d]), then a gather-sum over the
+                    # k slots back to token order: deterministic, no atomics.
+                    grad_x_rows = torch.empty(num_rows, d_in, dtype=x.dtype, device=x.device)
+                    _grouped_gemm(grad_pre, w1, (w1.stride(1), w1.stride(2)), plan, grad_x_rows, d_in,
+                                  interpret, gather=False)
+                    _combine(grad_x_rows, ids, None, plan, num_experts, grad_x, interpret)
+    pick = [(need_w1, grad_w1_t), (need_b1, grad_b1_t), (need_w2, grad_w2_t), (need_b2, grad_b2_t)]
+    return grad_x, grad_weights, *[t if wanted else none() for wanted, t in pick]
+
+
+@_expert_mlp_backward_op.register_fake
+def _(grad_out, x, top_k_weights, top_k_idx, w1, w2, counts, offsets, sorted_slots, slot_rows, pre, hidden_rows,
+      rows, activation, glu, need_x, need_weights, need_w1, need_b1, need_w2, need_b2):
+    def shaped(wanted, *shape, dtype=None):
+        return x.new_empty(*shape, dtype=dtype or x.dtype) if wanted else x.new_empty(0)
+
+    num_experts = w1.shape[0]
+    return (shaped(need_x, *x.shape), shaped(need_weights, *top_k_weights.shape, dtype=top_k_weights.dtype),
+            shaped(need_w1, *w1.shape), shaped(need_b1, num_experts, w1.shape[1]),
+            shaped(need_w2, *w2.shape), shaped(need_b2, num_experts, w2.shape[1]))
+
+
+def _expert_mlp_setup(ctx, inputs, output):
+    x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, _save_pre, _keep_rows = inputs
+    _, pre, hidden_rows, rows, counts, offsets, sorted_slots, slot_rows = output
+    ctx.save_for_backward(x, top_k_weights, top_k_idx, w1, w2, counts, offsets, sorted_slots, slot_rows, pre,
+                          hidden_rows, rows)
+    ctx.activation, ctx.glu = activation, glu
+    ctx.mark_non_differentiable(pre, hidden_rows, rows, counts, offsets, sorted_slots, slot_rows)
+    # No zero-filled gradients for those outputs: pre and hidden_rows are as large as the activations.
+    ctx.set_materialize_grads(False)
+
+
+def _expert_mlp_backward(ctx, grad_out, *_unused):
+    if grad_out is None:
+        return (None,) * 11
+    needs = ctx.needs_input_grad
+    grads = _expert_mlp_backward_op(grad_out, *ctx.saved_tensors, ctx.activation, ctx.glu,
+                                    needs[0], needs[1], needs[3], needs[4], needs[5], needs[6])
+    grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2 = (g if need else None for g, need in
+                                                                zip(grads, [needs[i] for i in (0, 1, 3, 4, 5, 6)]))
+    return grad_x, grad_weights, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None
+
+
+_expert_mlp_forward_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
 
 
 def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
@@ -332,4 +411,12 @@ def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, 
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; the expert weights must match x")
-    return _ExpertMLP.apply(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
+    grad_enabled = torch.is_grad_enabled()
+
+    def needs_grad(t: Tensor | None) -> bool:
+        return grad_enabled and t is not None and t.requires_grad
+
+    save_pre = needs_grad(x) or needs_grad(w1) or needs_grad(b1)  # d pre-activation is needed
+    keep_rows = needs_grad(top_k_weights)  # the top-k weight gradient reads the unweighted expert rows
+    return _expert_mlp_forward_op(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_pre,
+                                  keep_rows)[0]

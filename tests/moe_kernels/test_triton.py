@@ -380,6 +380,44 @@ def test_sparse_moe_mlp_module():
     assert launches()["grouped_gemm_kernel"] == 4
 
 
+def test_layer_compiles_to_one_graph():
+    """The Triton ops are torch.library custom ops with fakes and autograd: torch.compile(fullgraph=True)
+    traces the layer, forward and backward, with the kernels as opaque nodes, and the compiled layer
+    still launches them (no silent fallback) and matches eager."""
+    layers = pytest.importorskip("cumo_layers")
+    torch.manual_seed(2)
+    layer = layers.SparseMoEMLP(16, 24, num_experts=4, top_k=2, glu=True, activation="silu", backend="triton")
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(11, 16, requires_grad=True)
+    x_eager = x.detach().clone().requires_grad_()
+    y = compiled(x)
+    y_eager = layer(x_eager)
+    assert_close(y.detach(), y_eager.detach(), torch.float32, "compiled forward")
+    launches()
+    grad = torch.randn_like(y)
+    (y * grad).sum().backward()
+    assert launches()["grouped_gemm_kernel"] == 2  # the compiled backward ran the Triton dX/d pre GEMMs
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    layer.zero_grad()
+    (y_eager * grad).sum().backward()
+    assert_close(x.grad, x_eager.grad, torch.float32, "compiled dx")
+    for name, p in layer.named_parameters():
+        assert_close(grads[name], p.grad, torch.float32, f"compiled d{name}")
+
+
+def test_custom_ops_pass_opcheck():
+    """Schemas, fakes and autograd registrations of the Triton custom ops agree with what they compute."""
+    from moe_kernels.triton import ops as triton_ops
+
+    shape = Shape(9, 12, 8, 10, 4, 2)
+    x, w, idx, w1, b1, w2, b2 = differentiable(random_problem(shape, glu=True))
+    torch.library.opcheck(triton_ops._expert_mlp_forward_op, (x, w, idx, w1, b1, w2, b2, "silu", True, True, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    logits = torch.randn(9, 4, requires_grad=True)
+    torch.library.opcheck(triton_ops._topk_gating_op, (logits, 2, True),
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
 # ----------------------------------------------------------------------------------------------
 # Bigger matrix (slow under the interpreter)
 
