@@ -52,6 +52,21 @@ inline __m512 load16(const c10::BFloat16* p, __mmask16 mask) {
 inline float bias_at(const float* bias, int64_t j) { return bias ? bias[j] : 0.f; }
 inline float bias_at(const c10::BFloat16* bias, int64_t j) { return bias ? static_cast<float>(bias[j]) : 0.f; }
 
+template <int M, int U>
+inline void zero(__m512 (&acc)[U][M]) {
+  for (int u = 0; u < U; ++u)
+    for (int i = 0; i < M; ++i) acc[u][i] = _mm512_setzero_ps();
+}
+
+// out[i * n] = (sum over u and lanes of acc[u][i]) + b for each of the M rows: one output feature.
+template <int M, int U>
+inline void store_row_sums(__m512 (&acc)[U][M], float b, float* out, int64_t n) {
+  for (int i = 0; i < M; ++i) {
+    for (int u = 1; u < U; ++u) acc[0][i] = _mm512_add_ps(acc[0][i], acc[u][i]);
+    out[i * n] = _mm512_reduce_add_ps(acc[0][i]) + b;
+  }
+}
+
 // out[i * n + j] = <x[i], w[j]> + bias[j] for j in [j0, j1), i < M; x rows fp32, weights W (fp32 or bf16,
 // widened on load). Each weight row is read front to back as one sequential stream (what the hardware
 // prefetcher follows best); U independent accumulator sets per input row hide the FMA latency.
@@ -62,8 +77,7 @@ void fp32_rows_times_weight(const float* const* x, int64_t k, const W* w, int64_
   for (int64_t j = j0; j < j1; ++j) {
     const W* row = w + j * ldw;
     __m512 acc[U][M];
-    for (int u = 0; u < U; ++u)
-      for (int i = 0; i < M; ++i) acc[u][i] = _mm512_setzero_ps();
+    zero(acc);
     int64_t d = 0;
     for (; d + 16 * U <= k; d += 16 * U) {
       for (int u = 0; u < U; ++u) {
@@ -76,11 +90,7 @@ void fp32_rows_times_weight(const float* const* x, int64_t k, const W* w, int64_
       const __m512 v = load16(row + d, mask);
       for (int i = 0; i < M; ++i) acc[0][i] = _mm512_fmadd_ps(v, _mm512_maskz_loadu_ps(mask, x[i] + d), acc[0][i]);
     }
-    const float b = bias_at(bias, j);
-    for (int i = 0; i < M; ++i) {
-      for (int u = 1; u < U; ++u) acc[0][i] = _mm512_add_ps(acc[0][i], acc[u][i]);
-      out[i * n + j] = _mm512_reduce_add_ps(acc[0][i]) + b;
-    }
+    store_row_sums(acc, bias_at(bias, j), out + j, n);
   }
 }
 
@@ -97,8 +107,7 @@ void bf16_rows_times_weight(const c10::BFloat16* const* x, int64_t k, const c10:
   for (int64_t j = j0; j < j1; ++j) {
     const c10::BFloat16* row = w + j * ldw;
     __m512 acc[U][M];
-    for (int u = 0; u < U; ++u)
-      for (int i = 0; i < M; ++i) acc[u][i] = _mm512_setzero_ps();
+    zero(acc);
     int64_t d = 0;
     for (; d + 32 * U <= k; d += 32 * U) {
       for (int u = 0; u < U; ++u) {
@@ -111,11 +120,7 @@ void bf16_rows_times_weight(const c10::BFloat16* const* x, int64_t k, const c10:
       const __m512bh v = load32_bf16(row + d, mask);
       for (int i = 0; i < M; ++i) acc[0][i] = _mm512_dpbf16_ps(acc[0][i], v, load32_bf16(x[i] + d, mask));
     }
-    const float b = bias_at(bias, j);
-    for (int i = 0; i < M; ++i) {
-      for (int u = 1; u < U; ++u) acc[0][i] = _mm512_add_ps(acc[0][i], acc[u][i]);
-      out[i * n + j] = _mm512_reduce_add_ps(acc[0][i]) + b;
-    }
+    store_row_sums(acc, bias_at(bias, j), out + j, n);
   }
 }
 
