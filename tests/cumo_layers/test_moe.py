@@ -8,7 +8,7 @@ from cumo_layers import SparseMoEMLP, aux_loss
 from moe_kernels import ops
 from moe_kernels.reference import ACTIVATIONS
 from moe_kernels.routing import apply_capacity, expert_capacity
-from tests.helpers import assert_close, assert_lowp_close, naive_expert_mlp, rel_err
+from tests.helpers import assert_close, assert_compiled_matches_eager, assert_lowp_close, naive_expert_mlp, rel_err
 
 
 def expected_output(moe: SparseMoEMLP, x: torch.Tensor) -> torch.Tensor:
@@ -247,12 +247,7 @@ def test_named_backend_matches_torch_or_raises(backend):
 def test_compiles_to_one_graph(backend):
     """torch.compile(fullgraph=True) traces the layer, forward and backward, without graph breaks."""
     moe = SparseMoEMLP(16, 24, num_experts=4, top_k=2, glu=True, activation="silu", backend=backend)
-    compiled = torch.compile(moe, backend="aot_eager", fullgraph=True)
-    x = torch.randn(11, 16, requires_grad=True)
-    y = compiled(x)
-    assert_close(y, moe(x), torch.float32, "compiled forward")
-    y.sum().backward()
-    assert x.grad is not None and moe.w1.grad is not None and moe.router.weight.grad is not None
+    assert_compiled_matches_eager(moe, torch.randn(11, 16))
 
 
 @pytest.mark.gpu
@@ -261,16 +256,4 @@ def test_compiles_to_one_graph(backend):
 def test_compiles_to_one_graph_gpu(backend, compiler):
     """The GPU backends under torch.compile(fullgraph=True), forward and backward, against eager."""
     moe = SparseMoEMLP(64, 96, num_experts=8, top_k=2, glu=True, activation="silu", backend=backend).cuda()
-    compiled = torch.compile(moe, backend=compiler, fullgraph=True)
-    x = torch.randn(37, 64, device="cuda", requires_grad=True)
-    x_eager = x.detach().clone().requires_grad_()
-    y, y_eager = compiled(x), moe(x_eager)
-    assert_close(y.detach(), y_eager.detach(), torch.float32, "compiled forward")
-    grad = torch.randn_like(y)
-    (y * grad).sum().backward()
-    grads = {name: p.grad.clone() for name, p in moe.named_parameters()}
-    moe.zero_grad()
-    (y_eager * grad).sum().backward()
-    assert_close(x.grad, x_eager.grad, torch.float32, "compiled dx")
-    for name, p in moe.named_parameters():
-        assert_close(grads[name], p.grad, torch.float32, f"compiled d{name}")
+    assert_compiled_matches_eager(moe, torch.randn(37, 64, device="cuda"), compiler)
