@@ -31,16 +31,26 @@ __device__ __forceinline__ int64_t slot_bucket(const int64_t* top_k_idx, int64_t
   return slot < num_slots ? cumo::expert_bucket(top_k_idx[slot], num_experts) : kNoBucket;
 }
 
+// The chunk of slots the calling warp handles (one warp per chunk, kWarpsPerBlock per block).
+__device__ __forceinline__ int64_t warp_chunk() {
+  return static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+}
+
+// The calling warp's E + 1 bucket counters in the block's shared memory, zeroed (warp-synchronous).
+__device__ __forceinline__ int* zeroed_warp_counters(int* counters, int64_t num_experts) {
+  int* running = counters + (threadIdx.x / kWarpSize) * (num_experts + 1);
+  for (int64_t b = threadIdx.x % kWarpSize; b <= num_experts; b += kWarpSize) running[b] = 0;
+  __syncwarp();
+  return running;
+}
+
 __global__ void chunk_histogram_kernel(const int64_t* __restrict__ top_k_idx, int64_t num_slots,
                                        int64_t num_experts, int64_t num_chunks, int64_t* __restrict__ workspace) {
   extern __shared__ int counters[];  // [kWarpsPerBlock][E + 1]
-  const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int64_t chunk = warp_chunk();
   if (chunk >= num_chunks) return;  // whole warp
-  int* running = counters + warp * (num_experts + 1);
-  for (int64_t b = lane; b <= num_experts; b += kWarpSize) running[b] = 0;
-  __syncwarp();
+  int* running = zeroed_warp_counters(counters, num_experts);
   for (int tile = 0; tile < kTilesPerChunk; ++tile) {
     const int64_t slot = chunk * kRoutingChunkSlots + tile * kWarpSize + lane;
     const int64_t bucket = slot_bucket(top_k_idx, slot, num_slots, num_experts);
@@ -98,13 +108,10 @@ __global__ void scatter_kernel(const int64_t* __restrict__ top_k_idx, int64_t nu
                                int64_t num_chunks, const int64_t* __restrict__ workspace,
                                int64_t* __restrict__ sorted_slots, int64_t* __restrict__ slot_rows) {
   extern __shared__ int counters[];  // [kWarpsPerBlock][E + 1]
-  const int warp = threadIdx.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  const int64_t chunk = static_cast<int64_t>(blockIdx.x) * kWarpsPerBlock + warp;
+  const int64_t chunk = warp_chunk();
   if (chunk >= num_chunks) return;  // whole warp
-  int* running = counters + warp * (num_experts + 1);
-  for (int64_t b = lane; b <= num_experts; b += kWarpSize) running[b] = 0;
-  __syncwarp();
+  int* running = zeroed_warp_counters(counters, num_experts);
   const unsigned lower_lanes = (1u << lane) - 1u;
   for (int tile = 0; tile < kTilesPerChunk; ++tile) {
     const int64_t slot = chunk * kRoutingChunkSlots + tile * kWarpSize + lane;
