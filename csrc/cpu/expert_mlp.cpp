@@ -7,7 +7,8 @@
 //   gather x rows -> [m, D]; hidden = x_rows @ w1[e]^T + b1[e] -> [m, H1] (saved for backward);
 //   act -> [m, H] (one pass over hidden in row tiles, in opmath, GLU's product fused, rounded once);
 //   out_rows[r0:r1] = act @ w2[e]^T + b2[e] -> [m, O];
-// then y[t] = sum_k w[t,k] * out_rows[row(t,k)] in fp32 (fp64 for fp64), fixed k order: no atomics.
+// then y[t] = sum_k w[t,k] * out_rows[row(t,k)] in fp32 (fp64 for fp64), fixed k order: no atomics
+// (token_rows.h). An expert with at most kSmallGemmMaxRows rows skips ATen: small_expert_forward.
 // Backward recomputes the activation from the saved hidden; d(router weight) of a row is
 // <dy[t] @ w2[e], act_row> + <dy[t], b2[e]>, so the second GEMM's output is never stored.
 // Each expert is handled by exactly one thread (its weight gradients need no reduction); an expert
