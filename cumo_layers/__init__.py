@@ -1,7 +1,7 @@
 """cumo-moe layers: SparseMoEMLP, TopKRouter, co-upcycling of dense MLPs, aux losses."""
 
 from cumo_layers.moe import SparseMoEMLP, aux_loss
-from cumo_layers.router import RouterOutput, TopKRouter, balance_loss, expert_load, z_loss
+from cumo_layers.router import RouterOutput, TopKRouter, balance_loss, cumo_balance_loss, expert_load, z_loss
 from cumo_layers.upcycle import upcycle, upcycle_model
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "TopKRouter",
     "aux_loss",
     "balance_loss",
+    "cumo_balance_loss",
     "expert_load",
     "upcycle",
     "upcycle_model",

@@ -11,8 +11,8 @@ from cumo_layers.router import (
     DEFAULT_BALANCE_LOSS_COEF,
     DEFAULT_Z_LOSS_COEF,
     TopKRouter,
+    check_real,
     check_routing_args,
-    expert_load,
 )
 from moe_kernels import ops
 from moe_kernels.reference import check_activation
@@ -33,7 +33,10 @@ class SparseMoEMLP(nn.Module):
       w1: [E, H, in] (GLU: [E, 2H, in], gate rows then up rows); b1: [E, H or 2H] or None
       w2: [E, out, H]; b2: [E, out] or None; router.weight: [E, in]
     After a training forward ``last_aux_loss`` holds ``balance_loss_coef * balance + z_loss_coef * z``
-    (None in eval); ``last_expert_load`` holds the [E] assignment counts of the last forward.
+    (None in eval); ``balance_loss`` is ``"switch"`` (default) or CuMo's per-sample top-1 ``"cumo"``
+    (samples: the leading dim of a [B, N, D] input). ``last_expert_load`` holds the [E] assignment
+    counts of the last forward (after capacity drops). The routing is counted once per forward: the
+    router's ``expert_load`` feeds the balance loss, the capacity and ``last_expert_load``.
     """
 
     def __init__(
@@ -50,6 +53,7 @@ class SparseMoEMLP(nn.Module):
         normalize_top_k: bool = True,
         balance_loss_coef: float = DEFAULT_BALANCE_LOSS_COEF,
         z_loss_coef: float = DEFAULT_Z_LOSS_COEF,
+        balance_loss: str = "switch",
         capacity_factor: float | None = None,
         backend: str = "auto",
         device: torch.device | str | None = None,
@@ -63,8 +67,10 @@ class SparseMoEMLP(nn.Module):
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         check_activation(activation)
         ops.preload(backend)  # checks the name; imports now what torch.compile must not trace
-        if capacity_factor is not None and not capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be > 0 or None (dropless), got {capacity_factor}")
+        if capacity_factor is not None:
+            check_real("capacity_factor (None = dropless)", capacity_factor, low=0.0)
+            if capacity_factor == 0:
+                raise ValueError("capacity_factor must be > 0 or None (dropless), got 0")
         if dtype is not None and not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating point dtype, got {dtype}")
 
@@ -80,7 +86,8 @@ class SparseMoEMLP(nn.Module):
         factory = {"device": device, "dtype": dtype}
         self.router = TopKRouter(
             in_features, num_experts, top_k, normalize_top_k=normalize_top_k, jitter=router_jitter,
-            balance_loss_coef=balance_loss_coef, z_loss_coef=z_loss_coef, backend=backend, **factory,
+            balance_loss_coef=balance_loss_coef, z_loss_coef=z_loss_coef, balance_loss=balance_loss,
+            backend=backend, **factory,
         )
         fc1_rows = 2 * hidden_features if glu else hidden_features
         self.w1 = nn.Parameter(torch.empty(num_experts, fc1_rows, in_features, **factory))
@@ -115,6 +122,8 @@ class SparseMoEMLP(nn.Module):
                 f"SparseMoEMLP expects input [..., {self.in_features}] (in_features={self.in_features}), "
                 f"got shape {tuple(x.shape)}"
             )
+        if x.device.type == "meta":
+            raise ValueError("SparseMoEMLP got an input on the meta device, which holds no data")
         if x.dtype != self.w1.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
                 f"input dtype {x.dtype} does not match the expert weights' dtype {self.w1.dtype}; "
@@ -129,12 +138,14 @@ class SparseMoEMLP(nn.Module):
             x = x.to(compute_dtype)
             w1, b1, w2, b2 = (None if p is None else p.to(compute_dtype) for p in (w1, b1, w2, b2))
         tokens = x.reshape(-1, self.in_features)
-        route = self.router(tokens)
-        top_k_idx = route.top_k_idx
+        # A [B, N, D] input has B samples (CuMo's balance loss is per sample); other ranks count as one.
+        route = self.router(tokens, num_samples=x.shape[0] if x.dim() == 3 and x.shape[0] > 0 else 1)
+        top_k_idx, load = route.top_k_idx, route.expert_load
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
             top_k_idx = apply_capacity(top_k_idx, self.num_experts, capacity)
-        self.last_expert_load = expert_load(top_k_idx, self.num_experts).detach()
+            load = load.clamp(max=capacity)  # capacity keeps exactly min(count, capacity) per expert
+        self.last_expert_load = load.detach()
         out = ops.expert_mlp(
             tokens, route.top_k_weights, top_k_idx, w1, b1, w2, b2,
             activation=self.activation, glu=self.glu, backend=self.backend,

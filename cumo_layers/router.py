@@ -13,10 +13,14 @@ from moe_kernels import ops
 
 DEFAULT_BALANCE_LOSS_COEF = 0.01
 DEFAULT_Z_LOSS_COEF = 0.001
+# "switch": Switch/GShard over all T*K assignments of the batch; "cumo": CuMo's per-sample top-1 variant.
+BALANCE_LOSSES = ("switch", "cumo")
 
 
 class RouterOutput(NamedTuple):
-    """top_k_weights: [T, K] float32; top_k_idx: [T, K] int64; logits: [T, E] float32.
+    """top_k_weights: [T, K] float32; top_k_idx: [T, K] int64; logits: [T, E] float32;
+    expert_load: [E] int64 assignments per expert (the routing's one histogram: the balance loss,
+    the layer's capacity and its load report all read it).
 
     Weights and logits are float64 when the input is float64 (exact gradient checks).
     """
@@ -24,20 +28,43 @@ class RouterOutput(NamedTuple):
     top_k_weights: Tensor
     top_k_idx: Tensor
     logits: Tensor
+    expert_load: Tensor
 
 
-def balance_loss(probs: Tensor, top_k_idx: Tensor, num_experts: int) -> Tensor:
+def balance_loss(probs: Tensor, top_k_idx: Tensor, num_experts: int, load: Tensor | None = None) -> Tensor:
     """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``.
 
-    probs: [T, E] float32 router probabilities; top_k_idx: [T, K] int64 -> scalar float32.
+    probs: [T, E] float32 router probabilities; top_k_idx: [T, K] int64; load: [E] int64, the
+    routing's ``expert_load`` when the caller has it (else counted here) -> scalar float32.
     f_e is the share of the T*K assignments that went to expert e (no gradient), P_e the mean
     probability of e. It is 1.0 for a perfectly uniform router and grows with imbalance.
     """
     if probs.shape[0] == 0:
         return probs.new_zeros(())
-    counts = expert_load(top_k_idx, num_experts).to(probs.dtype)
-    share = counts / top_k_idx.numel()
+    counts = expert_load(top_k_idx, num_experts) if load is None else load
+    share = counts.to(probs.dtype) / top_k_idx.numel()
     return num_experts * torch.sum(share * probs.mean(dim=0))
+
+
+def cumo_balance_loss(probs: Tensor, top_k_idx: Tensor, num_experts: int, num_samples: int = 1) -> Tensor:
+    """CuMo's balance loss: per sample ``E * sum_e f_e * P_e``, averaged over the samples.
+
+    probs: [T, E] float32; top_k_idx: [T, K] int64, T = num_samples * N tokens in sample order
+    -> scalar float32. f_e is the share of a sample's N tokens whose *top-1* expert is e (no
+    gradient), P_e the sample's mean probability of e (CuMo's ``E^2 * mean_{sample,e}(P_e * f_e)``).
+    """
+    num_tokens = probs.shape[0]
+    if num_tokens == 0:
+        return probs.new_zeros(())
+    if num_samples < 1 or num_tokens % num_samples:
+        raise ValueError(f"num_samples must be >= 1 and divide the {num_tokens} tokens, got {num_samples}")
+    per_sample = num_tokens // num_samples
+    first = top_k_idx[:, 0].reshape(num_samples, per_sample)
+    top1 = torch.zeros(num_samples, num_experts, dtype=probs.dtype, device=probs.device)
+    top1.scatter_add_(1, first, torch.ones_like(first, dtype=probs.dtype))
+    share = top1 / per_sample
+    mean_probs = probs.reshape(num_samples, per_sample, num_experts).mean(dim=1)
+    return num_experts * (share * mean_probs).sum(dim=1).mean()
 
 
 def z_loss(logits: Tensor) -> Tensor:
@@ -63,8 +90,10 @@ class TopKRouter(nn.Module):
 
     CuMo/Mixtral behaviour with ``normalize_top_k=True``: the k weights sum to 1, which is what
     makes co-upcycling exact. ``jitter`` multiplies the router's input by U(1-j, 1+j) in training
-    (Switch Transformer). In a training forward, ``last_balance_loss`` and ``last_z_loss`` hold the
-    unweighted losses and ``last_aux_loss`` their weighted sum; all three are None in eval.
+    (Switch Transformer). ``balance_loss`` picks the load-balancing loss: ``"switch"`` (all T*K
+    assignments of the batch) or ``"cumo"`` (CuMo's per-sample top-1 shares; see
+    ``cumo_balance_loss``). In a training forward, ``last_balance_loss`` and ``last_z_loss`` hold
+    the unweighted losses and ``last_aux_loss`` their weighted sum; all three are None in eval.
     """
 
     def __init__(
@@ -76,14 +105,18 @@ class TopKRouter(nn.Module):
         jitter: float = 0.0,
         balance_loss_coef: float = DEFAULT_BALANCE_LOSS_COEF,
         z_loss_coef: float = DEFAULT_Z_LOSS_COEF,
+        balance_loss: str = "switch",
         backend: str = "auto",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         check_routing_args(in_features, num_experts, top_k)
-        if not 0.0 <= jitter < 1.0:
-            raise ValueError(f"router jitter must be in [0, 1), got {jitter}")
+        check_real("router jitter", jitter, low=0.0, high=1.0)
+        check_real("balance_loss_coef", balance_loss_coef, low=0.0)
+        check_real("z_loss_coef", z_loss_coef, low=0.0)
+        if balance_loss not in BALANCE_LOSSES:
+            raise ValueError(f"balance_loss must be one of {list(BALANCE_LOSSES)}, got {balance_loss!r}")
         ops.preload(backend)  # checks the name; imports now what torch.compile must not trace
         self.in_features = in_features
         self.num_experts = num_experts
@@ -92,6 +125,7 @@ class TopKRouter(nn.Module):
         self.jitter = jitter
         self.balance_loss_coef = balance_loss_coef
         self.z_loss_coef = z_loss_coef
+        self.balance_loss = balance_loss
         self.backend = backend
         self.weight = nn.Parameter(torch.empty(num_experts, in_features, device=device, dtype=dtype))
         self.last_balance_loss: Tensor | None = None
@@ -103,8 +137,13 @@ class TopKRouter(nn.Module):
         """PyTorch's nn.Linear default (what CuMo's router gets): U(-1/sqrt(in), 1/sqrt(in))."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x: Tensor) -> RouterOutput:
-        """x: [T, in_features] float -> RouterOutput."""
+    def forward(self, x: Tensor, num_samples: int = 1) -> RouterOutput:
+        """x: [T, in_features] float, T = num_samples * tokens per sample in sample order (only the
+        ``"cumo"`` balance loss reads the samples) -> RouterOutput."""
+        if not x.is_floating_point():
+            raise TypeError(f"TopKRouter expects a floating point input, got dtype {x.dtype}")
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"TopKRouter expects input [T, {self.in_features}], got shape {tuple(x.shape)}")
         router_input = x
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
@@ -112,22 +151,43 @@ class TopKRouter(nn.Module):
         logits = F.linear(router_input, self.weight.to(x.dtype))
         logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         weights, idx = ops.topk_gating(logits, self.top_k, self.normalize_top_k, backend=self.backend)
+        load = expert_load(idx, self.num_experts)
         if self.training:
-            probs = torch.softmax(logits, dim=-1)
-            self.last_balance_loss = balance_loss(probs, idx, self.num_experts)
-            self.last_z_loss = z_loss(logits)
-            self.last_aux_loss = (
-                self.balance_loss_coef * self.last_balance_loss + self.z_loss_coef * self.last_z_loss
-            )
+            self._record_aux_losses(logits, idx, load, num_samples)
         else:
             self.last_balance_loss = self.last_z_loss = self.last_aux_loss = None
-        return RouterOutput(weights, idx, logits)
+        return RouterOutput(weights, idx, logits, load)
+
+    def _record_aux_losses(self, logits: Tensor, idx: Tensor, load: Tensor, num_samples: int) -> None:
+        probs = torch.softmax(logits, dim=-1)
+        if self.balance_loss == "cumo":
+            self.last_balance_loss = cumo_balance_loss(probs, idx, self.num_experts, num_samples)
+        else:
+            self.last_balance_loss = balance_loss(probs, idx, self.num_experts, load)
+        self.last_z_loss = z_loss(logits)
+        self.last_aux_loss = self.balance_loss_coef * self.last_balance_loss + self.z_loss_coef * self.last_z_loss
+
+    def __getstate__(self) -> dict:
+        # The last losses are graph outputs (non-leaf tensors) that copy.deepcopy and pickle refuse;
+        # a copy (EMA model, snapshot) starts without them, as after an eval forward.
+        state = super().__getstate__()
+        state.update(last_balance_loss=None, last_z_loss=None, last_aux_loss=None)
+        return state
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"normalize_top_k={self.normalize_top_k}, jitter={self.jitter}"
+            f"normalize_top_k={self.normalize_top_k}, jitter={self.jitter}, balance_loss={self.balance_loss!r}"
         )
+
+
+def check_real(name: str, value: object, low: float | None = None, high: float | None = None) -> None:
+    """Raise unless ``value`` is a finite real number in [low, high) (TypeError for a non-number)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (low is not None and value < low) or (high is not None and value >= high):
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'})"
+        raise ValueError(f"{name} must be a finite number in {bounds}, got {value}")
 
 
 def check_routing_args(in_features: int, num_experts: int, top_k: int) -> None:

@@ -72,10 +72,12 @@ def test_low_precision_within_twice_reference_error(dtype):
         low = SparseMoEMLP(32, 48, num_experts=4, top_k=2, activation="silu", glu=True, dtype=dtype)
         low.load_state_dict({k: v.to(dtype) for k, v in moe.state_dict().items()})
         # Same routing for both, so only the expert math differs.
-        low_out = ops.expert_mlp(x.to(dtype), route.top_k_weights, route.top_k_idx, low.w1, low.b1, low.w2, low.b2, "silu", True, backend="torch")
+        args = (x.to(dtype), route.top_k_weights, route.top_k_idx, low.w1, low.b1, low.w2, low.b2, "silu", True)
+        low_out = ops.expert_mlp(*args, backend="torch")
+        layer_backend_out = ops.expert_mlp(*args, backend=low.backend)
         y = low(x.to(dtype))
     assert y.dtype == dtype
-    assert_lowp_close(low_out, low_out, exact, "reference in low precision")
+    assert_lowp_close(layer_backend_out, low_out, exact, f"backend {low.backend!r} in {dtype}")
     assert rel_err(y, exact) < 0.05  # routing may flip for near-ties in low precision, output stays close
 
 
@@ -186,6 +188,9 @@ def test_autocast_bf16_on_cpu():
         (dict(activation="swish"), ValueError, r"unknown activation 'swish'; expected one of \['gelu'"),
         (dict(backend="npu"), ValueError, "unknown backend 'npu'"),
         (dict(capacity_factor=0.0), ValueError, "capacity_factor must be > 0 or None"),
+        (dict(capacity_factor=float("inf")), ValueError, r"capacity_factor \(None = dropless\) must be a finite"),
+        (dict(capacity_factor="1.0"), TypeError, r"capacity_factor \(None = dropless\) must be a number"),
+        (dict(balance_loss="top1"), ValueError, "balance_loss must be one of"),
         (dict(dtype=torch.int32), TypeError, "floating point dtype"),
     ],
 )
@@ -257,3 +262,29 @@ def test_compiles_to_one_graph_gpu(backend, compiler):
     """The GPU backends under torch.compile(fullgraph=True), forward and backward, against eager."""
     moe = SparseMoEMLP(64, 96, num_experts=8, top_k=2, glu=True, activation="silu", backend=backend).cuda()
     assert_compiled_matches_eager(moe, torch.randn(37, 64, device="cuda"), compiler)
+
+
+def test_meta_input_is_rejected_clearly():
+    moe = SparseMoEMLP(8, 6, num_experts=4, top_k=2)
+    with pytest.raises(ValueError, match="meta device"):
+        moe(torch.empty(3, 8, device="meta"))
+
+
+def test_deepcopy_after_training_forward():
+    import copy
+
+    moe = SparseMoEMLP(8, 6, num_experts=4, top_k=2)
+    moe(torch.randn(5, 8)).sum().backward()
+    clone = copy.deepcopy(moe)
+    x = torch.randn(4, 8)
+    assert torch.equal(clone.eval()(x), moe.eval()(x))
+
+
+def test_capacity_load_equals_a_recount():
+    moe = SparseMoEMLP(8, 6, num_experts=4, top_k=2, capacity_factor=0.5)
+    x = torch.randn(40, 8)
+    moe(x)
+    route = moe.router(x)
+    capacity = expert_capacity(0.5, 40, 2, 4)
+    kept = apply_capacity(route.top_k_idx, 4, capacity)
+    assert torch.equal(moe.last_expert_load, torch.bincount(kept[kept < 4], minlength=4))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cumo_layers.router import TopKRouter, balance_loss, expert_load, z_loss
+from cumo_layers.router import TopKRouter, balance_loss, cumo_balance_loss, expert_load, z_loss
 
 
 def test_balance_loss_hand_computed():
@@ -96,10 +96,80 @@ def test_router_init_matches_nn_linear_bound():
         (dict(in_features=8, num_experts=4, top_k=0), ValueError, "top_k must be >= 1, got 0"),
         (dict(in_features=8, num_experts=4, top_k=5), ValueError, r"top_k must be <= num_experts \(4\), got 5"),
         (dict(in_features=8, num_experts=4, top_k=2.0), TypeError, "top_k must be an int"),
-        (dict(in_features=8, num_experts=4, top_k=2, jitter=1.5), ValueError, r"jitter must be in \[0, 1\)"),
+        (dict(in_features=8, num_experts=4, top_k=2, jitter=1.5), ValueError, r"jitter must be a finite number in \[0.0, 1.0\)"),
         (dict(in_features=8, num_experts=4, top_k=2, backend="gpu"), ValueError, "unknown backend 'gpu'"),
     ],
 )
 def test_bad_router_arguments(kwargs, error, pattern):
     with pytest.raises(error, match=pattern):
         TopKRouter(**kwargs)
+
+
+def test_cumo_balance_loss_hand_computed():
+    # 2 samples x 2 tokens, 2 experts, top-2 (only the top-1 choice counts in f).
+    probs = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.3, 0.7], [0.2, 0.8]])
+    idx = torch.tensor([[0, 1], [0, 1], [1, 0], [1, 0]])
+    # sample 0: f = [1, 0], P = [0.75, 0.25] -> 2 * 0.75 = 1.5
+    # sample 1: f = [0, 1], P = [0.25, 0.75] -> 2 * 0.75 = 1.5; the mean is 1.5.
+    assert cumo_balance_loss(probs, idx, 2, num_samples=2).item() == pytest.approx(1.5)
+    # One sample of 4 tokens: f = [0.5, 0.5], P = [0.5, 0.5] -> 2 * 0.5 = 1.0 (balanced overall).
+    assert cumo_balance_loss(probs, idx, 2, num_samples=1).item() == pytest.approx(1.0)
+    # Switch over the same batch counts both slots of every token: f = [0.5, 0.5] -> 1.0.
+    assert balance_loss(probs, idx, 2).item() == pytest.approx(1.0)
+
+
+def test_cumo_balance_loss_rejects_samples_that_do_not_divide_tokens():
+    with pytest.raises(ValueError, match="num_samples"):
+        cumo_balance_loss(torch.rand(5, 3).softmax(-1), torch.zeros(5, 1, dtype=torch.int64), 3, num_samples=2)
+
+
+def test_layer_cumo_balance_loss_is_per_sample():
+    from cumo_layers import SparseMoEMLP
+
+    moe = SparseMoEMLP(8, 6, num_experts=4, top_k=2, balance_loss="cumo", dtype=torch.float64)
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    moe(x)
+    recorded = moe.router.last_balance_loss.item()
+    route = moe.eval().router(x.reshape(-1, 8))
+    expected = cumo_balance_loss(torch.softmax(route.logits, -1), route.top_k_idx, 4, num_samples=3)
+    assert recorded == pytest.approx(expected.item(), rel=1e-12)
+    assert recorded != pytest.approx(
+        cumo_balance_loss(torch.softmax(route.logits, -1), route.top_k_idx, 4, num_samples=1).item(), rel=1e-12
+    )
+
+
+def test_router_output_load_is_the_routing_histogram():
+    router = TopKRouter(8, 5, 2)
+    out = router(torch.randn(30, 8))
+    assert torch.equal(out.expert_load, torch.bincount(out.top_k_idx.flatten(), minlength=5))
+
+
+def test_deepcopy_after_training_forward():
+    import copy
+
+    router = TopKRouter(8, 4, 2)
+    router(torch.randn(6, 8, requires_grad=True))
+    assert router.last_aux_loss is not None and router.last_aux_loss.grad_fn is not None
+    clone = copy.deepcopy(router)
+    assert clone.last_aux_loss is None and torch.equal(clone.weight, router.weight)
+    assert router.last_aux_loss is not None  # the original keeps its losses
+
+
+@pytest.mark.parametrize(
+    "kwargs, error",
+    [
+        (dict(jitter=1.0), ValueError),  # jitter must stay below 1
+        (dict(jitter="0.1"), TypeError),  # a string is not a number
+        (dict(balance_loss_coef=float("nan")), ValueError),  # NaN coefficient
+        (dict(z_loss_coef=-1.0), ValueError),  # negative coefficient
+        (dict(balance_loss="gshard"), ValueError),  # unknown loss variant
+    ],
+)
+def test_router_rejects_bad_settings(kwargs, error):
+    with pytest.raises(error):
+        TopKRouter(8, 4, 2, **kwargs)
+
+
+def test_router_rejects_integer_input():
+    with pytest.raises(TypeError, match="floating point"):
+        TopKRouter(8, 4, 2)(torch.ones(3, 8, dtype=torch.int64))
