@@ -2,6 +2,7 @@
 
 from cumo_layers.moe import SparseMoEMLP, aux_loss
 from cumo_layers.router import RouterOutput, TopKRouter, balance_loss, cumo_balance_loss, expert_load, z_loss
+from cumo_layers.transformers import register_transformers
 from cumo_layers.upcycle import upcycle, upcycle_model
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "balance_loss",
     "cumo_balance_loss",
     "expert_load",
+    "register_transformers",
     "upcycle",
     "upcycle_model",
     "z_loss",

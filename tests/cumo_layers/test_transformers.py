@@ -1,0 +1,236 @@
+"""The "cumo" experts backend against transformers' own eager experts, family by family."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import os
+import re
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.integrations.moe")
+
+from cumo_layers import register_transformers  # noqa: E402
+from cumo_layers.transformers import UnsupportedExpertsError, experts_weights  # noqa: E402
+
+FP32_RTOL = 1e-5
+HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 32, 24, 4, 2
+# Config fields that size an experts module, set small after the config is built (defaults are real sizes).
+SMALL_FIELDS = dict(
+    hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, moe_intermediate_size=INTERMEDIATE,
+    num_local_experts=EXPERTS, num_experts=EXPERTS, n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K,
+    moe_num_experts=EXPERTS, moe_k=TOP_K,
+)
+# Families whose experts the op cannot compute (transformers.py says why); they must refuse loudly.
+UNSUPPORTED = {
+    "gpt_oss": "interleaved",
+    "openai_privacy_filter": "_apply_gate",
+    "minimax_m3_vl": "_apply_gate",
+    "deepseek_v4": "_apply_gate",
+    "hy_v4": "_apply_gate",
+    "hy_v4_vl": "_apply_gate",
+    "glm5_next": "_apply_gate",
+    "inkling2": "_apply_gate",
+    "inkling2_loop": "_apply_gate",
+    "muse_spark": "has_post_expert_norm",
+    "nemotron_h": "unsupported activation",
+}
+
+
+def experts_families() -> list[tuple[str, str, str]]:
+    """(model dir, modeling module, experts class) for every class transformers decorates with
+    ``@use_experts_implementation`` in the installed version."""
+    root = os.path.dirname(transformers.models.__file__)
+    found = []
+    for family in sorted(os.listdir(root)):
+        folder = os.path.join(root, family)
+        if not os.path.isdir(folder):
+            continue
+        for filename in sorted(os.listdir(folder)):
+            if filename.startswith("modeling_") and filename.endswith(".py"):
+                with open(os.path.join(folder, filename)) as handle:
+                    source = handle.read()
+                for match in re.finditer(r"^@use_experts_implementation[^\n]*\nclass (\w+)\(", source, re.MULTILINE):
+                    found.append((family, filename[:-3], match.group(1)))
+    return found
+
+
+FAMILIES = experts_families()
+
+
+def tiny_experts(family: str, module_name: str, class_name: str) -> torch.nn.Module:
+    """The family's experts module on a small config (every config class of the family is tried,
+    text configs first), with random weights and biases."""
+    experts_class = getattr(importlib.import_module(f"transformers.models.{family}.{module_name}"), class_name)
+    config_module = importlib.import_module(f"transformers.models.{family}.configuration_{family}")
+    candidates = [
+        c for c in vars(config_module).values()
+        if isinstance(c, type) and issubclass(c, transformers.PreTrainedConfig) and c.__module__ == config_module.__name__
+    ]
+    candidates.sort(key=lambda c: ("Text" not in c.__name__, c.__name__))
+    # Some take their hidden size as an argument (ernie4_5_vl_moe: a list per modality in its config).
+    sized = "intermediate_size" in inspect.signature(experts_class.__init__).parameters
+    errors = []
+    for config_class in candidates:
+        try:
+            config = config_class()
+            for field, value in SMALL_FIELDS.items():
+                if hasattr(config, field):
+                    current = getattr(config, field)
+                    setattr(config, field, [value] * len(current) if isinstance(current, list) else value)
+            config._experts_implementation = "eager"
+            experts = experts_class(config, intermediate_size=INTERMEDIATE) if sized else experts_class(config)
+            break
+        except Exception as exc:  # the wrong config class of a composite model
+            errors.append(f"{config_class.__name__}: {exc}")
+    else:
+        raise AssertionError(f"no config builds {class_name}: {errors}")
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    return experts
+
+
+def input_size(experts: torch.nn.Module) -> int:
+    return experts.down_proj.shape[2 if experts.is_transposed else 1]
+
+
+def routing(tokens: int, num_experts: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Distinct top-k experts per token and positive weights; every expert gets tokens at T >= 2E."""
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.stack([torch.randperm(num_experts, generator=generator)[:TOP_K] for _ in range(tokens)])
+    weights = torch.rand(tokens, TOP_K, generator=generator) + 0.1
+    return index, weights
+
+
+def run_experts(experts, implementation, x, index, weights):
+    """Forward and the gradients of a fixed random projection of the output."""
+    experts.config._experts_implementation = implementation
+    experts.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    weights = weights.clone().requires_grad_(True)
+    out = experts(x, index, weights)
+    probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
+    (out * probe).sum().backward()
+    grads = {name: p.grad.clone() for name, p in experts.named_parameters()}
+    return out.detach(), x.grad, weights.grad, grads
+
+
+def assert_close(actual, expected, what):
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = float((actual - expected).abs().max() / scale)
+    assert err <= FP32_RTOL, f"{what}: relative error {err:.3g}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _registered():
+    register_transformers()
+
+
+@pytest.mark.parametrize("family,module_name,class_name", FAMILIES, ids=[f[0] + "." + f[2] for f in FAMILIES])
+def test_experts_match_eager(family, module_name, class_name):
+    experts = tiny_experts(family, module_name, class_name)
+    x = torch.randn(11, input_size(experts), generator=torch.Generator().manual_seed(2))  # T=11: ragged per expert
+    index, weights = routing(11, experts.num_experts, seed=3)
+    if family in UNSUPPORTED:
+        with pytest.raises(UnsupportedExpertsError, match=UNSUPPORTED[family]):
+            experts_weights(experts)
+        experts.config._experts_implementation = "cumo"
+        with pytest.raises(UnsupportedExpertsError, match=class_name):
+            experts(x, index, weights)
+        return
+    expected = run_experts(experts, "eager", x, index, weights)
+    actual = run_experts(experts, "cumo", x, index, weights)
+    assert_close(actual[0], expected[0], "output")
+    assert_close(actual[1], expected[1], "grad of hidden_states")
+    assert_close(actual[2], expected[2], "grad of top_k_weights")
+    for name in expected[3]:
+        assert_close(actual[3][name], expected[3][name], f"grad of {name}")
+
+
+def test_expert_weights_are_views_not_copies():
+    experts = tiny_experts("mixtral", "modeling_mixtral", "MixtralExperts")
+    weights = experts_weights(experts)
+    assert weights.w1.data_ptr() == experts.gate_up_proj.data_ptr() and weights.glu
+    assert weights.w2.data_ptr() == experts.down_proj.data_ptr()
+    aria = tiny_experts("aria", "modeling_aria", "AriaExperts")  # is_transposed: [E, D, 2I]
+    weights = experts_weights(aria)
+    assert weights.w1.data_ptr() == aria.gate_up_proj.data_ptr()
+    assert weights.w1.shape == (aria.num_experts, aria.gate_up_proj.shape[2], aria.gate_up_proj.shape[1])
+
+
+def test_sentinel_slots_are_masked():
+    """Ids >= num_experts (expert-parallel sentinels) contribute nothing and get no weight gradient:
+    the same as eager with those slots' weights at zero."""
+    experts = tiny_experts("qwen3_moe", "modeling_qwen3_moe", "Qwen3MoeExperts")
+    x = torch.randn(9, HIDDEN, generator=torch.Generator().manual_seed(4))
+    index, weights = routing(9, EXPERTS, seed=5)
+    sentinel = torch.zeros_like(index, dtype=torch.bool)
+    sentinel[::2, 1] = True
+    sentinel[3, 0] = True
+    with_sentinels = index.masked_fill(sentinel, EXPERTS)
+    actual = run_experts(experts, "cumo", x, with_sentinels, weights)
+    zeroed = weights.masked_fill(sentinel, 0.0)
+    expected = run_experts(experts, "eager", x, index, zeroed)
+    assert_close(actual[0], expected[0], "output")
+    assert_close(actual[1], expected[1], "grad of hidden_states")
+    assert torch.all(actual[2][sentinel] == 0)
+    assert_close(actual[2][~sentinel], expected[2][~sentinel], "grad of top_k_weights")
+
+
+def tiny_config(family: str):
+    common = dict(vocab_size=64, hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=INTERMEDIATE, num_experts_per_tok=TOP_K,
+                  max_position_embeddings=64)
+    if family == "mixtral":
+        return transformers.MixtralConfig(num_local_experts=EXPERTS, **common)
+    if family == "qwen2_moe":  # its shared expert stays the model's own module
+        return transformers.Qwen2MoeConfig(num_experts=EXPERTS, moe_intermediate_size=INTERMEDIATE,
+                                           shared_expert_intermediate_size=INTERMEDIATE, **common)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(num_experts=EXPERTS, moe_intermediate_size=INTERMEDIATE, head_dim=8, **common)
+    if family == "olmoe":
+        return transformers.OlmoeConfig(num_experts=EXPERTS, **common)
+    if family == "gpt_oss":
+        return transformers.GptOssConfig(num_local_experts=EXPERTS, head_dim=8, **common)
+    raise KeyError(family)
+
+
+def logits_and_grads(model, input_ids):
+    model.zero_grad(set_to_none=True)
+    logits = model(input_ids=input_ids).logits
+    logits.float().pow(2).mean().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+def test_from_pretrained_matches_eager(family, tmp_path):
+    """The real loading path: save_pretrained, then from_pretrained with experts_implementation="cumo",
+    and set_experts_implementation on a model loaded eager."""
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(tiny_config(family)).save_pretrained(tmp_path)
+    eager = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="eager")
+    cumo = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="cumo")
+    assert cumo.config._experts_implementation == "cumo"
+    input_ids = torch.randint(0, 64, (2, 13), generator=torch.Generator().manual_seed(6))
+    expected_logits, expected_grads = logits_and_grads(eager, input_ids)
+    actual_logits, actual_grads = logits_and_grads(cumo, input_ids)
+    assert_close(actual_logits, expected_logits, "logits")
+    assert set(actual_grads) == set(expected_grads)
+    for name, grad in expected_grads.items():
+        assert_close(actual_grads[name], grad, f"grad of {name}")
+    eager.set_experts_implementation("cumo")
+    with torch.no_grad():
+        assert_close(eager(input_ids=input_ids).logits, expected_logits, "logits after set_experts_implementation")
+
+
+def test_gpt_oss_refuses_loudly(tmp_path):
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(tiny_config("gpt_oss")).save_pretrained(tmp_path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="cumo")
+    with pytest.raises(UnsupportedExpertsError, match="GptOssExperts.*interleaved.*_apply_gate"):
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
