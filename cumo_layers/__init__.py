@@ -2,6 +2,7 @@
 
 from cumo_layers.moe import SparseMoEMLP, aux_loss
 from cumo_layers.router import RouterOutput, TopKRouter, balance_loss, cumo_balance_loss, expert_load, z_loss
+from cumo_layers.serialization import load_upcycled, save_upcycled
 from cumo_layers.transformers import register_transformers
 from cumo_layers.upcycle import upcycle, upcycle_model
 
@@ -13,7 +14,9 @@ __all__ = [
     "balance_loss",
     "cumo_balance_loss",
     "expert_load",
+    "load_upcycled",
     "register_transformers",
+    "save_upcycled",
     "upcycle",
     "upcycle_model",
     "z_loss",
