@@ -1,0 +1,391 @@
+"""Expert parallelism over torch.distributed: each rank holds a contiguous block of the experts.
+
+``expert_parallel(moe, group)`` turns a SparseMoEMLP into an ``ExpertParallelMoEMLP``: rank r of the
+group (size W) keeps experts ``[r * E/W, (r+1) * E/W)``; the router is replicated. A forward:
+
+1. gating: the replicated router on the rank's own tokens;
+2. count exchange: one ``all_gather`` of the rank's per-(choice, expert) assignment counts and its token
+   count (the only host synchronisation: uneven all-to-all needs its split sizes on the host);
+3. capacity (if set) as one process holding every rank's tokens, concatenated in rank order, would apply
+   it: ``expert_capacity(capacity_factor, T_global, K, E)`` with GShard priority (every first choice of
+   every rank before any second choice, then rank order, then token order). Each rank derives its drops
+   from the gathered counts without further communication;
+4. dispatch: the kept token rows, sorted by expert (hence by destination rank), go through
+   ``all_to_all_single`` with uneven splits;
+5. experts: ``moe_kernels.ops.expert_mlp`` on the received rows with the local expert slice;
+6. return: the reverse all-to-all brings each row's expert output home;
+7. combine: the router-weighted sum of each token's K outputs, in token order.
+
+Gradients follow one convention, the one autograd through collectives gives naturally: **the single-process
+loss is the sum over ranks of each rank's loss**. Concretely, with ``L_r`` the loss a rank backpropagates:
+expert slices receive the gradient of ``sum_r L_r`` (the all-to-all's backward brings every rank's
+contribution), replicated parameters (the router, everything outside the MoE) receive their rank's part and
+must be summed over ranks: ``data_parallel`` (DDP with a summing comm hook, expert slices excluded) or
+``sum_replicated_gradients`` does that. The aux losses follow the same convention: ``last_balance_loss``,
+``last_z_loss`` and ``last_aux_loss`` hold this rank's *share*; summed over ranks they equal (value and
+gradient) the losses of one process holding all tokens and all experts. So a rank's task loss should be
+its share too, e.g. ``sum of per-token losses / global token count``. ``last_expert_load`` is the global
+load (identical on every rank). Every rank must run every forward and backward of the layer, even with 0
+tokens: the collectives pair up across ranks.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from cumo_layers.checkpoint import CheckpointError, read_config, read_tensors, write_checkpoint
+from cumo_layers.moe import SparseMoEMLP
+from cumo_layers.router import expert_load, z_loss
+from moe_kernels import ops
+from moe_kernels.reference import combine
+from moe_kernels.routing import build_routing_plan, expert_capacity
+
+EXPERT_PARAMETERS = ("w1", "b1", "w2", "b2")
+SLICE_DIRECTORY = "experts-{first:05d}-{end:05d}"
+SLICE_PATTERN = re.compile(r"experts-(\d{5})-(\d{5})")
+PHASES = ("gating", "all_to_all", "experts", "combine")
+
+
+def all_to_all_rows(rows: Tensor, send_counts: list[int], recv_counts: list[int], group=None) -> Tensor:
+    """Uneven all-to-all of rows, differentiable.
+
+    rows: [sum(send_counts), ...] -> [sum(recv_counts), ...]; rows[offsets of send_counts[d]] go to rank d,
+    the result holds rank s's rows in rank order. Backward is the same exchange with the splits swapped.
+    """
+    return _AllToAllRows.apply(rows, send_counts, recv_counts, group)
+
+
+class _AllToAllRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, rows: Tensor, send_counts: list[int], recv_counts: list[int], group) -> Tensor:
+        ctx.send_counts, ctx.recv_counts, ctx.group = send_counts, recv_counts, group
+        received = rows.new_empty((sum(recv_counts), *rows.shape[1:]))
+        dist.all_to_all_single(
+            received, rows.contiguous(), output_split_sizes=recv_counts, input_split_sizes=send_counts, group=group
+        )
+        return received
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return all_to_all_rows(grad, ctx.recv_counts, ctx.send_counts, ctx.group), None, None, None
+
+
+class ExpertParallelMoEMLP(SparseMoEMLP):
+    """The expert-parallel form of a SparseMoEMLP (build it with ``expert_parallel``).
+
+    x: [..., in_features] (this rank's tokens, any count, 0 included) -> [..., out_features].
+    Parameters: ``router.weight`` [E, in] (replicated), and this rank's slice of the experts
+    ``w1`` [E_local, H1, in], ``b1`` [E_local, H1] | None, ``w2`` [E_local, out, H], ``b2`` [E_local, out] | None,
+    experts ``[first_expert, first_expert + num_local_experts)``. ``num_experts`` stays the global E.
+    Set ``phase_times`` to a dict to accumulate host seconds per phase (``PHASES``) over forwards.
+    """
+
+    def __init__(self, moe: SparseMoEMLP, group: dist.ProcessGroup | None = None) -> None:
+        # SparseMoEMLP.__init__ would allocate all E experts: take the settings from ``moe`` instead.
+        nn.Module.__init__(self)
+        for name, value in vars(moe).items():
+            if not name.startswith("_"):  # the layer's settings; parameters and submodules follow
+                setattr(self, name, value)
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("expert_parallel needs an initialised process group (torch.distributed.init_process_group)")
+        self.group = group
+        self.world_size = dist.get_world_size(group)
+        self.rank = dist.get_rank(group)
+        if moe.num_experts % self.world_size:
+            raise ValueError(
+                f"expert parallelism needs num_experts divisible by the group size: {moe.num_experts} experts "
+                f"over {self.world_size} ranks"
+            )
+        self.num_local_experts = moe.num_experts // self.world_size
+        self.first_expert = self.rank * self.num_local_experts
+        local = slice(self.first_expert, self.first_expert + self.num_local_experts)
+        # The router's last losses may carry autograd graphs, which deepcopy refuses: they start empty.
+        last_values = {id(v): None for v in vars(moe.router).values() if isinstance(v, Tensor)}
+        self.router = copy.deepcopy(moe.router, memo=last_values)
+        for name in EXPERT_PARAMETERS:
+            full = getattr(moe, name)
+            sliced = None if full is None else nn.Parameter(full.detach()[local].clone(), full.requires_grad)
+            setattr(self, name, sliced)
+        self.phase_times: dict[str, float] | None = None
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        if self.phase_times is None:
+            yield
+            return
+        start = time.perf_counter()
+        yield
+        self.phase_times[name] = self.phase_times.get(name, 0.0) + time.perf_counter() - start
+
+    def _exchange_counts(self, top_k_idx: Tensor) -> Tensor:
+        """top_k_idx: [T, K] -> [W, K*E + 1] int64 on the host: every rank's assignments per (choice, expert),
+        then its token count. The one host synchronisation of the forward."""
+        num_tokens, top_k = top_k_idx.shape
+        choice_keys = top_k_idx.t() + self.num_experts * torch.arange(top_k, device=top_k_idx.device).unsqueeze(1)
+        local = torch.cat([
+            expert_load(choice_keys, top_k * self.num_experts),
+            torch.tensor([num_tokens], dtype=torch.int64, device=top_k_idx.device),
+        ])
+        gathered = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(gathered, local, group=self.group)
+        return torch.stack(gathered).cpu()
+
+    def _kept_counts(self, choice_counts: Tensor, capacity: int | None) -> Tensor:
+        """choice_counts: [W, K, E] -> [W, K, E] assignments kept under ``capacity`` (all if None).
+
+        Expert e's assignments in priority order are (choice, rank, token); the block of (k, s) starts after
+        every earlier choice of every rank and after choice k of the ranks before s, and keeps what fits.
+        """
+        if capacity is None:
+            return choice_counts
+        per_choice = choice_counts.sum(0)  # [K, E]
+        before_choice = per_choice.cumsum(0) - per_choice
+        before_rank = choice_counts.cumsum(0) - choice_counts
+        start = before_choice.unsqueeze(0) + before_rank
+        return torch.minimum((capacity - start).clamp(min=0), choice_counts)
+
+    def _drop_over_capacity(self, top_k_idx: Tensor, kept: Tensor) -> Tensor:
+        """top_k_idx: [T, K]; kept: [K, E] this rank's kept count per (choice, expert) -> [T, K] with the
+        assignments past it (in token order) set to E (dropped)."""
+        num_tokens, top_k = top_k_idx.shape
+        keys = (top_k_idx.t() + self.num_experts * torch.arange(top_k, device=top_k_idx.device).unsqueeze(1)).reshape(-1)
+        plan = build_routing_plan(keys.unsqueeze(1), top_k * self.num_experts)
+        rank_in_key = plan.slot_rows - plan.expert_offsets[keys]
+        allowed = kept.reshape(-1).to(keys.device)[keys]
+        flat = top_k_idx.t().reshape(-1)
+        flat = torch.where(rank_in_key < allowed, flat, torch.full_like(flat, self.num_experts))
+        return flat.view(top_k, num_tokens).t().contiguous()
+
+    def _set_aux_losses(self, logits: Tensor, assigned: Tensor, num_tokens: int, global_tokens: int) -> None:
+        """This rank's shares of the balance and z losses of one process holding every token.
+
+        Switch balance ``E * sum_e f_e P_e`` with f_e the global share of assignments (no gradient) and P_e the
+        global mean probability: this rank's share is ``E * sum_e f_e * sum_{t local} p_te / T_global``.
+        (``router.balance_loss`` normalises by the counts it is given, which here are global ones.)
+        """
+        router = self.router
+        if global_tokens == 0:
+            router.last_balance_loss = router.last_z_loss = logits.new_zeros(())
+        else:
+            probs = torch.softmax(logits, dim=-1)
+            share = assigned.to(device=logits.device, dtype=logits.dtype) / (global_tokens * self.top_k)
+            router.last_balance_loss = self.num_experts * torch.sum(share * probs.sum(0)) / global_tokens
+            router.last_z_loss = z_loss(logits) * (num_tokens / global_tokens)
+        router.last_aux_loss = (
+            router.balance_loss_coef * router.last_balance_loss + router.z_loss_coef * router.last_z_loss
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._check_input(x)
+        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
+        if torch.is_autocast_enabled(x.device.type):
+            compute_dtype = torch.get_autocast_dtype(x.device.type)
+            x = x.to(compute_dtype)
+            w1, b1, w2, b2 = (None if p is None else p.to(compute_dtype) for p in (w1, b1, w2, b2))
+        tokens = x.reshape(-1, self.in_features)
+        num_tokens, top_k, world = tokens.shape[0], self.top_k, self.world_size
+
+        with self._phase("gating"):
+            route = self.router(tokens)
+            choice_counts_and_tokens = self._exchange_counts(route.top_k_idx)
+            choice_counts = choice_counts_and_tokens[:, :-1].view(world, top_k, self.num_experts)
+            global_tokens = int(choice_counts_and_tokens[:, -1].sum())
+            capacity = None
+            if self.capacity_factor is not None:
+                capacity = expert_capacity(self.capacity_factor, global_tokens, top_k, self.num_experts)
+            kept = self._kept_counts(choice_counts, capacity)  # [W, K, E]
+            top_k_idx = route.top_k_idx
+            if capacity is not None:
+                top_k_idx = self._drop_over_capacity(top_k_idx, kept[self.rank])
+            if self.training:
+                self._set_aux_losses(route.logits, choice_counts.sum((0, 1)), num_tokens, global_tokens)
+            kept_per_expert = kept.sum(1)  # [W, E]
+            self.last_expert_load = kept_per_expert.sum(0).to(tokens.device)
+            by_rank = kept_per_expert.view(world, world, self.num_local_experts)  # [source, owner, local expert]
+            send_counts = by_rank[self.rank].sum(1).tolist()
+            recv_per_expert = by_rank[:, self.rank]  # [source, local expert]
+            recv_counts = recv_per_expert.sum(1).tolist()
+            plan = build_routing_plan(top_k_idx, self.num_experts)
+
+        with self._phase("all_to_all"):
+            # Kept rows are sorted by global expert id, hence grouped by owner rank in rank order.
+            send_rows = tokens.index_select(0, plan.sorted_tokens[: sum(send_counts)])
+            received = all_to_all_rows(send_rows, send_counts, recv_counts, self.group)
+
+        with self._phase("experts"):
+            local_expert = torch.arange(self.num_local_experts, device=tokens.device).repeat(world)
+            local_idx = local_expert.repeat_interleave(
+                recv_per_expert.reshape(-1).to(tokens.device), output_size=received.shape[0]
+            )
+            unit_weights = received.new_ones((received.shape[0], 1), dtype=route.top_k_weights.dtype)
+            expert_rows = ops.expert_mlp(
+                received, unit_weights, local_idx.unsqueeze(1), w1, b1, w2, b2,
+                activation=self.activation, glu=self.glu, backend=self.backend,
+            )
+
+        with self._phase("all_to_all"):
+            returned = all_to_all_rows(expert_rows, recv_counts, send_counts, self.group)
+
+        with self._phase("combine"):
+            dropped_rows = returned.new_zeros((num_tokens * top_k - returned.shape[0], self.out_features))
+            out = combine(torch.cat([returned, dropped_rows]), route.top_k_weights, top_k_idx, plan)
+        return out.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, experts=[{self.first_expert}, {self.first_expert + self.num_local_experts}) "
+            f"of {self.num_experts}, rank={self.rank}/{self.world_size}"
+        )
+
+
+def expert_parallel(moe: SparseMoEMLP, group: dist.ProcessGroup | None = None) -> ExpertParallelMoEMLP:
+    """The expert-parallel form of ``moe`` in ``group`` (default: the world): this rank keeps its contiguous
+    block of E / group size experts (ValueError unless divisible), the router is copied (replicated).
+
+    Every rank must pass a module with the same weights (same seed, or load a checkpoint). The returned
+    module's forward takes this rank's tokens; see the module docstring for the gradient convention.
+    """
+    if not isinstance(moe, SparseMoEMLP) or isinstance(moe, ExpertParallelMoEMLP):
+        raise TypeError(f"expert_parallel expects a SparseMoEMLP, got {type(moe).__name__}")
+    return ExpertParallelMoEMLP(moe, group)
+
+
+def expert_parameter_names(model: nn.Module) -> list[str]:
+    """Names (as in ``model.named_parameters()``) of every expert slice of every expert-parallel layer."""
+    names = []
+    for prefix, module in model.named_modules():
+        if isinstance(module, ExpertParallelMoEMLP):
+            names += [f"{prefix}.{n}" if prefix else n for n in EXPERT_PARAMETERS if getattr(module, n) is not None]
+    return names
+
+
+def sum_replicated_gradients(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+    """All-reduce (sum) the gradients of every parameter except the expert slices: after it every rank holds
+    the single-process gradient of every parameter it has. Call after backward, when not using DDP."""
+    experts = set(expert_parameter_names(model))
+    for name, param in model.named_parameters():
+        if name not in experts and param.grad is not None:
+            dist.all_reduce(param.grad, group=group)
+
+
+def _sum_gradients_hook(group, bucket):
+    """DDP comm hook: sum the bucket over ranks (DDP's default averages; our losses are per-rank shares).
+    No annotations: DDP compares them with dist.GradBucket, and this module's annotations are strings."""
+    work = dist.all_reduce(bucket.buffer(), group=group, async_op=True)
+    return work.get_future().then(lambda fut: fut.value()[0])
+
+
+def data_parallel(model: nn.Module, group: dist.ProcessGroup | None = None, **ddp_kwargs: Any) -> nn.Module:
+    """``DistributedDataParallel`` over ``group`` for a model holding expert-parallel layers of the same group.
+
+    The expert slices are left out of DDP (``_set_params_and_buffers_to_ignore_for_model``): each rank owns
+    its slice, whose gradient the all-to-all's backward has already completed. The other parameters are
+    all-reduced by DDP with a summing comm hook, so each rank's loss must be its share of the single-process
+    loss (see the module docstring); the gradients are then the single-process ones on every rank.
+    """
+    from torch.nn.parallel import DistributedDataParallel
+
+    group_size = dist.get_world_size(group)
+    for module in model.modules():
+        if isinstance(module, ExpertParallelMoEMLP) and module.world_size != group_size:
+            raise ValueError(
+                f"data_parallel needs the expert-parallel group to span the data-parallel group "
+                f"({module.world_size} != {group_size} ranks); replicated expert slices are not supported"
+            )
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, expert_parameter_names(model))
+    wrapped = DistributedDataParallel(model, process_group=group, **ddp_kwargs)
+    wrapped.register_comm_hook(group, _sum_gradients_hook)
+    return wrapped
+
+
+def _layer_config(moe: SparseMoEMLP) -> dict[str, Any]:
+    """SparseMoEMLP constructor arguments that rebuild ``moe`` (backend, device and dtype excepted)."""
+    router = moe.router
+    return {
+        "in_features": moe.in_features, "hidden_features": moe.hidden_features, "out_features": moe.out_features,
+        "num_experts": moe.num_experts, "top_k": moe.top_k, "activation": moe.activation, "glu": moe.glu,
+        "bias": moe.b1 is not None, "router_jitter": router.jitter, "normalize_top_k": router.normalize_top_k,
+        "balance_loss_coef": router.balance_loss_coef, "z_loss_coef": router.z_loss_coef,
+        "capacity_factor": moe.capacity_factor,
+    }
+
+
+def save_expert_slice(moe: ExpertParallelMoEMLP, directory: str | os.PathLike) -> Path:
+    """Each rank writes its expert slice (and the router) to ``directory/experts-<first>-<end>/`` (safetensors
+    + JSON, atomic); returns after every rank of the group has written. Use a fresh ``directory`` per save."""
+    end = moe.first_expert + moe.num_local_experts
+    path = Path(directory) / SLICE_DIRECTORY.format(first=moe.first_expert, end=end)
+    tensors = {name: getattr(moe, name) for name in EXPERT_PARAMETERS if getattr(moe, name) is not None}
+    tensors["router.weight"] = moe.router.weight
+    write_checkpoint(path, tensors, {"layer": _layer_config(moe), "first_expert": moe.first_expert, "end_expert": end})
+    dist.barrier(group=moe.group)
+    return path
+
+
+def _read_experts(
+    directory: str | os.PathLike, first: int = 0, end: int | None = None
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """The layer config and tensors of experts [first, end) (default: all) plus the router, gathered from the
+    slices in ``directory`` whatever world size wrote them; CheckpointError if the slices do not tile [0, E)."""
+    slices = sorted(
+        (int(m.group(1)), int(m.group(2)), p)
+        for p in Path(directory).iterdir() if (m := SLICE_PATTERN.fullmatch(p.name)) and p.is_dir()
+    )
+    if not slices:
+        raise CheckpointError(f"{directory} holds no expert slices ({SLICE_DIRECTORY.format(first=0, end=0)}-style directories)")
+    layer = read_config(slices[0][2])["layer"]
+    bounds = [0] + [b for lo, hi, _ in slices for b in (lo, hi)] + [layer["num_experts"]]
+    if any(bounds[i] != bounds[i + 1] for i in range(0, len(bounds), 2)):
+        raise CheckpointError(f"the expert slices in {directory} do not tile [0, {layer['num_experts']}): {[s[:2] for s in slices]}")
+    end = layer["num_experts"] if end is None else end
+    pieces: dict[str, list[Tensor]] = {}
+    router_weight = None
+    for lo, hi, path in slices:
+        if hi <= first or lo >= end:
+            continue
+        if read_config(path)["layer"] != layer:
+            raise CheckpointError(f"{path} was saved from a different layer than {slices[0][2]}")
+        tensors = read_tensors(path)
+        router_weight = tensors.pop("router.weight")
+        for name, tensor in tensors.items():
+            pieces.setdefault(name, []).append(tensor[max(first, lo) - lo: min(end, hi) - lo])
+    tensors = {name: torch.cat(parts) for name, parts in pieces.items()}
+    tensors["router.weight"] = router_weight
+    return layer, tensors
+
+
+def load_expert_slice(moe: ExpertParallelMoEMLP, directory: str | os.PathLike) -> None:
+    """Fill this rank's expert slice and the router from the slices in ``directory``, saved by any world size
+    (re-sliced to this one). CheckpointError if the saved layer differs from ``moe``."""
+    end = moe.first_expert + moe.num_local_experts
+    layer, tensors = _read_experts(directory, moe.first_expert, end)
+    if layer != _layer_config(moe):
+        diff = {k: (layer.get(k), v) for k, v in _layer_config(moe).items() if layer.get(k) != v}
+        raise CheckpointError(f"{directory} holds a different layer (saved, expected): {diff}")
+    with torch.no_grad():
+        for name, param in [(n, getattr(moe, n)) for n in EXPERT_PARAMETERS] + [("router.weight", moe.router.weight)]:
+            if param is not None:
+                param.copy_(tensors[name])
+
+
+def load_sparse_moe(directory: str | os.PathLike, **kwargs: Any) -> SparseMoEMLP:
+    """A single-process SparseMoEMLP rebuilt from every expert slice in ``directory``.
+
+    kwargs go to SparseMoEMLP (e.g. ``backend``, ``device``); the weights keep their saved dtype.
+    """
+    layer, tensors = _read_experts(directory)
+    moe = SparseMoEMLP(**layer, dtype=tensors["w1"].dtype, **kwargs)
+    with torch.no_grad():
+        for name, param in moe.named_parameters():
+            param.copy_(tensors[name])
+    return moe
