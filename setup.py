@@ -64,4 +64,5 @@ setup(
     install_requires=["torch>=2.6", "safetensors"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    entry_points={"console_scripts": ["cumo-upcycle=cumo_layers.cli:main"]},
 )
