@@ -1,0 +1,129 @@
+"""What users of layers expect from an upcycled model: autocast, activation checkpointing and DDP."""
+
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import os
+import socket
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.checkpoint import checkpoint
+
+from tests.cumo_layers.test_serialization import IDS, Tower, upcycled_tower
+
+FP32_RTOL = 1e-5
+DDP_TIMEOUT_S = 90
+
+
+def relative_error(actual, expected) -> float:
+    return float((actual.double() - expected.double()).abs().max() / expected.double().abs().max())
+
+
+def grads_of(model) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_autocast_bf16_forward_and_backward():
+    """Under CPU autocast the upcycled model is as close to the fp32 dense model as the dense model
+    under the same autocast is (flash-attention's low-precision rule), and backward reaches every expert."""
+    torch.manual_seed(0)
+    dense = Tower().eval()
+    from cumo_layers import upcycle_model
+    import copy
+
+    moe = upcycle_model(copy.deepcopy(dense), num_experts=4, top_k=2).eval()
+    with torch.no_grad():
+        expected = dense(IDS)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            dense_low = dense(IDS)
+            moe_low = moe(IDS)
+    assert moe_low.dtype == torch.bfloat16
+    assert relative_error(moe_low, expected) <= 2 * relative_error(dense_low, expected) + 1e-3
+    moe.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        moe(IDS).float().pow(2).mean().backward()
+    w1 = moe.blocks[0]["mlp"].w1
+    assert w1.grad is not None and w1.grad.dtype == torch.float32 and w1.grad.abs().sum() > 0
+
+
+class CheckpointedTower(torch.nn.Module):
+    """The same model, each block's MLP recomputed in backward (torch.utils.checkpoint, non-reentrant)."""
+
+    def __init__(self, tower: Tower) -> None:
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, ids):
+        x = self.tower.embed(ids)
+        for block in self.tower.blocks:
+            x = x + checkpoint(lambda h, b=block: b["mlp"](b["norm"](h)), x, use_reentrant=False)
+        return self.tower.head(x)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    model = upcycled_tower().train()
+    model(IDS).pow(2).mean().backward()
+    expected_grads = grads_of(model)
+    model.zero_grad(set_to_none=True)
+    CheckpointedTower(model)(IDS).pow(2).mean().backward()
+    actual = grads_of(model)
+    assert actual.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        assert relative_error(actual[name], grad) <= FP32_RTOL, name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """One DDP rank: the same upcycled model, its own half of the batch; saves its gradients."""
+    try:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=DDP_TIMEOUT_S // 2))
+        torch.set_num_threads(1)
+        model = torch.nn.parallel.DistributedDataParallel(upcycled_tower().train())
+        ids = torch.randint(0, 10, (4, 8), generator=torch.Generator().manual_seed(7))
+        model(ids[rank * 2:(rank + 1) * 2]).pow(2).mean().backward()
+        torch.save(grads_of(model.module), os.path.join(out_dir, f"grads{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as handle:
+            handle.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ddp_two_processes_average_the_gradients(tmp_path):
+    context = multiprocessing.get_context("spawn")
+    port = free_port()
+    workers = [context.Process(target=ddp_worker, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    try:
+        for worker in workers:
+            worker.join(DDP_TIMEOUT_S)
+    finally:
+        hung = [w for w in workers if w.is_alive()]
+        for worker in hung:
+            worker.kill()
+            worker.join(5)
+    errors = [p.read_text() for p in tmp_path.glob("error*.txt")]
+    assert not hung, f"DDP workers did not finish in {DDP_TIMEOUT_S}s"
+    assert not errors and all(w.exitcode == 0 for w in workers), errors
+    grads = [torch.load(tmp_path / f"grads{rank}.pt") for rank in range(2)]
+    model = upcycled_tower().train()
+    ids = torch.randint(0, 10, (4, 8), generator=torch.Generator().manual_seed(7))
+    for half in range(2):  # the mean over ranks of each rank's loss gradient
+        (model(ids[half * 2:(half + 1) * 2]).pow(2).mean() / 2).backward()
+    expected = grads_of(model)
+    for name, grad in expected.items():
+        assert torch.equal(grads[0][name], grads[1][name]), name
+        assert relative_error(grads[0][name], grad) <= FP32_RTOL, name
