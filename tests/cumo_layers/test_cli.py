@@ -174,3 +174,24 @@ def test_python_dash_m_runs_the_cli(tmp_path):
                              "--out", str(tmp_path / "out")], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 1
     assert result.stderr.strip().splitlines() == [f"cumo-upcycle: error: --model {tmp_path / 'nope'}: no such file or directory"]
+
+
+def test_llava_projector_becomes_a_cumo_checkpoint(tmp_path, capsys):
+    vision = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=16, patch_size=8)
+    config = transformers.LlavaConfig(vision_config=vision, text_config=transformers.LlamaConfig(**LM),
+                                      image_token_id=5)
+    torch.manual_seed(0)
+    dense = transformers.LlavaForConditionalGeneration(config).eval()
+    source = saved(dense, tmp_path / "llava")
+    before = tree_hash(source)
+    code, out, err = run_cli(capsys, "--model", source, "--out", tmp_path / "moe", "--experts", 4, "--top-k", 2)
+    assert code == 0, err
+    assert "probe: max" in out and tree_hash(source) == before
+    moe = load_upcycled(tmp_path / "moe").eval()
+    names = [n for n, m in moe.named_modules() if isinstance(m, SparseMoEMLP)]
+    assert len(names) == 1 and names[0].endswith("multi_modal_projector")
+    features = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        expected = dense.get_submodule(names[0])(features)
+        assert relative_error(moe.get_submodule(names[0])(features), expected) <= FP32_RTOL
