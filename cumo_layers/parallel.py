@@ -26,7 +26,10 @@ must be summed over ranks: ``data_parallel`` (DDP with a summing comm hook, expe
 gradient) the losses of one process holding all tokens and all experts. So a rank's task loss should be
 its share too, e.g. ``sum of per-token losses / global token count``. ``last_expert_load`` is the global
 load (identical on every rank). Every rank must run every forward and backward of the layer, even with 0
-tokens: the collectives pair up across ranks.
+tokens: the collectives pair up across ranks. Equality with one process needs ``router_jitter=0`` (each rank
+draws its own jitter). With ``balance_loss="cumo"`` (per-sample losses) pass ``[B, N, D]`` inputs: the
+single-process reference is the concatenation of the ranks' batches; a 2-D input counts as one sample per rank. The small count tensors copied back to the device go with ``non_blocking=True``, so the
+``.cpu()`` of the gathered counts stays the forward's only wait on the device.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ from torch import Tensor, nn
 
 from cumo_layers.checkpoint import CheckpointError, read_config, read_tensors, write_checkpoint
 from cumo_layers.moe import SparseMoEMLP
-from cumo_layers.router import expert_load, z_loss
+from cumo_layers.router import balance_loss, cumo_balance_loss, expert_load, z_loss
 from moe_kernels import ops
 from moe_kernels.reference import combine
 from moe_kernels.routing import build_routing_plan, expert_capacity
@@ -109,9 +112,7 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         self.num_local_experts = moe.num_experts // self.world_size
         self.first_expert = self.rank * self.num_local_experts
         local = slice(self.first_expert, self.first_expert + self.num_local_experts)
-        # The router's last losses may carry autograd graphs, which deepcopy refuses: they start empty.
-        last_values = {id(v): None for v in vars(moe.router).values() if isinstance(v, Tensor)}
-        self.router = copy.deepcopy(moe.router, memo=last_values)
+        self.router = copy.deepcopy(moe.router)
         for name in EXPERT_PARAMETERS:
             full = getattr(moe, name)
             sliced = None if full is None else nn.Parameter(full.detach()[local].clone(), full.requires_grad)
@@ -127,15 +128,13 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         yield
         self.phase_times[name] = self.phase_times.get(name, 0.0) + time.perf_counter() - start
 
-    def _exchange_counts(self, top_k_idx: Tensor) -> Tensor:
-        """top_k_idx: [T, K] -> [W, K*E + 1] int64 on the host: every rank's assignments per (choice, expert),
-        then its token count. The one host synchronisation of the forward."""
+    def _exchange_counts(self, top_k_idx: Tensor, num_samples: int) -> Tensor:
+        """top_k_idx: [T, K] -> [W, K*E + 2] int64 on the host: every rank's assignments per (choice, expert),
+        then its token and sample counts. The one host synchronisation of the forward."""
         num_tokens, top_k = top_k_idx.shape
         choice_keys = top_k_idx.t() + self.num_experts * torch.arange(top_k, device=top_k_idx.device).unsqueeze(1)
-        local = torch.cat([
-            expert_load(choice_keys, top_k * self.num_experts),
-            torch.tensor([num_tokens], dtype=torch.int64, device=top_k_idx.device),
-        ])
+        sizes = torch.tensor([num_tokens, num_samples], dtype=torch.int64).to(top_k_idx.device, non_blocking=True)
+        local = torch.cat([expert_load(choice_keys, top_k * self.num_experts), sizes])
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(gathered, local, group=self.group)
         return torch.stack(gathered).cpu()
@@ -161,25 +160,34 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         keys = (top_k_idx.t() + self.num_experts * torch.arange(top_k, device=top_k_idx.device).unsqueeze(1)).reshape(-1)
         plan = build_routing_plan(keys.unsqueeze(1), top_k * self.num_experts)
         rank_in_key = plan.slot_rows - plan.expert_offsets[keys]
-        allowed = kept.reshape(-1).to(keys.device)[keys]
+        allowed = kept.reshape(-1).to(keys.device, non_blocking=True)[keys]
         flat = top_k_idx.t().reshape(-1)
         flat = torch.where(rank_in_key < allowed, flat, torch.full_like(flat, self.num_experts))
         return flat.view(top_k, num_tokens).t().contiguous()
 
-    def _set_aux_losses(self, logits: Tensor, assigned: Tensor, num_tokens: int, global_tokens: int) -> None:
-        """This rank's shares of the balance and z losses of one process holding every token.
+    def _set_aux_losses(self, logits: Tensor, top_k_idx: Tensor, global_load: Tensor,
+                        tokens: tuple[int, int], samples: tuple[int, int]) -> None:
+        """This rank's shares (local, global counts in ``tokens`` and ``samples``) of the balance and z losses
+        of one process holding every token, from the router's own loss functions.
 
-        Switch balance ``E * sum_e f_e P_e`` with f_e the global share of assignments (no gradient) and P_e the
-        global mean probability: this rank's share is ``E * sum_e f_e * sum_{t local} p_te / T_global``.
-        (``router.balance_loss`` normalises by the counts it is given, which here are global ones.)
+        z: a mean over tokens, so the share is the local mean times T_local / T_global. Switch balance
+        ``E * sum_e f_e P_e``: with the *global* load, ``balance_loss`` on the local tokens divides by the local
+        T*K and T where the global ones are due, hence the factor (T_local / T_global)^2. CuMo's balance: a
+        mean over samples (each sample on one rank), so the share is the local mean times S_local / S_global.
         """
         router = self.router
+        (num_tokens, global_tokens), (num_samples, global_samples) = tokens, samples
         if global_tokens == 0:
             router.last_balance_loss = router.last_z_loss = logits.new_zeros(())
         else:
             probs = torch.softmax(logits, dim=-1)
-            share = assigned.to(device=logits.device, dtype=logits.dtype) / (global_tokens * self.top_k)
-            router.last_balance_loss = self.num_experts * torch.sum(share * probs.sum(0)) / global_tokens
+            if router.balance_loss == "cumo":
+                local = cumo_balance_loss(probs, top_k_idx, self.num_experts, max(num_samples, 1))
+                router.last_balance_loss = local * (num_samples / global_samples)
+            else:
+                load = global_load.to(logits.device, non_blocking=True)
+                local = balance_loss(probs, top_k_idx, self.num_experts, load)
+                router.last_balance_loss = local * (num_tokens / global_tokens) ** 2
             router.last_z_loss = z_loss(logits) * (num_tokens / global_tokens)
         router.last_aux_loss = (
             router.balance_loss_coef * router.last_balance_loss + router.z_loss_coef * router.last_z_loss
@@ -194,12 +202,14 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
             w1, b1, w2, b2 = (None if p is None else p.to(compute_dtype) for p in (w1, b1, w2, b2))
         tokens = x.reshape(-1, self.in_features)
         num_tokens, top_k, world = tokens.shape[0], self.top_k, self.world_size
+        # Samples (CuMo's balance loss): the leading dim of a [B, N, D] input, else the rank's tokens are one.
+        num_samples = x.shape[0] if x.dim() == 3 else int(num_tokens > 0)
 
         with self._phase("gating"):
-            route = self.router(tokens)
-            choice_counts_and_tokens = self._exchange_counts(route.top_k_idx)
-            choice_counts = choice_counts_and_tokens[:, :-1].view(world, top_k, self.num_experts)
-            global_tokens = int(choice_counts_and_tokens[:, -1].sum())
+            route = self.router(tokens, num_samples=max(num_samples, 1))
+            exchanged = self._exchange_counts(route.top_k_idx, num_samples)
+            choice_counts = exchanged[:, :-2].view(world, top_k, self.num_experts)
+            global_tokens, global_samples = exchanged[:, -2:].sum(0).tolist()
             capacity = None
             if self.capacity_factor is not None:
                 capacity = expert_capacity(self.capacity_factor, global_tokens, top_k, self.num_experts)
@@ -208,9 +218,10 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
             if capacity is not None:
                 top_k_idx = self._drop_over_capacity(top_k_idx, kept[self.rank])
             if self.training:
-                self._set_aux_losses(route.logits, choice_counts.sum((0, 1)), num_tokens, global_tokens)
+                self._set_aux_losses(route.logits, route.top_k_idx, choice_counts.sum((0, 1)),
+                                     (num_tokens, global_tokens), (num_samples, global_samples))
             kept_per_expert = kept.sum(1)  # [W, E]
-            self.last_expert_load = kept_per_expert.sum(0).to(tokens.device)
+            self.last_expert_load = kept_per_expert.sum(0).to(tokens.device, non_blocking=True)
             by_rank = kept_per_expert.view(world, world, self.num_local_experts)  # [source, owner, local expert]
             send_counts = by_rank[self.rank].sum(1).tolist()
             recv_per_expert = by_rank[:, self.rank]  # [source, local expert]
@@ -225,7 +236,7 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         with self._phase("experts"):
             local_expert = torch.arange(self.num_local_experts, device=tokens.device).repeat(world)
             local_idx = local_expert.repeat_interleave(
-                recv_per_expert.reshape(-1).to(tokens.device), output_size=received.shape[0]
+                recv_per_expert.reshape(-1).to(tokens.device, non_blocking=True), output_size=received.shape[0]
             )
             unit_weights = received.new_ones((received.shape[0], 1), dtype=route.top_k_weights.dtype)
             expert_rows = ops.expert_mlp(
@@ -316,6 +327,7 @@ def _layer_config(moe: SparseMoEMLP) -> dict[str, Any]:
         "num_experts": moe.num_experts, "top_k": moe.top_k, "activation": moe.activation, "glu": moe.glu,
         "bias": moe.b1 is not None, "router_jitter": router.jitter, "normalize_top_k": router.normalize_top_k,
         "balance_loss_coef": router.balance_loss_coef, "z_loss_coef": router.z_loss_coef,
+        "balance_loss": router.balance_loss,
         "capacity_factor": moe.capacity_factor,
     }
 

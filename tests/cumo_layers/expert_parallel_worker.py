@@ -50,6 +50,9 @@ CORRECTNESS_CASES: dict[str, dict[str, Any]] = {
     # capacity dropping with a random router
     "capacity_drops_random": dict(experts=8, top_k=2, tokens={2: [21, 10], 4: [11, 3, 9, 14]},
                                   capacity_factor=0.5, activation="quick_gelu"),
+    # CuMo's per-sample balance loss: [B, N, D] inputs, `tokens` counts samples of 5 tokens; a rank without any
+    "cumo_balance_per_sample": dict(experts=8, top_k=2, tokens={2: [3, 1], 4: [2, 0, 3, 1]}, sample_tokens=5,
+                                    balance_loss="cumo"),
 }
 IN_FEATURES, HIDDEN, OUT_FEATURES = 12, 10, 7
 
@@ -63,6 +66,7 @@ def build_moe(case: dict[str, Any], seed: int):
         IN_FEATURES, HIDDEN, OUT_FEATURES, num_experts=case["experts"], top_k=case["top_k"],
         activation=case.get("activation", "gelu"), glu=case.get("glu", False), bias=case.get("bias", True),
         capacity_factor=case.get("capacity_factor"), balance_loss_coef=0.3, z_loss_coef=0.05, dtype=torch.float64,
+        balance_loss=case.get("balance_loss", "switch"),
         backend=case.get("backend", "torch"),
     )
     with torch.no_grad():  # feature 0 of every input is a constant 3.0 that steers these experts
@@ -74,13 +78,15 @@ def build_moe(case: dict[str, Any], seed: int):
 
 
 def global_inputs(case: dict[str, Any], world_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """(x [T_global, in], grad weights [T_global, out], rank offsets [W+1]) identical on every rank."""
+    """(x [T_global, in] (or [B_global, N, in]), output weights [..., out], rank offsets [W+1] along dim 0),
+    identical on every rank."""
     counts = case["tokens"][world_size]
     generator = torch.Generator().manual_seed(seed)
     total = sum(counts)
-    x = torch.randn(total, IN_FEATURES, dtype=torch.float64, generator=generator)
-    x[:, 0] = 3.0
-    probe = torch.randn(total, OUT_FEATURES, dtype=torch.float64, generator=generator)
+    leading = (total, case["sample_tokens"]) if "sample_tokens" in case else (total,)
+    x = torch.randn(*leading, IN_FEATURES, dtype=torch.float64, generator=generator)
+    x[..., 0] = 3.0
+    probe = torch.randn(*leading, OUT_FEATURES, dtype=torch.float64, generator=generator)
     offsets = [0]
     for count in counts:
         offsets.append(offsets[-1] + count)
@@ -119,7 +125,7 @@ def check_against_single_process(case: dict[str, Any], group=None) -> dict[str, 
         dist.all_reduce(share, group=group)
         errors[name] = rel_err(share, getattr(ref_router, name))
     errors["expert_load"] = float((layer.last_expert_load - reference.last_expert_load).abs().max())
-    errors["dropped_assignments"] = float(x.shape[0] * moe.top_k - reference.last_expert_load.sum())
+    errors["dropped_assignments"] = float(x[..., 0].numel() * moe.top_k - reference.last_expert_load.sum())
     errors["experts_without_tokens"] = float((reference.last_expert_load == 0).sum())
     layer.eval()  # an eval forward: same output, no aux losses
     errors["eval_output"] = rel_err(layer(x[mine]), y_ref[mine])
@@ -238,7 +244,7 @@ def suite_data_parallel() -> dict[str, dict[str, float]]:
         ref_opt.zero_grad()
         (ref_task + aux_loss(reference)).backward()
         ref_opt.step()
-        ref_curve.append(float(ref_task + reference.moe.last_aux_loss))
+        ref_curve.append(float((ref_task + reference.moe.last_aux_loss).detach()))
 
         mine = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
         task_share = (ddp(x[mine]) - target[mine]).square().sum() / x.shape[0]
@@ -330,3 +336,7 @@ def launch(suites: list[str], world_size: int, out_dir: Path, timeout_s: float) 
 if __name__ == "__main__":
     rank_arg, world_arg, port_arg, out_arg, suites_arg = sys.argv[1:6]
     worker(int(rank_arg), int(world_arg), int(port_arg), out_arg, suites_arg.split(","))
+    # Results are written and the group destroyed: skip the interpreter's teardown, where a C++ thread of
+    # torch.distributed once aborted a finished worker ("terminate called without an active exception").
+    sys.stdout.flush()
+    os._exit(0)
