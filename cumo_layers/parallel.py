@@ -28,8 +28,9 @@ its share too, e.g. ``sum of per-token losses / global token count``. ``last_exp
 load (identical on every rank). Every rank must run every forward and backward of the layer, even with 0
 tokens: the collectives pair up across ranks. Equality with one process needs ``router_jitter=0`` (each rank
 draws its own jitter). With ``balance_loss="cumo"`` (per-sample losses) pass ``[B, N, D]`` inputs: the
-single-process reference is the concatenation of the ranks' batches; a 2-D input counts as one sample per rank. The small count tensors copied back to the device go with ``non_blocking=True``, so the
-``.cpu()`` of the gathered counts stays the forward's only wait on the device.
+single-process reference is the concatenation of the ranks' batches; a 2-D input counts as one sample per
+rank. The small count tensors copied back to the device go with ``non_blocking=True``, so the ``.cpu()`` of
+the gathered counts stays the forward's only wait on the device.
 """
 
 from __future__ import annotations
@@ -100,7 +101,7 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
             if not name.startswith("_"):  # the layer's settings; parameters and submodules follow
                 setattr(self, name, value)
         if not dist.is_available() or not dist.is_initialized():
-            raise RuntimeError("expert_parallel needs an initialised process group (torch.distributed.init_process_group)")
+            raise RuntimeError("expert_parallel needs an initialised process group (init_process_group)")
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
@@ -128,11 +129,17 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         yield
         self.phase_times[name] = self.phase_times.get(name, 0.0) + time.perf_counter() - start
 
+    def _choice_keys(self, top_k_idx: Tensor) -> Tensor:
+        """top_k_idx: [T, K] -> [K, T] int64 key ``k * E + expert`` of each assignment, choice-major (the
+        GShard priority order of capacity)."""
+        choices = torch.arange(top_k_idx.shape[1], device=top_k_idx.device).unsqueeze(1)
+        return top_k_idx.t() + self.num_experts * choices
+
     def _exchange_counts(self, top_k_idx: Tensor, num_samples: int) -> Tensor:
         """top_k_idx: [T, K] -> [W, K*E + 2] int64 on the host: every rank's assignments per (choice, expert),
         then its token and sample counts. The one host synchronisation of the forward."""
         num_tokens, top_k = top_k_idx.shape
-        choice_keys = top_k_idx.t() + self.num_experts * torch.arange(top_k, device=top_k_idx.device).unsqueeze(1)
+        choice_keys = self._choice_keys(top_k_idx)
         sizes = torch.tensor([num_tokens, num_samples], dtype=torch.int64).to(top_k_idx.device, non_blocking=True)
         local = torch.cat([expert_load(choice_keys, top_k * self.num_experts), sizes])
         gathered = [torch.empty_like(local) for _ in range(self.world_size)]
@@ -157,7 +164,7 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         """top_k_idx: [T, K]; kept: [K, E] this rank's kept count per (choice, expert) -> [T, K] with the
         assignments past it (in token order) set to E (dropped)."""
         num_tokens, top_k = top_k_idx.shape
-        keys = (top_k_idx.t() + self.num_experts * torch.arange(top_k, device=top_k_idx.device).unsqueeze(1)).reshape(-1)
+        keys = self._choice_keys(top_k_idx).reshape(-1)
         plan = build_routing_plan(keys.unsqueeze(1), top_k * self.num_experts)
         rank_in_key = plan.slot_rows - plan.expert_offsets[keys]
         allowed = kept.reshape(-1).to(keys.device, non_blocking=True)[keys]
@@ -354,11 +361,13 @@ def _read_experts(
         for p in Path(directory).iterdir() if (m := SLICE_PATTERN.fullmatch(p.name)) and p.is_dir()
     )
     if not slices:
-        raise CheckpointError(f"{directory} holds no expert slices ({SLICE_DIRECTORY.format(first=0, end=0)}-style directories)")
+        example = SLICE_DIRECTORY.format(first=0, end=0)
+        raise CheckpointError(f"{directory} holds no expert slices ({example}-style directories)")
     layer = read_config(slices[0][2])["layer"]
     bounds = [0] + [b for lo, hi, _ in slices for b in (lo, hi)] + [layer["num_experts"]]
     if any(bounds[i] != bounds[i + 1] for i in range(0, len(bounds), 2)):
-        raise CheckpointError(f"the expert slices in {directory} do not tile [0, {layer['num_experts']}): {[s[:2] for s in slices]}")
+        ranges = [s[:2] for s in slices]
+        raise CheckpointError(f"the expert slices in {directory} do not tile [0, {layer['num_experts']}): {ranges}")
     end = layer["num_experts"] if end is None else end
     pieces: dict[str, list[Tensor]] = {}
     router_weight = None

@@ -185,7 +185,7 @@ def suite_checkpoint(directory: str) -> dict[str, dict[str, float]]:
     rebuilt = load_sparse_moe(root / "from4", backend="torch")
     x = torch.randn(9, IN_FEATURES, dtype=torch.float64)
     results["rebuilt_single_process"] = {
-        "params": max(float((p - dict(saved.named_parameters())[n]).abs().max()) for n, p in rebuilt.named_parameters()),
+        "params": max(float((p - saved.get_parameter(n)).abs().max()) for n, p in rebuilt.named_parameters()),
         "output": float((rebuilt(x) - saved(x)).abs().max()),
         "same_config": float(rebuilt.extra_repr() == saved.extra_repr()),
     }
