@@ -3,15 +3,19 @@
 Ops (namespace ``cumo``, CPU kernels in C++):
     routing_plan(top_k_idx, num_experts) -> (counts, offsets, sorted_slots, slot_rows)
     expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_hidden)
-        -> (y, hidden, expert_offsets, sorted_slots, slot_rows)
-    expert_mlp_backward(grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden,
-                        expert_offsets, sorted_slots, slot_rows, activation, glu, grad_input, grad_params)
+        -> (y, hidden)
+    expert_mlp_backward(grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, activation, glu,
+                        grad_input, grad_params)
         -> (grad_x, grad_top_k_weights, grad_w1, grad_b1, grad_w2, grad_b2)   ([0] where not asked for)
     topk_gating(logits, top_k, normalize) -> (top_k_weights, top_k_idx)   (csrc/cpu/gating.cpp)
 Every output shape depends only on input shapes, so the fake kernels need no data and the ops
 trace under torch.compile. The forward saves the pre-activation hidden rows [T*K, H1] only when a
 gradient can be needed (save_hidden); backward recomputes the activation from them, or the hidden
-rows too when they were not saved.
+rows too when they were not saved. Backward rebuilds the routing plan from top_k_idx (a counting
+sort) instead of taking one from its caller, so no tensor handed to these ops can index outside a
+buffer. The C++ ops check the argument contract of ``moe_kernels.contract`` themselves; the fakes
+run the Python check, so a mix of meta and CPU tensors raises instead of returning empty memory
+(all-meta inputs still get meta outputs: shape inference).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_kernels.reference import check_activation
+from moe_kernels.contract import check_expert_mlp_args, double_backward_error
 from moe_kernels.routing import RoutingPlan
 
 try:
@@ -78,14 +82,8 @@ def expert_mlp(
     activation: str = "gelu",
     glu: bool = False,
 ) -> Tensor:
-    """The compiled sparse expert MLP; same function as ``moe_kernels.reference.expert_mlp``.
-
-    x: [T, D]; top_k_weights: [T, K] float; top_k_idx: [T, K] int (ids outside [0, E) dropped);
-    w1: [E, H1, D]; b1: [E, H1] | None; w2: [E, O, H]; b2: [E, O] | None -> [T, O] in x.dtype.
-    Differentiable in x, top_k_weights, w1, b1, w2, b2.
-    """
+    """The compiled expert MLP (contract: ``moe_kernels.ops.expert_mlp``)."""
     _require_extension()
-    check_activation(activation)
     save_hidden = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, top_k_weights, w1, b1, w2, b2)
     )
@@ -105,19 +103,14 @@ def _register() -> None:
 
     @torch.library.register_fake("cumo::expert_mlp_forward")
     def _forward_fake(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_hidden):
+        check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, allow_meta=True)
         n = top_k_idx.numel()
-        long = dict(dtype=torch.int64)
-        return (
-            x.new_empty(x.shape[0], w2.shape[1]),
-            x.new_empty(n if save_hidden else 0, w1.shape[1]),
-            x.new_empty(w1.shape[0] + 1, **long),
-            x.new_empty(n, **long),
-            x.new_empty(n, **long),
-        )
+        return x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(n if save_hidden else 0, w1.shape[1])
 
     @torch.library.register_fake("cumo::expert_mlp_backward")
-    def _backward_fake(grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, offsets, sorted_slots,
-                       slot_rows, activation, glu, grad_input, grad_params):
+    def _backward_fake(grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, activation, glu, grad_input,
+                       grad_params):
+        check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, allow_meta=True)
         def shaped(tensor, wanted):
             return x.new_empty(tensor.shape) if wanted and tensor is not None else x.new_empty(0)
 
@@ -132,23 +125,25 @@ def _register() -> None:
 
     def _setup_context(ctx, inputs, output):
         x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_hidden = inputs
-        _, hidden, offsets, sorted_slots, slot_rows = output
+        _, hidden = output
         ctx.activation, ctx.glu = activation, glu
-        ctx.save_for_backward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, offsets, sorted_slots, slot_rows)
-        ctx.mark_non_differentiable(hidden, offsets, sorted_slots, slot_rows)
+        ctx.save_for_backward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden)
+        ctx.mark_non_differentiable(hidden)
         # Otherwise autograd hands backward a zero-filled gradient for every non-differentiable output:
         # a [T*K, H1] tensor of zeros for hidden alone, as large as the saved activations.
         ctx.set_materialize_grads(False)
 
     def _backward(ctx, grad_y, *_unused):
-        x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, offsets, sorted_slots, slot_rows = ctx.saved_tensors
+        x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden = ctx.saved_tensors
         need = ctx.needs_input_grad
         if grad_y is None:  # y took no part in the loss (grads are not materialised)
             return (None,) * 10
+        if torch.is_grad_enabled():  # backward(create_graph=True): this backward is not differentiable
+            raise RuntimeError(double_backward_error("cpu"))
         grad_input, grad_params = need[0], any(need[i] for i in (3, 4, 5, 6))
         gx, gw, gw1, gb1, gw2, gb2 = torch.ops.cumo.expert_mlp_backward(
-            grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, offsets, sorted_slots, slot_rows,
-            ctx.activation, ctx.glu, grad_input, grad_params,
+            grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, ctx.activation, ctx.glu, grad_input,
+            grad_params,
         )
         params = [g if need[i] else None for i, g in zip((3, 4, 5, 6), (gw1, gb1, gw2, gb2))]
         return (gx if grad_input else None, gw if need[1] else None, None, *params, None, None, None)

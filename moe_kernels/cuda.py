@@ -2,9 +2,10 @@
 
 Ops (namespace ``cumo_cuda``, CUDA kernels; fakes and autograd in moe_kernels/gating_ops.py):
     topk_gating(logits, top_k, normalize) -> (top_k_weights, top_k_idx)
-    routing_plan(top_k_idx, num_experts, block_size) -> (counts, offsets, sorted_slots, slot_rows)
+    routing_plan(top_k_idx, num_experts) -> (counts, offsets, sorted_slots, slot_rows)
 The expert MLP runs the device routing plan, then ``torch._grouped_mm`` per layer (activation and
-bias in torch), then a deterministic combine (gather the K rows of each token, sum in fp32).
+bias in torch; bias gradients summed in fp32), then a deterministic combine (gather the K rows of
+each token, sum in fp32).
 Gradients come from torch autograd through those ops. Shapes: T tokens, D inputs, H1 hidden
 (2*H with GLU), O outputs, E experts, K = top_k, N = T*K.
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_kernels import gating_ops
-from moe_kernels.reference import apply_activation, check_activation, combine
+from moe_kernels.reference import apply_activation, combine
 from moe_kernels.routing import RoutingPlan, expert_buckets
 
 try:
@@ -65,17 +66,13 @@ def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Ten
     return torch.ops.cumo_cuda.topk_gating(logits, top_k, normalize)
 
 
-def routing_plan(top_k_idx: Tensor, num_experts: int, block_size: int = 1) -> RoutingPlan:
-    """Counting sort of the routing on device; with block_size 1 equal to
-    ``moe_kernels.routing.build_routing_plan``.
+def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
+    """Counting sort of the routing on device; equal to ``moe_kernels.routing.build_routing_plan``.
 
     top_k_idx: [T, K] integer expert ids (ids outside [0, E) dropped) -> RoutingPlan.
-    With block_size > 1 each expert's segment is padded to a multiple of block_size:
-    expert_offsets are the padded starts, expert_counts the real counts, sorted_slots has
-    N + E*(block_size-1) rows (the worst case), and rows holding no slot hold -1.
     """
     _require(top_k_idx.device)
-    counts, offsets, sorted_slots, slot_rows = torch.ops.cumo_cuda.routing_plan(top_k_idx, num_experts, block_size)
+    counts, offsets, sorted_slots, slot_rows = torch.ops.cumo_cuda.routing_plan(top_k_idx, num_experts)
     return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k_idx.shape[1])
 
 
@@ -92,12 +89,40 @@ def grouped_linear(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
     pad_out = -out_features % align
     rows = F.pad(rows, (0, pad_in)) if pad_in else rows.contiguous()
     weight = F.pad(weight, (0, pad_in, 0, pad_out)) if pad_in or pad_out else weight.contiguous()
-    if rows.data_ptr() % GROUPED_MM_ALIGN_BYTES:
+    # The caching allocator aligns every storage to far more than 16 bytes, so the storage offset
+    # decides the alignment (and, unlike data_ptr(), torch.compile traces it).
+    if rows.storage_offset() * rows.element_size() % GROUPED_MM_ALIGN_BYTES:
         rows = rows.clone()
-    if weight.data_ptr() % GROUPED_MM_ALIGN_BYTES:
+    if weight.storage_offset() * weight.element_size() % GROUPED_MM_ALIGN_BYTES:
         weight = weight.clone()
     out = torch._grouped_mm(rows, weight.transpose(1, 2), offs=group_ends)
     return out[:, :out_features] if pad_out else out
+
+
+class ExpertBias(torch.autograd.Function):
+    """rows + bias[row_experts] ([N, C] + [E, C] gathered by [N] expert ids). The bias gradient is
+    summed over each expert's rows in fp32 and rounded once, as the reference's per-expert sum is:
+    autograd's index_select backward would accumulate thousands of bf16 rows in bf16."""
+
+    @staticmethod
+    def forward(rows: Tensor, bias: Tensor, row_experts: Tensor) -> Tensor:
+        return rows + bias.index_select(0, row_experts)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        _, bias, row_experts = inputs
+        ctx.save_for_backward(row_experts)
+        ctx.bias_shape, ctx.bias_dtype = bias.shape, bias.dtype
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (row_experts,) = ctx.saved_tensors
+        grad_bias = None
+        if ctx.needs_input_grad[1]:
+            accumulate = torch.promote_types(grad.dtype, torch.float32)
+            grad_bias = torch.zeros(ctx.bias_shape, dtype=accumulate, device=grad.device)
+            grad_bias = grad_bias.index_add_(0, row_experts, grad.to(accumulate)).to(ctx.bias_dtype)
+        return grad, grad_bias, None
 
 
 def expert_mlp_from_plan(
@@ -112,7 +137,7 @@ def expert_mlp_from_plan(
     glu: bool,
     plan: RoutingPlan,
 ) -> Tensor:
-    """The expert MLP on a given unpadded routing plan (block_size 1), in torch ops on any device.
+    """The expert MLP on a given routing plan, in torch ops on any device.
 
     Shapes as ``expert_mlp``. Rows past offsets[E] (dropped slots) are zeroed after each GEMM
     (where, not multiply: their memory is uninitialised), so neither values nor gradients leak.
@@ -126,11 +151,11 @@ def expert_mlp_from_plan(
     rows = torch.where(kept_rows, x.index_select(0, plan.sorted_tokens), 0)
     hidden = grouped_linear(rows, w1, group_ends)
     if b1 is not None:
-        hidden = hidden + b1.index_select(0, row_experts)
+        hidden = ExpertBias.apply(hidden, b1, row_experts)
     hidden = apply_activation(torch.where(kept_rows, hidden, 0), activation, glu)
     out = grouped_linear(hidden, w2, group_ends)
     if b2 is not None:
-        out = out + b2.index_select(0, row_experts)
+        out = ExpertBias.apply(out, b2, row_experts)
     out = torch.where(kept_rows, out, 0)
 
     return combine(out, top_k_weights, top_k_idx, plan)
@@ -147,15 +172,9 @@ def expert_mlp(
     activation: str = "gelu",
     glu: bool = False,
 ) -> Tensor:
-    """Sparse expert MLP on CUDA; same function as ``moe_kernels.reference.expert_mlp``.
-
-    x: [T, D]; top_k_weights: [T, K] float; top_k_idx: [T, K] int64 (ids outside [0, E) dropped);
-    w1: [E, H1, D]; b1: [E, H1] | None; w2: [E, O, H]; b2: [E, O] | None -> [T, O] in x.dtype.
-    float32/float16/bfloat16 only (torch._grouped_mm). Differentiable in x, top_k_weights and
-    the expert weights and biases.
-    """
+    """The CUDA expert MLP (contract: ``moe_kernels.ops.expert_mlp``); float32/float16/bfloat16
+    only (torch._grouped_mm)."""
     _require(x.device)
-    check_activation(activation)
     if x.dtype not in GROUPED_MM_DTYPES:
         raise TypeError(f"backend 'cuda' runs {[str(d) for d in GROUPED_MM_DTYPES]} (torch._grouped_mm), got {x.dtype}")
     plan = routing_plan(top_k_idx, w1.shape[0])

@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_kernels.contract import check_gating_args
+
 _REGISTERED: set[str] = set()
 
 
@@ -39,7 +41,7 @@ def topk_gating_backward(
 
 
 def _gating_fake(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    torch._check(logits.dim() == 2, lambda: "topk_gating: logits must be [T, E]")
+    check_gating_args(logits, top_k, normalize, allow_meta=True)
     num_tokens = logits.shape[0]
     weights = logits.new_empty((num_tokens, top_k), dtype=torch.promote_types(logits.dtype, torch.float32))
     idx = logits.new_empty((num_tokens, top_k), dtype=torch.int64)
@@ -69,25 +71,21 @@ def register_topk_gating(qualname: str) -> None:
     _REGISTERED.add(qualname)
 
 
-def routing_plan_rows(num_slots: int, num_experts: int, block_size: int) -> int:
-    """Rows of a (block-aligned) routing plan: N, plus E*(block_size-1) worst-case padding."""
-    return num_slots + (num_experts * (block_size - 1) if block_size > 1 else 0)
-
-
-def _routing_plan_fake(top_k_idx: Tensor, num_experts: int, block_size: int):
+def _routing_plan_fake(top_k_idx: Tensor, num_experts: int):
     torch._check(top_k_idx.dim() == 2, lambda: "routing_plan: top_k_idx must be [T, K]")
+    torch._check(num_experts >= 1, lambda: f"routing_plan: num_experts must be >= 1, got {num_experts}")
     num_slots = top_k_idx.shape[0] * top_k_idx.shape[1]
     long = dict(dtype=torch.int64)
     return (
         top_k_idx.new_empty((num_experts,), **long),
         top_k_idx.new_empty((num_experts + 1,), **long),
-        top_k_idx.new_empty((routing_plan_rows(num_slots, num_experts, block_size),), **long),
+        top_k_idx.new_empty((num_slots,), **long),
         top_k_idx.new_empty((num_slots,), **long),
     )
 
 
 def register_routing_plan(qualname: str) -> None:
-    """Fake for a ``routing_plan(Tensor top_k_idx, int num_experts, int block_size)`` op."""
+    """Fake for a ``routing_plan(Tensor top_k_idx, int num_experts)`` op."""
     if qualname in _REGISTERED:
         return
     torch.library.register_fake(qualname)(_routing_plan_fake)

@@ -1,6 +1,8 @@
 """Public ops and the one place where backends are chosen.
 
-A backend is a module exposing three functions with the reference's signatures:
+Arguments are checked here, once, against one contract (``moe_kernels.contract``) before any
+backend runs, so every backend raises the same error for the same bad input. A backend is a module
+exposing three functions with the reference's signatures:
 
     unavailable_reason(device: torch.device) -> str | None   # None: it can run on that device
     topk_gating(logits, top_k, normalize) -> (top_k_weights, top_k_idx)
@@ -18,6 +20,8 @@ from types import ModuleType
 
 import torch
 from torch import Tensor
+
+from moe_kernels.contract import check_expert_mlp_args, check_gating_args
 
 BACKEND_MODULES: dict[str, str] = {
     "torch": "moe_kernels.reference",
@@ -107,7 +111,13 @@ def resolve_backend(name: str, device: torch.device | str) -> ModuleType:
 
 
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64)."""
+    """Softmax over the E experts (fp32), top-k (ties to the lower id), optional renormalisation.
+
+    logits: [T, E] float -> (top_k_weights [T, K] float32 (float64 for float64 logits),
+    top_k_idx [T, K] int64). A token whose logits hold NaN gets NaN weights and ids in [0, E);
+    no other token changes. Differentiable in the logits.
+    """
+    check_gating_args(logits, top_k, normalize)
     return resolve_backend(backend, logits.device).topk_gating(logits, top_k, normalize)
 
 
@@ -123,12 +133,16 @@ def expert_mlp(
     glu: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    """Sparse expert MLP for a given routing; see ``moe_kernels.reference.expert_mlp``.
+    """Sparse expert MLP for a given routing: y[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t]).
 
-    x: [T, D]; top_k_weights: [T, K] float32; top_k_idx: [T, K] int64 (ids outside [0, E)
-    are dropped); w1: [E, H1, D]; b1: [E, H1] | None; w2: [E, O, H]; b2: [E, O] | None
-    -> [T, O] in x.dtype. Differentiable in x, top_k_weights, w1, b1, w2, b2.
+    x: [T, D] float; top_k_weights: [T, K] float; top_k_idx: [T, K] integer (ids outside [0, E)
+    are dropped: they contribute exactly zero); w1: [E, H1, D]; b1: [E, H1] | None; w2: [E, O, H];
+    b2: [E, O] | None; weights in x's dtype, H1 = H (2*H with ``glu``: gate rows, then up rows)
+    -> [T, O] in x.dtype. Differentiable in x, top_k_weights, w1, b1, w2, b2 (first order: double
+    backward raises on every backend). The full contract: ``moe_kernels.contract``; the math:
+    ``moe_kernels.reference.expert_mlp``.
     """
+    check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
     module = resolve_backend(backend, x.device)
     return module.expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
 

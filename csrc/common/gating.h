@@ -24,11 +24,6 @@ CUMO_HOST_DEVICE int64_t expert_bucket(int64_t expert_id, int64_t num_experts) {
   return (expert_id >= 0 && expert_id < num_experts) ? expert_id : num_experts;
 }
 
-// Rounds a segment length up to a multiple of block_size (block-aligned routing layouts).
-CUMO_HOST_DEVICE int64_t round_up(int64_t length, int64_t block_size) {
-  return (length + block_size - 1) / block_size * block_size;
-}
-
 // acc_t is the accumulation type: float, or double for float64 logits (exact gradient checks).
 CUMO_HOST_DEVICE float exp_f32(float x) {
 #ifdef __CUDA_ARCH__
@@ -58,23 +53,75 @@ CUMO_HOST_DEVICE bool ranks_before(acc_t prob_a, int64_t id_a, acc_t prob_b, int
   return prob_a > prob_b || (prob_a == prob_b && id_a < id_b);
 }
 
-// Inserts (prob, id) into the sorted top-k list (weights[0..filled), ids[0..filled)), which holds the
-// best candidates so far in selection order; keeps at most k entries. Returns the new fill count.
+// The k best candidates so far as a binary heap whose root ranks last (the one a better candidate
+// evicts): O(log k) per candidate, O(E log k) per row for any k. `sort_heap` then puts them in
+// selection order.
 template <typename acc_t>
-CUMO_HOST_DEVICE int64_t topk_insert(acc_t* weights, int64_t* ids, int64_t filled, int64_t k, acc_t prob,
-                                     int64_t id) {
-  if (filled == k && !ranks_before(prob, id, weights[k - 1], ids[k - 1])) {
-    return filled;
+CUMO_HOST_DEVICE void heap_swap(acc_t* weights, int64_t* ids, int64_t a, int64_t b) {
+  const acc_t w = weights[a];
+  weights[a] = weights[b];
+  weights[b] = w;
+  const int64_t i = ids[a];
+  ids[a] = ids[b];
+  ids[b] = i;
+}
+
+template <typename acc_t>
+CUMO_HOST_DEVICE void heap_sift_down(acc_t* weights, int64_t* ids, int64_t size, int64_t pos) {
+  for (;;) {
+    int64_t last = pos;  // the one of pos and its children that ranks last
+    for (int64_t child = 2 * pos + 1; child <= 2 * pos + 2 && child < size; ++child)
+      if (ranks_before(weights[last], ids[last], weights[child], ids[child])) last = child;
+    if (last == pos) return;
+    heap_swap(weights, ids, pos, last);
+    pos = last;
   }
-  int64_t pos = filled < k ? filled : k - 1;
-  while (pos > 0 && ranks_before(prob, id, weights[pos - 1], ids[pos - 1])) {
-    weights[pos] = weights[pos - 1];
-    ids[pos] = ids[pos - 1];
-    --pos;
+}
+
+// Offers (prob, id) to a heap holding `filled` of at most k entries; returns the new fill count.
+template <typename acc_t>
+CUMO_HOST_DEVICE int64_t heap_offer(acc_t* weights, int64_t* ids, int64_t filled, int64_t k, acc_t prob, int64_t id) {
+  if (filled < k) {
+    int64_t pos = filled;
+    weights[pos] = prob;
+    ids[pos] = id;
+    while (pos > 0 && ranks_before(weights[(pos - 1) / 2], ids[(pos - 1) / 2], weights[pos], ids[pos])) {
+      heap_swap(weights, ids, pos, (pos - 1) / 2);
+      pos = (pos - 1) / 2;
+    }
+    return filled + 1;
   }
-  weights[pos] = prob;
-  ids[pos] = id;
-  return filled < k ? filled + 1 : k;
+  if (ranks_before(prob, id, weights[0], ids[0])) {
+    weights[0] = prob;
+    ids[0] = id;
+    heap_sift_down(weights, ids, k, 0);
+  }
+  return filled;
+}
+
+// Heap -> selection order (best first), in place.
+template <typename acc_t>
+CUMO_HOST_DEVICE void sort_heap(acc_t* weights, int64_t* ids, int64_t size) {
+  for (int64_t end = size - 1; end > 0; --end) {
+    heap_swap(weights, ids, 0, end);  // the last-ranked of [0, end] goes to the back
+    heap_sift_down(weights, ids, end, 0);
+  }
+}
+
+// A row with a NaN or infinite logit has NaN probabilities (softmax's sum is NaN), which rank
+// nowhere. Every backend gives such a token the ids 0..k-1 (what the reference's stable sort gives)
+// and NaN weights: its output is NaN, its ids stay in [0, E), no other token is affected.
+template <typename acc_t>
+CUMO_HOST_DEVICE bool is_poisoned(acc_t row_sum) {
+  return !(row_sum == row_sum) || row_sum == acc_t(INFINITY);
+}
+
+template <typename acc_t>
+CUMO_HOST_DEVICE void fill_poisoned(acc_t* weights, int64_t* ids, int64_t k) {
+  for (int64_t i = 0; i < k; ++i) {
+    weights[i] = acc_t(NAN);
+    ids[i] = i;
+  }
 }
 
 // Divides the k selected weights by their sum (summed in selection order), as the reference does.
@@ -103,13 +150,18 @@ CUMO_HOST_DEVICE void topk_softmax_row(Load load, int64_t num_experts, int64_t k
     if (exps != nullptr) exps[e] = ex;
     row_sum += ex;
   }
+  if (is_poisoned(row_sum)) {
+    fill_poisoned(weights, ids, k);
+    return;
+  }
   const acc_t inv_row_sum = acc_t(1) / row_sum;
   int64_t filled = 0;
   for (int64_t e = 0; e < num_experts; ++e) {
     // softmax_prob(load(e), row_max, inv_row_sum), from the stored exponential when there is one
     const acc_t prob = exps != nullptr ? exps[e] * inv_row_sum : softmax_prob(load(e), row_max, inv_row_sum);
-    filled = topk_insert(weights, ids, filled, k, prob, e);
+    filled = heap_offer(weights, ids, filled, k, prob, e);
   }
+  sort_heap(weights, ids, k);
   if (normalize) renormalize(weights, k);
 }
 

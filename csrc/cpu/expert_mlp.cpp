@@ -238,15 +238,17 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& top_k_weights, cons
                       "b1 must be [E, H1] in x's dtype, got ", b1->sizes());
   if (b2) TORCH_CHECK(b2->sizes() == at::IntArrayRef({p.experts, p.d_out}) && b2->scalar_type() == x.scalar_type(),
                       "b2 must be [E, O] in x's dtype, got ", b2->sizes());
+  TORCH_CHECK(p.top_k >= 1 && p.experts >= 1, "top_k_idx must be [T, K] with K >= 1 and w1 [E, H1, D] with E >= 1");
   for (const at::Tensor* t : {&x, &top_k_weights, &top_k_idx, &w1, &w2})
-    TORCH_CHECK(t->device().is_cpu(), "cumo CPU ops take CPU tensors");
+    TORCH_CHECK(t->device().is_cpu(), "cumo CPU ops take CPU tensors, got one on ", t->device());
+  for (const std::optional<at::Tensor>* b : {&b1, &b2})
+    if (*b) TORCH_CHECK((*b)->device().is_cpu(), "cumo CPU ops take CPU tensors, got a bias on ", (*b)->device());
   return p;
 }
 
-// Returns (y [T, O], hidden [N, H1] pre-activation per row or [0, H1], expert_offsets [E+1],
-// sorted_slots [N], slot_rows [N]). save_hidden=False (inference) skips the hidden buffer; backward
-// then recomputes it (one more GEMM per expert).
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_mlp_forward(
+// Returns (y [T, O], hidden [N, H1] pre-activation per row or [0, H1]). save_hidden=False (inference)
+// skips the hidden buffer; backward then recomputes it (one more GEMM per expert).
+std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
     const at::Tensor& x_in, const at::Tensor& top_k_weights, const at::Tensor& top_k_idx, const at::Tensor& w1_in,
     const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
     c10::string_view activation, bool glu, bool save_hidden) {
@@ -304,28 +306,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_ml
   phase.next("cumo::combine");
   if (save_hidden) hidden.narrow(0, offsets[p.experts], n - offsets[p.experts]).zero_();
   at::Tensor y = combine(out_rows, plan, scale, ids, p.experts);
-  return {y, hidden, plan.offsets, plan.sorted_slots, plan.slot_rows};
+  return {y, hidden};
 }
 
 // Returns (grad_x [T, D], grad_top_k_weights [T, K], grad_w1, grad_b1, grad_w2, grad_b2); grad_x is [0] unless
 // grad_input, the parameter gradients are [0] unless grad_params (and the bias gradients without a bias).
+// The routing plan is rebuilt from top_k_idx (a counting sort, O(T*K)), not taken from the caller: this op
+// is callable directly, and a plan it trusted could point outside every buffer.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_mlp_backward(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& top_k_weights, const at::Tensor& top_k_idx,
     const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
-    const std::optional<at::Tensor>& b2_in, const at::Tensor& hidden_in, const at::Tensor& expert_offsets,
-    const at::Tensor& sorted_slots_t, const at::Tensor& slot_rows, c10::string_view activation, bool glu,
+    const std::optional<at::Tensor>& b2_in, const at::Tensor& hidden_in, c10::string_view activation, bool glu,
     bool grad_input, bool grad_params) {
-  const at::Tensor w1 = w1_in.detach(), w2 = w2_in.detach(), hidden = hidden_in.detach();
+  const at::Tensor w1 = w1_in.detach(), w2 = w2_in.detach(), hidden = hidden_in.detach().contiguous();
   const std::optional<at::Tensor> b1 = detached(b1_in), b2 = detached(b2_in);
   const Problem p = check_problem(x_in, top_k_weights, top_k_idx, w1, b1, w2, b2, glu);
   const Activation act = parse_activation(activation);
   const int64_t n = p.tokens * p.top_k;
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({p.tokens, p.d_out}), "grad_y must be [T, O], got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.device().is_cpu() && hidden.device().is_cpu(), "cumo CPU ops take CPU tensors");
+  TORCH_CHECK(at::isFloatingType(grad_y.scalar_type()), "grad_y must be floating point, got ", grad_y.scalar_type());
+  TORCH_CHECK(hidden.scalar_type() == x_in.scalar_type(), "hidden must have x's dtype");
   const bool recompute = hidden.size(0) == 0;  // forward ran with save_hidden=False
   TORCH_CHECK((recompute || hidden.size(0) == n) && hidden.size(1) == p.h1,
               "hidden must be the [T*K, H1] (or [0, H1]) tensor of expert_mlp_forward, got ", hidden.sizes());
-  TORCH_CHECK(expert_offsets.numel() == p.experts + 1 && sorted_slots_t.numel() == n && slot_rows.numel() == n,
-              "routing plan tensors do not match the problem");
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const auto dtype = x_in.scalar_type();
   const auto acc_dtype = opmath_dtype(dtype);
@@ -333,7 +337,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor dy = grad_y.detach().to(dtype).contiguous();
   const at::Tensor ids = top_k_idx.to(at::kLong).contiguous();
   const at::Tensor scale = top_k_weights.detach().to(acc_dtype).contiguous();
-  const RoutingPlan plan{at::Tensor(), expert_offsets.contiguous(), sorted_slots_t.contiguous(), slot_rows.contiguous()};
+  const RoutingPlan plan = build_routing_plan(ids, p.experts);
   const int64_t* offsets = plan.offsets.const_data_ptr<int64_t>();
   const int64_t* sorted_slots = plan.sorted_slots.const_data_ptr<int64_t>();
 
@@ -417,12 +421,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_FRAGMENT(cumo, m) {
   m.def(
       "expert_mlp_forward(Tensor x, Tensor top_k_weights, Tensor top_k_idx, Tensor w1, Tensor? b1, Tensor w2, "
-      "Tensor? b2, str activation, bool glu, bool save_hidden) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "Tensor? b2, str activation, bool glu, bool save_hidden) -> (Tensor, Tensor)");
   m.def(
       "expert_mlp_backward(Tensor grad_y, Tensor x, Tensor top_k_weights, Tensor top_k_idx, Tensor w1, Tensor? b1, "
-      "Tensor w2, Tensor? b2, Tensor hidden, Tensor expert_offsets, Tensor sorted_slots, Tensor slot_rows, "
-      "str activation, bool glu, bool grad_input, bool grad_params) -> (Tensor, Tensor, Tensor, Tensor, Tensor, "
-      "Tensor)");
+      "Tensor w2, Tensor? b2, Tensor hidden, str activation, bool glu, bool grad_input, bool grad_params) -> "
+      "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cumo, CPU, m) {

@@ -12,9 +12,6 @@
 namespace cumo_cuda {
 namespace {
 
-// Sorted rows that hold no slot (block padding, block_size > 1) hold this value.
-constexpr int64_t kPaddingSlot = -1;
-
 void check_launch(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
 }
@@ -55,27 +52,23 @@ std::tuple<at::Tensor, at::Tensor> topk_gating_cuda(const at::Tensor& logits, in
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_plan_cuda(const at::Tensor& top_k_idx,
-                                                                             int64_t num_experts,
-                                                                             int64_t block_size) {
+                                                                             int64_t num_experts) {
   TORCH_CHECK(top_k_idx.is_cuda(), "routing_plan: top_k_idx must be a CUDA tensor");
   TORCH_CHECK(top_k_idx.dim() == 2, "routing_plan: top_k_idx must be [T, K], got ", top_k_idx.sizes());
   TORCH_CHECK(at::isIntegralType(top_k_idx.scalar_type(), /*includeBool=*/false),
               "routing_plan: top_k_idx must be an integer tensor, got ", top_k_idx.scalar_type());
   TORCH_CHECK(num_experts >= 1 && num_experts <= kRoutingMaxExperts, "routing_plan: need 1 <= num_experts <= ",
               kRoutingMaxExperts, ", got ", num_experts);
-  TORCH_CHECK(block_size >= 1, "routing_plan: block_size must be >= 1, got ", block_size);
   const c10::cuda::CUDAGuard guard(top_k_idx.device());
   const auto ids = top_k_idx.to(at::kLong).contiguous().view(-1);
   const int64_t num_slots = ids.numel();
-  const int64_t num_rows = num_slots + (block_size > 1 ? num_experts * (block_size - 1) : 0);
   const auto options = top_k_idx.options().dtype(at::kLong);
   auto expert_counts = at::empty({num_experts}, options);
   auto expert_offsets = at::empty({num_experts + 1}, options);
-  // With block_size 1 every row holds a slot; otherwise padding rows keep the sentinel.
-  auto sorted_slots = block_size > 1 ? at::full({num_rows}, kPaddingSlot, options) : at::empty({num_rows}, options);
+  auto sorted_slots = at::empty({num_slots}, options);
   auto slot_rows = at::empty({num_slots}, options);
   auto workspace = at::empty({(num_experts + 1) * routing_num_chunks(num_slots)}, options);
-  check_launch(launch_routing_plan(ids.const_data_ptr<int64_t>(), num_slots, num_experts, block_size,
+  check_launch(launch_routing_plan(ids.const_data_ptr<int64_t>(), num_slots, num_experts,
                                    workspace.data_ptr<int64_t>(), expert_counts.data_ptr<int64_t>(),
                                    expert_offsets.data_ptr<int64_t>(), sorted_slots.data_ptr<int64_t>(),
                                    slot_rows.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream()),
@@ -88,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> routing_plan_cuda(con
 
 TORCH_LIBRARY_FRAGMENT(cumo_cuda, m) {
   m.def("topk_gating(Tensor logits, int top_k, bool normalize) -> (Tensor, Tensor)");
-  m.def("routing_plan(Tensor top_k_idx, int num_experts, int block_size) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("routing_plan(Tensor top_k_idx, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(cumo_cuda, CUDA, m) {

@@ -51,10 +51,14 @@ __global__ void topk_gating_kernel(const scalar_t* __restrict__ logits, int64_t 
   row_max = warp_max(row_max);
   float row_sum = 0.f;
   for (int64_t e = lane; e < num_experts; e += kWarpSize) row_sum += cumo::exp_f32(load(e) - row_max);
-  const float inv_row_sum = 1.f / warp_sum(row_sum);
-
+  row_sum = warp_sum(row_sum);
   float* token_weights = weights + token * top_k;
   int64_t* token_ids = ids + token * top_k;
+  if (cumo::is_poisoned(row_sum)) {  // fmaxf skips NaN, but the sum does not
+    if (lane == 0) cumo::fill_poisoned(token_weights, token_ids, top_k);
+    return;
+  }
+  const float inv_row_sum = 1.f / row_sum;
   // (INFINITY, -1) ranks before every candidate, so round 0 considers all of them.
   float prev_prob = INFINITY;
   int64_t prev_id = -1;

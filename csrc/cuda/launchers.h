@@ -28,9 +28,9 @@ cudaError_t launch_topk_gating(const void* logits, FloatType dtype, int64_t num_
 // top_k_idx: [N] contiguous int64 expert ids (outside [0, E) = dropped).
 // workspace: [(E+1) * routing_num_chunks(N)] int64, uninitialised.
 // Writes expert_counts [E], expert_offsets [E+1], sorted_slots (every row that holds a slot),
-// slot_rows [N]. Rows that hold no slot (block padding) are left untouched: the caller fills them.
+// slot_rows [N].
 cudaError_t launch_routing_plan(const int64_t* top_k_idx, int64_t num_slots, int64_t num_experts,
-                                int64_t block_size, int64_t* workspace, int64_t* expert_counts,
+                                int64_t* workspace, int64_t* expert_counts,
                                 int64_t* expert_offsets, int64_t* sorted_slots, int64_t* slot_rows,
                                 cudaStream_t stream);
 

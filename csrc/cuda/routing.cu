@@ -4,7 +4,7 @@
 //   1. chunk_histogram: one warp per chunk of kRoutingChunkSlots slots counts its buckets in shared
 //      memory (warp match + popcount, one leader add per bucket and tile) -> workspace[b][chunk].
 //   2. scan: one block; per bucket, an exclusive scan over chunks (one warp per bucket); then the
-//      bucket starts (segments padded to block_size for e < E) are added -> row base per chunk.
+//      bucket starts are added -> row base per chunk.
 //   3. scatter: each warp re-reads its chunk in slot order; a slot's row is its chunk's base plus the
 //      earlier slots of the same bucket (earlier tiles: running counter; same tile: lower lanes).
 // Stable: within a bucket, rows follow slot order, the same as moe_kernels.routing.build_routing_plan.
@@ -62,7 +62,7 @@ __global__ void chunk_histogram_kernel(const int64_t* __restrict__ top_k_idx, in
 }
 
 __global__ void scan_kernel(int64_t* __restrict__ workspace, int64_t num_chunks, int64_t num_experts,
-                            int64_t block_size, int64_t* __restrict__ expert_counts,
+                            int64_t* __restrict__ expert_counts,
                             int64_t* __restrict__ expert_offsets) {
   __shared__ int64_t bucket_totals[kRoutingMaxExperts + 1];
   const int warp = threadIdx.x / kWarpSize;
@@ -86,14 +86,13 @@ __global__ void scan_kernel(int64_t* __restrict__ workspace, int64_t num_chunks,
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    // Expert segments are padded to block_size; the dropped bucket follows the last one unpadded.
     int64_t start = 0;
     for (int64_t e = 0; e < num_experts; ++e) {
       const int64_t count = bucket_totals[e];
       expert_counts[e] = count;
       expert_offsets[e] = start;
       bucket_totals[e] = start;
-      start += cumo::round_up(count, block_size);
+      start += count;
     }
     expert_offsets[num_experts] = start;
     bucket_totals[num_experts] = start;
@@ -131,10 +130,10 @@ __global__ void scatter_kernel(const int64_t* __restrict__ top_k_idx, int64_t nu
 }  // namespace
 
 cudaError_t launch_routing_plan(const int64_t* top_k_idx, int64_t num_slots, int64_t num_experts,
-                                int64_t block_size, int64_t* workspace, int64_t* expert_counts,
+                                int64_t* workspace, int64_t* expert_counts,
                                 int64_t* expert_offsets, int64_t* sorted_slots, int64_t* slot_rows,
                                 cudaStream_t stream) {
-  if (num_experts < 1 || num_experts > kRoutingMaxExperts || block_size < 1) return cudaErrorInvalidValue;
+  if (num_experts < 1 || num_experts > kRoutingMaxExperts) return cudaErrorInvalidValue;
   if (num_slots == 0) {
     cudaError_t err = cudaMemsetAsync(expert_counts, 0, num_experts * sizeof(int64_t), stream);
     if (err != cudaSuccess) return err;
@@ -149,7 +148,7 @@ cudaError_t launch_routing_plan(const int64_t* top_k_idx, int64_t num_slots, int
       top_k_idx, num_slots, num_experts, num_chunks, workspace);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
-  scan_kernel<<<1, kScanThreads, 0, stream>>>(workspace, num_chunks, num_experts, block_size, expert_counts,
+  scan_kernel<<<1, kScanThreads, 0, stream>>>(workspace, num_chunks, num_experts, expert_counts,
                                               expert_offsets);
   err = cudaGetLastError();
   if (err != cudaSuccess) return err;

@@ -96,12 +96,17 @@ def topk_gating_kernel(
     probs = _softmax_rows(logits_ptr, tokens, token_mask, experts, expert_mask, stride_lt, stride_le)
     # Probabilities are >= 0: padding columns (-1) are never picked, picked ones become -2.
     work = tl.where(expert_mask[None, :], probs, -1.0)
+    # A NaN/inf logit makes the whole row NaN: such a token takes the lowest unpicked ids with NaN
+    # weights (what the reference's stable sort gives), never an id outside [0, E).
+    poisoned = tl.sum(tl.where(expert_mask[None, :] & (probs != probs), 1, 0), axis=1) > 0
     ks = tl.arange(0, BLOCK_K)
     top_w = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32)
     top_i = tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.int64)
     for k in tl.static_range(TOP_K):
         best = tl.max(work, axis=1)
-        best_id = tl.min(tl.where(work == best[:, None], experts[None, :], BLOCK_E), axis=1)
+        candidate = tl.where(poisoned[:, None], expert_mask[None, :] & (work != -2.0), work == best[:, None])
+        best_id = tl.min(tl.where(candidate, experts[None, :], BLOCK_E), axis=1)
+        best = tl.where(poisoned, float("nan"), best)
         top_w = tl.where(ks[None, :] == k, best[:, None], top_w)
         top_i = tl.where(ks[None, :] == k, best_id[:, None].to(tl.int64), top_i)
         work = tl.where(experts[None, :] == best_id[:, None], -2.0, work)

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 import triton
-from moe_kernels.reference import check_activation
+from moe_kernels.contract import check_expert_mlp_args, check_gating_args, double_backward_error
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton.runtime import (
     INTERPRET_GEMM,
@@ -86,6 +86,7 @@ def _gating_tiles(num_experts: int, top_k: int) -> dict:
 
 @torch.library.custom_op("cumo_triton::topk_gating", mutates_args=())
 def _topk_gating_op(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    check_gating_args(logits, top_k, normalize)
     interpret = check_device(logits)
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
@@ -147,15 +148,7 @@ _topk_gating_op.register_autograd(_topk_gating_backward, setup_context=_topk_gat
 
 
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
-    """Fused router: fp32 softmax -> top-k (ties to the lower id) -> optional renormalise.
-
-    logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64).
-    Differentiable in logits (the router-weight gradient flows through it).
-    """
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be [T, E], got shape {tuple(logits.shape)}")
-    if not 1 <= top_k <= logits.shape[1]:
-        raise ValueError(f"top_k must be in [1, {logits.shape[1]}], got {top_k}")
+    """The fused Triton router (contract: ``moe_kernels.ops.topk_gating``)."""
     return _topk_gating_op(logits, top_k, normalize)
 
 
@@ -230,15 +223,37 @@ def _combine(rows: Tensor, ids: Tensor, weights: Tensor | None, plan: RoutingPla
 # Expert MLP
 
 
+def check_triton_dtype(x: Tensor) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"the Triton expert kernels take {[str(d) for d in SUPPORTED_DTYPES]}, got {x.dtype}")
+
+
+def _check_saved_rows(grad_out: Tensor, x: Tensor, top_k_idx: Tensor, w1: Tensor, w2: Tensor, pre: Tensor,
+                      hidden_rows: Tensor, rows: Tensor, need_pre: bool, need_rows: bool) -> None:
+    """The buffers a backward reads must be the forward's: [T*K, H1], [T*K, H], [T*K, O] (or empty
+    where the forward did not keep them and the backward does not read them)."""
+    num_rows = top_k_idx.numel()
+    expected = {"grad_out": (grad_out, (x.shape[0], w2.shape[1]), True),
+                "pre": (pre, (num_rows, w1.shape[1]), need_pre),
+                "hidden_rows": (hidden_rows, (num_rows, w2.shape[2]), True),
+                "rows": (rows, (num_rows, w2.shape[1]), need_rows)}
+    for name, (t, shape, needed) in expected.items():
+        if needed and tuple(t.shape) != shape:
+            raise ValueError(f"expert_mlp_backward: {name} must be {list(shape)}, got {list(t.shape)}")
+
+
 # The forward op returns, besides the output, what its backward reads: fc1's pre-activation rows (when
-# x, w1 or b1 need a gradient; [0, H1] otherwise), the activated rows, the unweighted expert output
-# rows (when the top-k weights need a gradient; [0, O] otherwise) and the routing plan. Which ones it
-# keeps is decided by the caller from requires_grad (save_pre, keep_rows): a custom op does not see
-# autograd state.
+# x, w1 or b1 need a gradient; [0, H1] otherwise), the activated rows and the unweighted expert output
+# rows (when the top-k weights need a gradient; [0, O] otherwise). Which ones it keeps is decided by
+# the caller from requires_grad (save_pre, keep_rows): a custom op does not see autograd state. The
+# backward rebuilds the routing plan (three small launches) instead of taking one: the raw op is
+# callable directly, and a plan it trusted could send a kernel outside every buffer.
 @torch.library.custom_op("cumo_triton::expert_mlp_forward", mutates_args=())
 def _expert_mlp_forward_op(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
                            w2: Tensor, b2: Tensor | None, activation: str, glu: bool, save_pre: bool,
-                           keep_rows: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                           keep_rows: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
+    check_triton_dtype(x)
     interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
     num_tokens, top_k = top_k_idx.shape
     num_experts, hidden1, _ = w1.shape
@@ -265,30 +280,30 @@ def _expert_mlp_forward_op(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, 
             _combine(rows, ids, weights if keep_rows else None, plan, num_experts, out, interpret)
     if not keep_rows:
         rows = rows.new_empty(0, out_features)
-    return out, pre, hidden_rows, rows, *plan[:4]
+    return out, pre, hidden_rows, rows
 
 
 @_expert_mlp_forward_op.register_fake
 def _(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_pre, keep_rows):
+    check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, allow_meta=True)
     num_rows = top_k_idx.shape[0] * top_k_idx.shape[1]
-    num_experts, hidden1, out_features, hidden = w1.shape[0], w1.shape[1], w2.shape[1], w2.shape[2]
-    index = dict(dtype=torch.int64)
+    hidden1, out_features, hidden = w1.shape[1], w2.shape[1], w2.shape[2]
     return (x.new_empty(x.shape[0], out_features), x.new_empty(num_rows if save_pre else 0, hidden1),
-            x.new_empty(num_rows, hidden), x.new_empty(num_rows if keep_rows else 0, out_features),
-            x.new_empty(num_experts, **index), x.new_empty(num_experts + 1, **index),
-            x.new_empty(num_rows, **index), x.new_empty(num_rows, **index))
+            x.new_empty(num_rows, hidden), x.new_empty(num_rows if keep_rows else 0, out_features))
 
 
 # Gradients that are not wanted come back as [0] tensors (a custom op returns tensors, not None).
 @torch.library.custom_op("cumo_triton::expert_mlp_backward", mutates_args=())
 def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor,
-                            w2: Tensor, counts: Tensor, offsets: Tensor, sorted_slots: Tensor, slot_rows: Tensor,
-                            pre: Tensor, hidden_rows: Tensor, rows: Tensor, activation: str, glu: bool,
+                            w2: Tensor, pre: Tensor, hidden_rows: Tensor, rows: Tensor, activation: str, glu: bool,
                             need_x: bool, need_weights: bool, need_w1: bool, need_b1: bool, need_w2: bool,
                             need_b2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    interpret = check_device(grad_out, x, w1, w2)
+    check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, None, w2, None, activation, glu)
+    check_triton_dtype(x)
+    _check_saved_rows(grad_out, x, top_k_idx, w1, w2, pre, hidden_rows, rows, need_x or need_w1 or need_b1,
+                      need_weights)
+    interpret = check_device(grad_out, x, w1, w2, pre, hidden_rows, rows)
     num_tokens, top_k = top_k_idx.shape
-    plan = RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
     ids = top_k_idx.reshape(-1).to(torch.int64).contiguous()
     weights = top_k_weights.reshape(-1).float().contiguous()
     num_experts, hidden1, d_in = w1.shape
@@ -306,13 +321,14 @@ def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, 
     grad_b1_t = torch.empty(num_experts, hidden1, dtype=w1.dtype, device=w1.device) if need_b1 else None
 
     with device_guard(x):
+        plan = _routing_plan(ids, num_experts, top_k, interpret)
         if need_weights:
             grad_weights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
             if num_rows > 0:
                 block_n = min(triton.next_power_of_2(out_features), 16 if interpret else 128)
                 block_s = max(1, min(128, ELEMENTWISE_TILE // block_n))
                 launch("topk_weight_grad_kernel", interpret, (triton.cdiv(num_rows, block_s),),
-                       grad_out, rows, slot_rows, ids, grad_weights, num_rows, out_features, num_experts,
+                       grad_out, rows, plan.slot_rows, ids, grad_weights, num_rows, out_features, num_experts,
                        grad_out.stride(0), grad_out.stride(1), rows.stride(0), rows.stride(1),
                        TOP_K=top_k, BLOCK_S=block_s, BLOCK_N=block_n)
             grad_weights = grad_weights.view(num_tokens, top_k).to(top_k_weights.dtype)
@@ -353,8 +369,8 @@ def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, 
 
 
 @_expert_mlp_backward_op.register_fake
-def _(grad_out, x, top_k_weights, top_k_idx, w1, w2, counts, offsets, sorted_slots, slot_rows, pre, hidden_rows,
-      rows, activation, glu, need_x, need_weights, need_w1, need_b1, need_w2, need_b2):
+def _(grad_out, x, top_k_weights, top_k_idx, w1, w2, pre, hidden_rows, rows, activation, glu, need_x, need_weights,
+      need_w1, need_b1, need_w2, need_b2):
     def shaped(wanted, *shape, dtype=None):
         return x.new_empty(*shape, dtype=dtype or x.dtype) if wanted else x.new_empty(0)
 
@@ -366,11 +382,10 @@ def _(grad_out, x, top_k_weights, top_k_idx, w1, w2, counts, offsets, sorted_slo
 
 def _expert_mlp_setup(ctx, inputs, output):
     x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, _save_pre, _keep_rows = inputs
-    _, pre, hidden_rows, rows, counts, offsets, sorted_slots, slot_rows = output
-    ctx.save_for_backward(x, top_k_weights, top_k_idx, w1, w2, counts, offsets, sorted_slots, slot_rows, pre,
-                          hidden_rows, rows)
+    _, pre, hidden_rows, rows = output
+    ctx.save_for_backward(x, top_k_weights, top_k_idx, w1, w2, pre, hidden_rows, rows)
     ctx.activation, ctx.glu = activation, glu
-    ctx.mark_non_differentiable(pre, hidden_rows, rows, counts, offsets, sorted_slots, slot_rows)
+    ctx.mark_non_differentiable(pre, hidden_rows, rows)
     # No zero-filled gradients for those outputs: pre and hidden_rows are as large as the activations.
     ctx.set_materialize_grads(False)
 
@@ -378,6 +393,8 @@ def _expert_mlp_setup(ctx, inputs, output):
 def _expert_mlp_backward(ctx, grad_out, *_unused):
     if grad_out is None:
         return (None,) * 11
+    if torch.is_grad_enabled():  # backward(create_graph=True): this backward is not differentiable
+        raise RuntimeError(double_backward_error("triton"))
     needs = ctx.needs_input_grad
     grads = _expert_mlp_backward_op(grad_out, *ctx.saved_tensors, ctx.activation, ctx.glu,
                                     needs[0], needs[1], needs[3], needs[4], needs[5], needs[6])
@@ -391,26 +408,7 @@ _expert_mlp_forward_op.register_autograd(_expert_mlp_backward, setup_context=_ex
 
 def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
                w2: Tensor, b2: Tensor | None, activation: str = "gelu", glu: bool = False) -> Tensor:
-    """Sparse expert MLP with Triton kernels; semantics of moe_kernels.reference.expert_mlp.
-
-    x: [T, D]; top_k_weights: [T, K] float; top_k_idx: [T, K] int64 (ids outside [0, E) dropped);
-    w1: [E, H1, D]; b1: [E, H1] | None; w2: [E, O, H]; b2: [E, O] | None -> [T, O] in x.dtype.
-    Differentiable in x, top_k_weights, w1, b1, w2, b2.
-    """
-    check_activation(activation)
-    if x.dim() != 2 or top_k_idx.dim() != 2 or top_k_weights.shape != top_k_idx.shape:
-        raise ValueError("expected x [T, D], top_k_weights and top_k_idx [T, K]")
-    num_experts, hidden1, d_in = w1.shape
-    hidden = w2.shape[2]
-    if x.shape[1] != d_in or top_k_idx.shape[0] != x.shape[0] or w2.shape[0] != num_experts:
-        raise ValueError(f"shape mismatch: x {tuple(x.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
-    if hidden1 != (2 * hidden if glu else hidden):
-        raise ValueError(f"w1 has {hidden1} rows; expected {'2*' if glu else ''}{hidden} (w2's hidden size)")
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the Triton expert kernels take {[str(d) for d in SUPPORTED_DTYPES]}, got {x.dtype}")
-    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
-        if t is not None and t.dtype != x.dtype:
-            raise TypeError(f"{name} is {t.dtype} but x is {x.dtype}; the expert weights must match x")
+    """The Triton expert MLP (contract: ``moe_kernels.ops.expert_mlp``); float32/float16/bfloat16."""
     grad_enabled = torch.is_grad_enabled()
 
     def needs_grad(t: Tensor | None) -> bool:

@@ -73,7 +73,7 @@ def test_nvcc_compiles(source, tmp_path):
 EXPECTED_SCHEMAS = {
     "topk_gating": "cumo_cuda::topk_gating(Tensor logits, int top_k, bool normalize) -> (Tensor, Tensor)",
     "routing_plan": (
-        "cumo_cuda::routing_plan(Tensor top_k_idx, int num_experts, int block_size)"
+        "cumo_cuda::routing_plan(Tensor top_k_idx, int num_experts)"
         " -> (Tensor, Tensor, Tensor, Tensor)"
     ),
 }
@@ -99,18 +99,17 @@ def test_topk_gating_fake_and_autograd_on_meta():
 
 @needs_extension
 @pytest.mark.parametrize(
-    "tokens,top_k,experts,block_size,rows",
+    "tokens,top_k,experts",
     [
-        (5, 3, 4, 1, 15),  # unpadded: exactly T*K rows
-        (5, 3, 4, 8, 15 + 4 * 7),  # padded: worst case E*(block-1) extra rows
-        (0, 2, 6, 16, 6 * 15),  # no tokens: only padding capacity
+        (5, 3, 4),  # exactly T*K rows
+        (0, 2, 6),  # no tokens: empty rows, E+1 offsets
     ],
 )
-def test_routing_plan_fake(tokens, top_k, experts, block_size, rows):
+def test_routing_plan_fake(tokens, top_k, experts):
     idx = torch.empty(tokens, top_k, dtype=torch.int64, device="meta")
-    counts, offsets, sorted_slots, slot_rows = torch.ops.cumo_cuda.routing_plan(idx, experts, block_size)
+    counts, offsets, sorted_slots, slot_rows = torch.ops.cumo_cuda.routing_plan(idx, experts)
     assert [tuple(t.shape) for t in (counts, offsets, sorted_slots, slot_rows)] == [
-        (experts,), (experts + 1,), (rows,), (tokens * top_k,)
+        (experts,), (experts + 1,), (tokens * top_k,), (tokens * top_k,)
     ]
     assert all(t.dtype == torch.int64 for t in (counts, offsets, sorted_slots, slot_rows))
 
@@ -313,40 +312,11 @@ def test_gpu_routing_plan_matches_reference(tokens, top_k, experts, index_dtype)
 
 @pytest.mark.gpu
 @needs_extension
-@pytest.mark.parametrize(
-    "experts,block_size,match",
-    [(0, 1, "num_experts"), (4096, 1, "num_experts"), (4, 0, "block_size")],  # each argument's bound
-)
-def test_gpu_routing_plan_rejects_bad_arguments(experts, block_size, match):
+@pytest.mark.parametrize("experts", [0, 4096])  # below and above the bound [1, kRoutingMaxExperts]
+def test_gpu_routing_plan_rejects_bad_arguments(experts):
     idx = torch.zeros(3, 2, dtype=torch.int64, device="cuda")
-    with pytest.raises(RuntimeError, match=match):
-        torch.ops.cumo_cuda.routing_plan(idx, experts, block_size)
-
-
-@pytest.mark.parametrize("block_size", [4, 128])
-@pytest.mark.gpu
-@needs_extension
-def test_gpu_routing_plan_block_aligned(block_size):
-    tokens, top_k, experts = 300, 2, 6
-    idx = torch.randint(0, experts + 1, (tokens, top_k), device="cuda")
-    plan = cuda_backend.routing_plan(idx, experts, block_size)
-    unpadded = build_routing_plan(idx, experts)
-    offsets = plan.expert_offsets.tolist()
-    counts = plan.expert_counts.tolist()
-    assert counts == unpadded.expert_counts.tolist()
-    assert plan.sorted_slots.numel() == tokens * top_k + experts * (block_size - 1)
-    assert all(o % block_size == 0 for o in offsets)
-    for e in range(experts):
-        segment = plan.sorted_slots[offsets[e]:offsets[e + 1]]
-        assert segment.numel() == -(-counts[e] // block_size) * block_size
-        real = unpadded.sorted_slots[unpadded.expert_offsets[e]:unpadded.expert_offsets[e + 1]]
-        assert torch.equal(segment[:counts[e]], real)
-        assert (segment[counts[e]:] == -1).all()
-    dropped = tokens * top_k - sum(counts)
-    assert torch.equal(plan.sorted_slots[offsets[-1]:offsets[-1] + dropped], unpadded.sorted_slots[sum(counts):])
-    assert (plan.sorted_slots[offsets[-1] + dropped:] == -1).all()
-    slots = torch.arange(tokens * top_k, device="cuda")
-    assert torch.equal(plan.sorted_slots[plan.slot_rows], slots)
+    with pytest.raises(RuntimeError, match="num_experts"):
+        torch.ops.cumo_cuda.routing_plan(idx, experts)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,136 @@
+"""The argument contract of the public ops, checked once before any backend runs.
+
+``moe_kernels.ops`` calls these before it dispatches, so every backend sees the same errors for
+the same bad input; the Triton launchers and the fake (meta) kernels call them too, because
+``torch.ops.*`` can be called directly. The compiled C++/CUDA ops check the same contract in C++.
+Errors name the argument, what it is, and what was expected: TypeError for a wrong kind or dtype,
+ValueError for a wrong shape, value or device.
+
+Shapes: T tokens, D input features, H expert hidden size (H1 = H, or 2*H with GLU), O output
+features, E experts, K = top_k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moe_kernels.reference import check_activation
+
+FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def _shape(t: Tensor) -> tuple:
+    return tuple(t.shape)
+
+
+def _check_tensor(name: str, t: object, dims: int) -> Tensor:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dims:
+        raise ValueError(f"{name} must have {dims} dims, got shape {_shape(t)}")
+    return t
+
+
+def _check_float(name: str, t: Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be one of {[str(d) for d in FLOAT_DTYPES]}, got {t.dtype}")
+
+
+def check_flag(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_one_device(op: str, named: dict[str, Tensor | None], allow_meta: bool = False) -> None:
+    """Every tensor on one device, and that device holds data (not meta) unless ``allow_meta``
+    (the fake kernels: meta in, meta out). Fake tensors under torch.compile report the device they
+    stand for, so tracing passes either way."""
+    tensors = {name: t for name, t in named.items() if t is not None}
+    devices = {t.device for t in tensors.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{name} on {t.device}" for name, t in tensors.items())
+        raise ValueError(f"{op}: every tensor must be on one device, got {where}")
+    if devices and next(iter(devices)).type == "meta" and not allow_meta:
+        raise ValueError(
+            f"{op}: got tensors on the meta device, which hold no data (a module built on meta needs its "
+            "weights loaded, e.g. load_state_dict(..., assign=True), before it runs)"
+        )
+
+
+def check_gating_args(logits: Tensor, top_k: int, normalize: bool, allow_meta: bool = False) -> None:
+    """logits: [T, E] float, E >= 1; top_k: int in [1, E]; normalize: bool."""
+    _check_tensor("logits", logits, 2)
+    _check_float("logits", logits)
+    num_experts = logits.shape[1]
+    if num_experts < 1:
+        raise ValueError(f"logits must be [T, E] with E >= 1 experts, got shape {_shape(logits)}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"top_k must be an int, got {type(top_k).__name__} {top_k!r}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in [1, {num_experts}] (the number of experts), got {top_k}")
+    check_flag("normalize", normalize)
+    check_one_device("topk_gating", {"logits": logits}, allow_meta)
+
+
+def check_expert_mlp_args(
+    x: Tensor,
+    top_k_weights: Tensor,
+    top_k_idx: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    activation: str,
+    glu: bool,
+    allow_meta: bool = False,
+) -> None:
+    """x: [T, D] float; top_k_weights: [T, K] float; top_k_idx: [T, K] integer (ids outside [0, E)
+    are dropped, K >= 1); w1: [E, H1, D], E >= 1; b1: [E, H1] | None; w2: [E, O, H] with H1 = H
+    (2*H with GLU); b2: [E, O] | None; weights and biases in x's dtype; all on one device."""
+    _check_tensor("x", x, 2)
+    _check_float("x", x)
+    _check_tensor("top_k_idx", top_k_idx, 2)
+    if top_k_idx.dtype.is_floating_point or top_k_idx.dtype.is_complex or top_k_idx.dtype == torch.bool:
+        raise TypeError(f"top_k_idx must hold integer expert ids (int64 or int32), got {top_k_idx.dtype}")
+    num_tokens, top_k = top_k_idx.shape
+    if num_tokens != x.shape[0]:
+        raise ValueError(f"top_k_idx must be [T, K] with T = {x.shape[0]} (x's tokens), got {_shape(top_k_idx)}")
+    if top_k < 1:
+        raise ValueError(f"top_k_idx must be [T, K] with K >= 1, got {_shape(top_k_idx)}")
+    _check_tensor("top_k_weights", top_k_weights, 2)
+    _check_float("top_k_weights", top_k_weights)
+    if top_k_weights.shape != top_k_idx.shape:
+        raise ValueError(f"top_k_weights must be {_shape(top_k_idx)} like top_k_idx, got {_shape(top_k_weights)}")
+    check_activation(activation)
+    check_flag("glu", glu)
+
+    _check_tensor("w1", w1, 3)
+    _check_tensor("w2", w2, 3)
+    num_experts, hidden1, d_in = w1.shape
+    if num_experts < 1:
+        raise ValueError(f"w1 must be [E, H1, D] with E >= 1 experts, got {_shape(w1)}")
+    if d_in != x.shape[1]:
+        raise ValueError(f"w1 must be [E, H1, {x.shape[1]}] (x's features), got {_shape(w1)}")
+    hidden = w2.shape[2]
+    if w2.shape[0] != num_experts or hidden1 != (2 * hidden if glu else hidden):
+        expected = f"[{num_experts}, O, {hidden1 // 2 if glu else hidden1}]"
+        raise ValueError(f"w2 must be {expected} for w1 {_shape(w1)}{' with GLU' if glu else ''}, got {_shape(w2)}")
+    for name, bias, rows in (("b1", b1, hidden1), ("b2", b2, w2.shape[1])):
+        if bias is not None:
+            _check_tensor(name, bias, 2)
+            if bias.shape != (num_experts, rows):
+                raise ValueError(f"{name} must be [{num_experts}, {rows}], got {_shape(bias)}")
+    for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
+    check_one_device("expert_mlp", {"x": x, "top_k_weights": top_k_weights, "top_k_idx": top_k_idx,
+                                    "w1": w1, "b1": b1, "w2": w2, "b2": b2}, allow_meta)
+
+
+def double_backward_error(backend: str) -> str:
+    """What every compiled backend raises on backward(create_graph=True) through expert_mlp."""
+    return (
+        f"expert_mlp: backend {backend!r} has first-order gradients only; a double backward "
+        "(create_graph=True, e.g. a gradient penalty) needs backend='torch', which is plain autograd"
+    )
