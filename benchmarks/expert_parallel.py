@@ -149,6 +149,7 @@ def measured_table(regime: Regime, backend: str) -> str:
         "| gating | all-to-all | experts | combine |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    print("\n".join(rows), flush=True)
     for world_size in WORLD_SIZES:
         result = run_world(world_size, regime, backend)
         if "single_process" in result:
