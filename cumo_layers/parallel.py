@@ -50,6 +50,7 @@ from torch import Tensor, nn
 from cumo_layers.checkpoint import CheckpointError, read_config, read_tensors, write_checkpoint
 from cumo_layers.moe import SparseMoEMLP
 from cumo_layers.router import balance_loss, cumo_balance_loss, expert_load, z_loss
+from cumo_layers.serialization import moe_settings
 from moe_kernels import ops
 from moe_kernels.reference import combine
 from moe_kernels.routing import build_routing_plan, expert_capacity
@@ -327,16 +328,8 @@ def data_parallel(model: nn.Module, group: dist.ProcessGroup | None = None, **dd
 
 
 def _layer_config(moe: SparseMoEMLP) -> dict[str, Any]:
-    """SparseMoEMLP constructor arguments that rebuild ``moe`` (backend, device and dtype excepted)."""
-    router = moe.router
-    return {
-        "in_features": moe.in_features, "hidden_features": moe.hidden_features, "out_features": moe.out_features,
-        "num_experts": moe.num_experts, "top_k": moe.top_k, "activation": moe.activation, "glu": moe.glu,
-        "bias": moe.b1 is not None, "router_jitter": router.jitter, "normalize_top_k": router.normalize_top_k,
-        "balance_loss_coef": router.balance_loss_coef, "z_loss_coef": router.z_loss_coef,
-        "balance_loss": router.balance_loss,
-        "capacity_factor": moe.capacity_factor,
-    }
+    """SparseMoEMLP constructor arguments that rebuild ``moe``; the backend is the loader's choice."""
+    return {name: value for name, value in moe_settings(moe).items() if name != "backend"}
 
 
 def save_expert_slice(moe: ExpertParallelMoEMLP, directory: str | os.PathLike) -> Path:
