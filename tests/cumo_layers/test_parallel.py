@@ -7,7 +7,10 @@ bounded in time (its workers are killed past it) and every worker destroys its p
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
+import torch
 import torch.distributed as dist
 
 from tests.cumo_layers.expert_parallel_worker import CORRECTNESS_CASES, launch
@@ -88,3 +91,48 @@ def test_data_parallel_training_matches_single_process(worlds):
     assert got["steps"] == 6 and got["loss_moved"] > 1e-3  # the loop trained
     assert got["loss_curve"] <= FP64_TOLERANCE, f"loss curve relative error {got['loss_curve']:.3g}"
     assert got["params"] <= FP64_TOLERANCE, f"parameters after training: relative error {got['params']:.3g}"
+
+
+def host_syncs(layer, x) -> int:
+    """Synchronising CUDA calls (as torch.cuda's sync debug mode reports them) in one forward of ``layer``."""
+    layer(x)  # warm-up: first calls may compile or allocate
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            layer(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("called a synchronizing CUDA operation" in str(w.message) for w in caught)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])  # dropless; capacity dropping
+def test_one_rank_nccl_on_gpu(capacity_factor):
+    """In a one-rank NCCL world on a GPU: the plain layer's function and gradients, and exactly one host
+    synchronisation more than the plain layer per training forward (the count exchange)."""
+    from cumo_layers import SparseMoEMLP
+    from cumo_layers.parallel import expert_parallel
+    from tests.helpers import assert_close
+
+    if dist.is_initialized():
+        pytest.skip("this process already has a process group")
+    dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        moe = SparseMoEMLP(64, 48, 40, num_experts=8, top_k=2, glu=True, activation="silu",
+                           capacity_factor=capacity_factor, balance_loss_coef=0.3, z_loss_coef=0.05, device="cuda")
+        layer = expert_parallel(moe)
+        x = torch.randn(3, 37, 64, device="cuda")
+        probe = torch.randn(3, 37, 40, device="cuda")
+        x_ref, x_ep = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ((moe(x_ref) * probe).sum() + moe.last_aux_loss).backward()
+        y = layer(x_ep)
+        ((y * probe).sum() + layer.last_aux_loss).backward()
+        assert_close(y, moe(x), torch.float32, "output")
+        assert_close(x_ep.grad, x_ref.grad, torch.float32, "grad x")
+        for name, param in layer.named_parameters():
+            assert_close(param.grad, moe.get_parameter(name).grad, torch.float32, f"grad {name}")
+        assert host_syncs(layer, x) == host_syncs(moe, x) + 1
+    finally:
+        dist.destroy_process_group()
