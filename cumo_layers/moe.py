@@ -13,6 +13,7 @@ from cumo_layers.router import (
     TopKRouter,
     check_real,
     check_routing_args,
+    expert_load,
 )
 from moe_kernels import ops
 from moe_kernels.reference import check_activation
@@ -94,12 +95,25 @@ class SparseMoEMLP(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, out_features, hidden_features, **factory))
         self.b1 = nn.Parameter(torch.empty(num_experts, fc1_rows, **factory)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
-        self.last_expert_load: Tensor | None = None
+        self._last_expert_load: Tensor | None = None
+        self._last_top_k_idx: Tensor | None = None  # an inference forward's routing, counted on demand
         self.reset_parameters()
 
     @property
     def last_aux_loss(self) -> Tensor | None:
         return self.router.last_aux_loss
+
+    @property
+    def last_expert_load(self) -> Tensor | None:
+        """[E] int64 assignments per expert in the last forward (after capacity drops), or None."""
+        if self._last_expert_load is None and self._last_top_k_idx is not None:
+            self._last_expert_load = expert_load(self._last_top_k_idx, self.num_experts)
+            self._last_top_k_idx = None
+        return self._last_expert_load
+
+    @last_expert_load.setter
+    def last_expert_load(self, load: Tensor | None) -> None:
+        self._last_expert_load, self._last_top_k_idx = load, None
 
     def reset_parameters(self) -> None:
         """Each expert initialised like an independent nn.Linear pair: U(+-1/sqrt(fan_in))."""
@@ -139,13 +153,17 @@ class SparseMoEMLP(nn.Module):
             w1, b1, w2, b2 = (None if p is None else p.to(compute_dtype) for p in (w1, b1, w2, b2))
         tokens = x.reshape(-1, self.in_features)
         # A [B, N, D] input has B samples (CuMo's balance loss is per sample); other ranks count as one.
-        route = self.router(tokens, num_samples=x.shape[0] if x.dim() == 3 and x.shape[0] > 0 else 1)
+        route = self.router(tokens, num_samples=x.shape[0] if x.dim() == 3 and x.shape[0] > 0 else 1,
+                            count_load=self.capacity_factor is not None)
         top_k_idx, load = route.top_k_idx, route.expert_load
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
             top_k_idx = apply_capacity(top_k_idx, self.num_experts, capacity)
             load = load.clamp(max=capacity)  # capacity keeps exactly min(count, capacity) per expert
-        self.last_expert_load = load.detach()
+        if load is None:  # inference: count only if someone reads last_expert_load
+            self._last_expert_load, self._last_top_k_idx = None, top_k_idx
+        else:
+            self.last_expert_load = load.detach()
         out = ops.expert_mlp(
             tokens, route.top_k_weights, top_k_idx, w1, b1, w2, b2,
             activation=self.activation, glu=self.glu, backend=self.backend,

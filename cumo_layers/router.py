@@ -18,9 +18,11 @@ BALANCE_LOSSES = ("switch", "cumo")
 
 
 class RouterOutput(NamedTuple):
-    """top_k_weights: [T, K] float32; top_k_idx: [T, K] int64; logits: [T, E] float32;
-    expert_load: [E] int64 assignments per expert (the routing's one histogram: the balance loss,
-    the layer's capacity and its load report all read it).
+    """top_k_weights: [T, K] float32; top_k_idx: [T, K] int64; logits: [T, E] in x's dtype (every
+    softmax and loss on them runs in float32);
+    expert_load: [E] int64 assignments per expert, or None in an inference forward that did not ask
+    for it (the routing's one histogram: the balance loss, the layer's capacity and its load report
+    all read it; an inference forward skips it unless asked, to keep the hot path short).
 
     Weights and logits are float64 when the input is float64 (exact gradient checks).
     """
@@ -70,8 +72,9 @@ def cumo_balance_loss(probs: Tensor, top_k_idx: Tensor, num_experts: int, num_sa
 def z_loss(logits: Tensor) -> Tensor:
     """Router z-loss ``mean_t(logsumexp(logits_t)^2)`` (ST-MoE): keeps logits small.
 
-    logits: [T, E] float32 -> scalar float32.
+    logits: [T, E] float -> scalar float32 (float64 for float64 logits).
     """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if logits.shape[0] == 0:
         return logits.new_zeros(())
     return torch.logsumexp(logits, dim=-1).square().mean()
@@ -137,9 +140,10 @@ class TopKRouter(nn.Module):
         """PyTorch's nn.Linear default (what CuMo's router gets): U(-1/sqrt(in), 1/sqrt(in))."""
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
-    def forward(self, x: Tensor, num_samples: int = 1) -> RouterOutput:
+    def forward(self, x: Tensor, num_samples: int = 1, count_load: bool = False) -> RouterOutput:
         """x: [T, in_features] float, T = num_samples * tokens per sample in sample order (only the
-        ``"cumo"`` balance loss reads the samples) -> RouterOutput."""
+        ``"cumo"`` balance loss reads the samples) -> RouterOutput. The expert load is counted in
+        training, or when ``count_load``."""
         if not x.is_floating_point():
             raise TypeError(f"TopKRouter expects a floating point input, got dtype {x.dtype}")
         if x.dim() != 2 or x.shape[1] != self.in_features:
@@ -148,10 +152,10 @@ class TopKRouter(nn.Module):
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             router_input = x * noise
+        # The gating op reads low-precision logits and computes in fp32: no cast kernel on the hot path.
         logits = F.linear(router_input, self.weight.to(x.dtype))
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         weights, idx = ops.topk_gating(logits, self.top_k, self.normalize_top_k, backend=self.backend)
-        load = expert_load(idx, self.num_experts)
+        load = expert_load(idx, self.num_experts) if self.training or count_load else None
         if self.training:
             self._record_aux_losses(logits, idx, load, num_samples)
         else:
@@ -159,6 +163,7 @@ class TopKRouter(nn.Module):
         return RouterOutput(weights, idx, logits, load)
 
     def _record_aux_losses(self, logits: Tensor, idx: Tensor, load: Tensor, num_samples: int) -> None:
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
         probs = torch.softmax(logits, dim=-1)
         if self.balance_loss == "cumo":
             self.last_balance_loss = cumo_balance_loss(probs, idx, self.num_experts, num_samples)

@@ -176,6 +176,30 @@ def _buckets(ids_ptr, slots, slot_mask, E):
 
 
 @triton.jit
+def routing_one_block_kernel(ids_ptr, counts_ptr, offsets_ptr, sorted_slots_ptr, slot_rows_ptr, num_slots, E,
+                             BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The whole routing plan in one program when every slot fits one block (decode, small batch):
+    the histogram, scan and scatter of the three kernels below without their global round trips.
+
+    Reads ids [R] int64; writes counts [E], offsets [E+1], slot_rows [R], sorted_slots [R]. Grid: (1,).
+    """
+    lanes = tl.arange(0, BLOCK_S)
+    slot_mask = lanes < num_slots
+    buckets = _buckets(ids_ptr, lanes, slot_mask, E)
+    bins = tl.arange(0, BLOCK_E)
+    one_hot = (buckets[:, None] == bins[None, :]) & slot_mask[:, None]
+    counts = tl.sum(one_hot.to(tl.int64), axis=0)
+    offsets = tl.cumsum(counts, axis=0) - counts
+    tl.store(counts_ptr + bins, counts, mask=bins < E)
+    tl.store(offsets_ptr + bins, offsets, mask=bins < E + 1)
+    # Stable: a slot's rank in its bucket counts the earlier slots of the same bucket.
+    earlier_same = (buckets[:, None] == buckets[None, :]) & (lanes[None, :] < lanes[:, None])
+    rows = tl.sum(tl.where(one_hot, offsets[None, :], 0), axis=1) + tl.sum(earlier_same.to(tl.int64), axis=1)
+    tl.store(slot_rows_ptr + lanes, rows, mask=slot_mask)
+    tl.store(sorted_slots_ptr + rows, lanes.to(tl.int64), mask=slot_mask)
+
+
+@triton.jit
 def routing_histogram_kernel(ids_ptr, block_counts_ptr, num_slots, E,
                              BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
     """Per slot-block histogram over the E+1 buckets.
@@ -262,7 +286,6 @@ def grouped_gemm_kernel(
     R, N, K, E,
     stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_bias_e,
     stride_auxm, stride_auxn, stride_om, stride_on,
-    rows_bucket,  # autotune key only: decode-sized and prefill-sized problems tune apart
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr,
     EPILOGUE: tl.constexpr, GLU: tl.constexpr, ACTIVATION: tl.constexpr, STORE_AUX: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_E: tl.constexpr,

@@ -19,8 +19,9 @@ from moe_kernels.triton.runtime import (
     check_device,
     device_guard,
     dot_options,
+    gemm_config,
     launch,
-    rows_bucket,
+    weight_grad_config,
 )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -39,7 +40,8 @@ ELEMENTWISE_TILE = 4096  # elements per program of the router, combine and weigh
 
 
 def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
-    """Stable counting sort of the T*K assignments by expert, on device (three launches, no sync).
+    """Stable counting sort of the T*K assignments by expert, on device (no sync; one launch when the
+    slots fit one block, else three).
 
     top_k_idx: [T, K] int (ids outside [0, E) dropped) -> RoutingPlan with int64 tensors, equal to
     moe_kernels.routing.build_routing_plan's.
@@ -52,18 +54,29 @@ def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
                              top_k_idx.shape[1], interpret)
 
 
+def routing_blocks(num_slots: int, num_experts: int) -> tuple[int, int, int]:
+    """(slots per block, bucket tile, number of blocks) of the routing kernels."""
+    block_e = triton.next_power_of_2(num_experts + 1)
+    block_s = max(16, min(ROUTING_MAX_SLOTS, ROUTING_TILE // block_e))
+    return block_s, block_e, triton.cdiv(num_slots, block_s)
+
+
 def _routing_plan(ids: Tensor, num_experts: int, top_k: int, interpret: bool) -> RoutingPlan:
     num_slots = ids.numel()
     device = ids.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
     sorted_slots = torch.empty(num_slots, dtype=torch.int64, device=device)
     slot_rows = torch.empty(num_slots, dtype=torch.int64, device=device)
     if num_slots == 0:
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
         return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
-    block_e = triton.next_power_of_2(num_experts + 1)
-    block_s = max(16, min(ROUTING_MAX_SLOTS, ROUTING_TILE // block_e))
-    num_blocks = triton.cdiv(num_slots, block_s)
+    counts = torch.empty(num_experts, dtype=torch.int64, device=device)  # the scan writes both
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
+    block_s, block_e, num_blocks = routing_blocks(num_slots, num_experts)
+    if num_blocks == 1:  # decode, small batch: one launch
+        launch("routing_one_block_kernel", interpret, (1,), ids, counts, offsets, sorted_slots, slot_rows,
+               num_slots, num_experts, BLOCK_S=block_s, BLOCK_E=block_e)
+        return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
     block_counts = torch.empty(num_blocks, num_experts + 1, dtype=torch.int64, device=device)
     launch("routing_histogram_kernel", interpret, (num_blocks,), ids, block_counts, num_slots, num_experts,
            BLOCK_S=block_s, BLOCK_E=block_e)
@@ -171,8 +184,7 @@ def _grouped_gemm(a: Tensor, weight: Tensor, b_strides: tuple[int, int], plan: R
     meta = dict(TOP_K=plan.top_k, GATHER_A=gather, HAS_BIAS=bias is not None, SCALE_ROWS=row_scale is not None,
                 EPILOGUE=epilogue, GLU=glu, ACTIVATION=ACTIVATION_CODES[activation], STORE_AUX=store_aux,
                 BLOCK_E=triton.next_power_of_2(num_experts), **dot_options(a.dtype, interpret))
-    if interpret:
-        meta.update(INTERPRET_GEMM)
+    meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, a.dtype, glu))
 
     def grid(m):
         return ((triton.cdiv(num_rows, m["BLOCK_M"]) + num_experts) * triton.cdiv(num_cols, m["BLOCK_N"]),)
@@ -183,7 +195,7 @@ def _grouped_gemm(a: Tensor, weight: Tensor, b_strides: tuple[int, int], plan: R
            num_rows, num_cols, reduce_dim, num_experts,
            a.stride(0), a.stride(1), weight.stride(0), b_strides[0], b_strides[1],
            bias.stride(0) if bias is not None else 0,
-           aux_t.stride(0), aux_t.stride(1), out.stride(0), out.stride(1), rows_bucket(num_rows), **meta)
+           aux_t.stride(0), aux_t.stride(1), out.stride(0), out.stride(1), **meta)
 
 
 def _weight_grad(a: Tensor, b: Tensor, plan: RoutingPlan, grad_w: Tensor, grad_bias: Tensor | None,
@@ -192,8 +204,8 @@ def _weight_grad(a: Tensor, b: Tensor, plan: RoutingPlan, grad_w: Tensor, grad_b
     num_experts, p_dim, q_dim = grad_w.shape
     meta = dict(TOP_K=plan.top_k, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=row_scale is not None,
                 HAS_BIAS=grad_bias is not None, **dot_options(a.dtype, interpret))
-    if interpret:
-        meta.update(INTERPRET_WEIGHT_GRAD)
+    rows_per_expert = plan.sorted_slots.numel() / num_experts
+    meta.update(INTERPRET_WEIGHT_GRAD if interpret else weight_grad_config(rows_per_expert, a.dtype))
 
     def grid(m):
         return (triton.cdiv(p_dim, m["BLOCK_P"]) * triton.cdiv(q_dim, m["BLOCK_Q"]), num_experts)
@@ -263,7 +275,7 @@ def _expert_mlp_forward_op(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, 
     b1 = b1.contiguous() if b1 is not None else None
     b2 = b2.contiguous() if b2 is not None else None
     num_rows = num_tokens * top_k
-    out = torch.zeros(num_tokens, out_features, dtype=x.dtype, device=x.device)
+    out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)  # the combine writes every row
     pre = torch.empty(num_rows if save_pre else 0, hidden1, dtype=x.dtype, device=x.device)
     hidden_rows = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
     rows = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
@@ -323,7 +335,7 @@ def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, 
     with device_guard(x):
         plan = _routing_plan(ids, num_experts, top_k, interpret)
         if need_weights:
-            grad_weights = torch.zeros(num_rows, dtype=torch.float32, device=x.device)
+            grad_weights = torch.empty(num_rows, dtype=torch.float32, device=x.device)  # every slot written
             if num_rows > 0:
                 block_n = min(triton.next_power_of_2(out_features), 16 if interpret else 128)
                 block_s = max(1, min(128, ELEMENTWISE_TILE // block_n))
@@ -356,7 +368,7 @@ def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, 
                     if grad_b1_t is not None:
                         grad_b1_t.zero_()
             if need_x:
-                grad_x = torch.zeros(num_tokens, d_in, dtype=x.dtype, device=x.device)
+                grad_x = torch.empty(num_tokens, d_in, dtype=x.dtype, device=x.device)  # the combine writes all
                 if num_rows > 0:
                     # dX rows = d pre @ W1[e] (B[e][h, d] = w1[e, h, d]), then a gather-sum over the
                     # k slots back to token order: deterministic, no atomics.

@@ -1,12 +1,12 @@
-"""How the Triton backend launches: availability, compiled vs interpreted kernels, autotuning.
+"""How the Triton backend launches: availability, compiled vs interpreted kernels, tile tables.
 
 Under the interpreter (CPU tensors with TRITON_INTERPRET=1), two Triton facts are worked around:
 whether a @triton.jit function is interpreted is fixed when it is *defined*, for Triton's own
 library (tl.sum, tl.cumsum, ...) when ``triton`` is first imported. So kernels.py is loaded once per
 mode, and an interpreted launch swaps Triton's compiled library functions for interpreted twins
 for its duration. The mode therefore does not depend on when TRITON_INTERPRET was set relative to
-the first ``import triton`` (timm, for one, imports triton). CUDA tensors run compiled kernels,
-the two grouped GEMMs autotuned; under the interpreter tiles are fixed and small.
+the first ``import triton`` (timm, for one, imports triton). CUDA tensors run compiled kernels with
+tiles from a static table (``gemm_config``); under the interpreter tiles are fixed and small.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ LAUNCHES: Counter = Counter()
 
 _KERNEL_FILE = Path(__file__).with_name("kernels.py")
 _kernel_modules: dict[bool, ModuleType] = {}
-_autotuned: dict[str, object] = {}
 
 
 def interpreter_enabled() -> bool:
@@ -85,29 +84,43 @@ def kernels(interpret: bool) -> ModuleType:
     return _kernel_modules[interpret]
 
 
-# Grouped GEMM tiles for H100-class GPUs (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). Decode-sized
-# problems (<= 64 rows in all) only try the thin tiles, larger ones only the wide ones, which keeps
-# first-call compile time down; (64, 64, 32) is the safe default that fits any SM.
-GEMM_TILES_FEW_ROWS = [(16, 64, 128, 4, 4), (16, 128, 128, 4, 4), (32, 64, 128, 4, 4)]
-GEMM_TILES_MANY_ROWS = [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
-                        (64, 64, 32, 4, 2)]
-WEIGHT_GRAD_TILES = [(128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 2)]
+# Grouped GEMM tiles on H100/H200-class GPUs, chosen from a static table (no autotuning on the hot
+# path: a first call never benchmarks, a new shape never stalls). The key is the mean rows per expert
+# (T*K/E, known from shapes without a sync): thin M tiles when experts see few rows (decode, small
+# batch), wide ones when they see many, the choice vLLM's tuned H200 table makes (BLOCK_M 16 at M=1,
+# 32 up to M=2048, 64 at 4096 for E=128). Entries: (max rows per expert, BLOCK_M, BLOCK_N, BLOCK_K,
+# warps, stages) for 16-bit operands; fp32 (no tensor-core fast path here) halves BLOCK_K.
+GEMM_TABLE = [
+    (16, 16, 64, 128, 4, 4),
+    (64, 32, 64, 128, 4, 4),
+    (256, 64, 128, 64, 4, 4),
+    (float("inf"), 128, 128, 64, 8, 3),
+]
+# Weight gradients reduce over an expert's rows: (max rows per expert, BLOCK_P, BLOCK_Q, BLOCK_R, warps, stages).
+WEIGHT_GRAD_TABLE = [
+    (64, 64, 64, 32, 4, 2),
+    (float("inf"), 128, 128, 64, 8, 3),
+]
+GROUP_M = 8
 
 
-def _gemm_configs() -> list:
-    return [triton.Config(dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8), num_warps=w, num_stages=s)
-            for m, n, k, w, s in GEMM_TILES_FEW_ROWS + GEMM_TILES_MANY_ROWS]
+def gemm_config(rows_per_expert: float, dtype: torch.dtype, glu: bool) -> dict:
+    """Launch settings of grouped_gemm_kernel from the static table."""
+    _, block_m, block_n, block_k, warps, stages = next(row for row in GEMM_TABLE if rows_per_expert <= row[0])
+    if glu and block_n > 64:  # two accumulators (gate and up) per tile
+        block_n = 64
+    if dtype == torch.float32:
+        block_k, stages = max(32, block_k // 2), min(stages, 3)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, num_warps=warps,
+                num_stages=stages)
 
 
-def _prune_gemm_configs(configs, named_args, **kwargs):
-    few_rows = named_args["rows_bucket"] == 0
-    kept = [c for c in configs if (c.kwargs["BLOCK_M"] <= 32) == few_rows]
-    return kept or configs
-
-
-def _weight_grad_configs() -> list:
-    return [triton.Config(dict(BLOCK_P=p, BLOCK_Q=q, BLOCK_R=r), num_warps=w, num_stages=s)
-            for p, q, r, w, s in WEIGHT_GRAD_TILES]
+def weight_grad_config(rows_per_expert: float, dtype: torch.dtype) -> dict:
+    """Launch settings of grouped_weight_grad_kernel from the static table."""
+    _, block_p, block_q, block_r, warps, stages = next(row for row in WEIGHT_GRAD_TABLE if rows_per_expert <= row[0])
+    if dtype == torch.float32:
+        block_p, block_q, block_r, warps, stages = 64, 64, 32, 4, 2
+    return dict(BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
 
 
 def _library_is_interpreted() -> bool:
@@ -135,29 +148,14 @@ def _interpreted_library():
             setattr(module, name, value)
 
 
-def _kernel(name: str, interpret: bool):
-    """The kernel to launch: raw under the interpreter (fixed tiles), autotuned on CUDA for the two
-    GEMM kernels, keyed by (E, N, K) / (E, P, Q) plus the dtypes of the tensor arguments."""
-    raw = getattr(kernels(interpret), name)
-    if interpret or name not in ("grouped_gemm_kernel", "grouped_weight_grad_kernel"):
-        return raw
-    if name not in _autotuned:
-        if name == "grouped_gemm_kernel":
-            _autotuned[name] = triton.autotune(
-                _gemm_configs(), key=["E", "N", "K", "rows_bucket"],
-                prune_configs_by={"early_config_prune": _prune_gemm_configs})(raw)
-        else:
-            _autotuned[name] = triton.autotune(_weight_grad_configs(), key=["E", "P", "Q"])(raw)
-    return _autotuned[name]
-
-
 def launch(name: str, interpret: bool, grid, *args, **kwargs) -> None:
     LAUNCHES[name] += 1
+    kernel = getattr(kernels(interpret), name)
     if interpret:
         with _interpreted_library():
-            _kernel(name, True)[grid](*args, **kwargs)
+            kernel[grid](*args, **kwargs)
     else:
-        _kernel(name, False)[grid](*args, **kwargs)
+        kernel[grid](*args, **kwargs)
 
 
 def dot_options(dtype: torch.dtype, interpret: bool) -> dict:
@@ -168,11 +166,6 @@ def dot_options(dtype: torch.dtype, interpret: bool) -> dict:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return dict(DOT_PRECISION="ieee", DOT_FP32=False)
     return dict(DOT_PRECISION="tf32", DOT_FP32=False)
-
-
-def rows_bucket(rows: int) -> int:
-    """Autotune key: decode-sized (0), mid (1) and prefill-sized (2) row counts tune apart."""
-    return 0 if rows <= 64 else 1 if rows <= 4096 else 2
 
 
 def device_guard(t: Tensor):

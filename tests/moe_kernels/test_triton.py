@@ -7,6 +7,8 @@ kernels, bf16, 64-bit offsets) are marked and skip without CUDA.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,13 +28,31 @@ from tests.helpers import (  # noqa: E402
 )
 
 ACTIVATIONS = ["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
-FORWARD_KERNELS = {"routing_histogram_kernel": 1, "routing_scan_kernel": 1, "routing_scatter_kernel": 1,
-                   "grouped_gemm_kernel": 2, "combine_kernel": 1}
-# Backward with every input requiring grad: the routing plan rebuilt (the backward op takes none from
-# its caller), top-k weight grad, dW2 and dW1, d pre-activation and dX rows, the dX gather-sum.
-BACKWARD_KERNELS = {"routing_histogram_kernel": 1, "routing_scan_kernel": 1, "routing_scatter_kernel": 1,
-                    "topk_weight_grad_kernel": 1, "grouped_weight_grad_kernel": 2, "grouped_gemm_kernel": 2,
-                    "combine_kernel": 1}
+# Forward: the routing plan, fc1 and fc2, the combine. Backward with every input requiring grad: the
+# routing plan rebuilt (the backward op takes none from its caller), top-k weight grad, dW2 and dW1,
+# d pre-activation and dX rows, the dX gather-sum.
+EXPERT_FORWARD_KERNELS = {"grouped_gemm_kernel": 2, "combine_kernel": 1}
+EXPERT_BACKWARD_KERNELS = {"topk_weight_grad_kernel": 1, "grouped_weight_grad_kernel": 2, "grouped_gemm_kernel": 2,
+                           "combine_kernel": 1}
+
+
+def routing_kernels(shape) -> dict:
+    """One launch when the T*K slots fit one routing block (decode, small batch), else three."""
+    from moe_kernels.triton.ops import routing_blocks
+
+    if shape.tokens * shape.top_k == 0:
+        return {}
+    if routing_blocks(shape.tokens * shape.top_k, shape.experts)[2] == 1:
+        return {"routing_one_block_kernel": 1}
+    return {"routing_histogram_kernel": 1, "routing_scan_kernel": 1, "routing_scatter_kernel": 1}
+
+
+def forward_kernels(shape) -> dict:
+    return {**routing_kernels(shape), **EXPERT_FORWARD_KERNELS}
+
+
+def backward_kernels(shape) -> dict:
+    return {**routing_kernels(shape), **EXPERT_BACKWARD_KERNELS}
 
 
 @pytest.fixture(autouse=True)
@@ -123,10 +143,7 @@ def test_routing_plan_matches_reference(shape, routing):
             assert got == want
         else:
             assert got.dtype == torch.int64 and torch.equal(got, want), name
-    expected_launches = {} if shape.tokens == 0 else {k: 1 for k in
-                                                       ("routing_histogram_kernel", "routing_scan_kernel",
-                                                        "routing_scatter_kernel")}
-    assert launches() == expected_launches
+    assert launches() == routing_kernels(shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,17 +235,17 @@ def test_expert_mlp_fp32(shape, routing):
     if shape.tokens == 0:
         assert forward == {} and backward == {}
     else:
-        assert forward == FORWARD_KERNELS
-        assert backward == BACKWARD_KERNELS
+        assert forward == forward_kernels(shape)
+        assert backward == backward_kernels(shape)
 
 
 @pytest.mark.parametrize("glu", [False, True])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_expert_mlp_activations(activation, glu):
     # Bias only on the GLU cases, so both epilogues run with and without it.
-    args = random_problem(Shape(21, 24, 20, 20, 4, 2), glu=glu, bias=glu)
-    forward, backward = check_expert_mlp(args, activation, glu)
-    assert forward == FORWARD_KERNELS and backward == BACKWARD_KERNELS
+    shape = Shape(21, 24, 20, 20, 4, 2)
+    forward, backward = check_expert_mlp(random_problem(shape, glu=glu, bias=glu), activation, glu)
+    assert forward == forward_kernels(shape) and backward == backward_kernels(shape)
 
 
 def test_expert_mlp_dropped_slots_cannot_leak_nan():
@@ -268,7 +285,8 @@ def test_expert_mlp_non_contiguous():
 def test_expert_mlp_partial_grads():
     """Only x and w1 need grad: fc2 folds the top-k weights into its epilogue, no rows are kept,
     and only the kernels those gradients need run."""
-    x, weights, idx, w1, b1, w2, b2 = random_problem(Shape(30, 16, 24, 16, 4, 2))
+    shape = Shape(30, 16, 24, 16, 4, 2)
+    x, weights, idx, w1, b1, w2, b2 = random_problem(shape)
     x.requires_grad_()
     w1.requires_grad_()
     out = triton_backend.expert_mlp(x, weights, idx, w1, b1, w2, b2, "relu", False)
@@ -280,17 +298,18 @@ def test_expert_mlp_partial_grads():
     want = torch.autograd.grad(ref_out, (ref_x, ref_w1), grad_out)
     for name, g, w in zip(("d x", "d w1"), got, want):
         assert_close(g, w, torch.float32, name)
-    routing = {"routing_histogram_kernel": 2, "routing_scan_kernel": 2, "routing_scatter_kernel": 2}
-    assert launches() == {**FORWARD_KERNELS, **routing, "grouped_gemm_kernel": 4, "grouped_weight_grad_kernel": 1,
+    routing_twice = {name: 2 * count for name, count in routing_kernels(shape).items()}
+    assert launches() == {**routing_twice, "grouped_gemm_kernel": 4, "grouped_weight_grad_kernel": 1,
                           "combine_kernel": 2}
 
 
 def test_expert_mlp_inference():
-    args = random_problem(Shape(17, 16, 8, 24, 4, 2), glu=True)
+    shape = Shape(17, 16, 8, 24, 4, 2)
+    args = random_problem(shape, glu=True)
     with torch.no_grad():
         out = triton_backend.expert_mlp(*args, "quick_gelu", True)
     assert_close(out, reference.expert_mlp(*args, "quick_gelu", True), torch.float32, "out")
-    assert launches() == FORWARD_KERNELS
+    assert launches() == forward_kernels(shape)
 
 
 def test_expert_mlp_deterministic():
@@ -426,7 +445,7 @@ def test_custom_ops_pass_opcheck():
 def test_expert_mlp_fp32_larger(shape, activation, glu):
     args = random_problem(shape, glu=glu, routing="skip_experts")
     forward, backward = check_expert_mlp(args, activation, glu)
-    assert forward == FORWARD_KERNELS and backward == BACKWARD_KERNELS
+    assert forward == forward_kernels(shape) and backward == backward_kernels(shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,17 +511,20 @@ def test_expert_mlp_cuda_64bit_offsets(monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autotuning tables (the autotuner itself needs a GPU)
+# The static tile table (compiled launches read it; there is no autotuner)
 
 
-@pytest.mark.parametrize("rows", [1, 64, 65, 4096, 10**6])
-def test_autotune_configs_are_valid_and_never_pruned_empty(rows):
+@pytest.mark.parametrize("rows_per_expert", [0.1, 1, 16, 17, 64, 65, 4096, 10**6])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("glu", [False, True])
+def test_tile_table_covers_every_row_count(rows_per_expert, dtype, glu):
     from moe_kernels.triton import runtime
 
-    configs = runtime._gemm_configs()
-    kept = runtime._prune_gemm_configs(configs, {"rows_bucket": runtime.rows_bucket(rows)})
-    assert kept and all((c.kwargs["BLOCK_M"] <= 32) == (rows <= 64) for c in kept)
-    for config in configs + runtime._weight_grad_configs():
-        for name, value in config.kwargs.items():
+    gemm = runtime.gemm_config(rows_per_expert, dtype, glu)
+    grad = runtime.weight_grad_config(rows_per_expert, dtype)
+    for config in (gemm, grad):
+        for name, value in config.items():
             if name.startswith("BLOCK"):
                 assert value >= 16 and value & (value - 1) == 0, (name, value)  # tl.dot needs >= 16
+    assert (gemm["BLOCK_M"] <= 32) == (rows_per_expert <= 64)  # thin tiles exactly where experts see few rows
+    assert "autotune" not in Path(runtime.__file__).read_text()

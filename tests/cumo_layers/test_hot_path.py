@@ -1,0 +1,100 @@
+"""What a CPU-only CI can hold of the GPU launch path (issue 16): the whole layer's kernel launches
+under the Triton interpreter, the aten ops the layer runs outside its custom ops, and no zero-fill
+inside the ops. The GPU timings themselves come from `make gpu-check`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from cumo_layers import SparseMoEMLP
+from moe_kernels import ops
+
+pytest.importorskip("triton")
+
+# Ops that only relabel memory: they launch nothing on a GPU.
+METADATA_OPS = {"view", "_unsafe_view", "t", "transpose", "expand", "detach", "alias", "reshape", "unsqueeze",
+                "squeeze", "as_strided", "slice", "select", "permute", "_reshape_alias", "empty", "new_empty",
+                "empty_strided"}
+
+
+class OpLog(TorchDispatchMode):
+    """Records every op that reaches dispatch (a custom op is one entry: its inside is not seen)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(f"{func.namespace}.{func._opname}")
+        return func(*args, **(kwargs or {}))
+
+    def compute_ops(self) -> list[str]:
+        return [op for op in self.ops if op.split(".")[0] == "aten" and op.split(".")[1] not in METADATA_OPS]
+
+
+@pytest.fixture
+def interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from moe_kernels import triton as triton_backend
+
+    if triton_backend.unavailable_reason(torch.device("cpu")) is not None:
+        pytest.skip(triton_backend.unavailable_reason(torch.device("cpu")))
+    triton_backend.reset_launch_counts()
+    yield triton_backend
+    triton_backend.reset_launch_counts()
+
+
+def _decode_layer(glu: bool = True) -> SparseMoEMLP:
+    # Decode-like: 1 token, top-8 of 16 experts; small sizes keep the interpreter fast.
+    return SparseMoEMLP(32, 16, num_experts=16, top_k=8, activation="silu", glu=glu, bias=False,
+                        backend="triton").eval()
+
+
+def test_decode_forward_launches_at_most_six_kernels(interpreter):
+    layer, x = _decode_layer(), torch.randn(1, 32)
+    with torch.no_grad(), OpLog() as log:
+        layer(x)
+    launches = dict(interpreter.LAUNCHES)
+    # gating, the one-block routing plan, fc1, fc2, combine: five Triton launches, plus the router's GEMM.
+    assert launches == {"topk_gating_kernel": 1, "routing_one_block_kernel": 1, "grouped_gemm_kernel": 2,
+                        "combine_kernel": 1}, launches
+    assert sum(launches.values()) + len(log.compute_ops()) <= 6, (launches, log.compute_ops())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_inference_forward_runs_at_most_two_aten_ops_outside_the_custom_ops(interpreter, dtype):
+    layer, x = _decode_layer().to(dtype), torch.randn(4, 3, 32, dtype=dtype)
+    with torch.no_grad(), OpLog() as log:
+        layer(x)
+    assert len(log.compute_ops()) <= 2, log.ops
+    assert {"cumo_triton.topk_gating", "cumo_triton.expert_mlp_forward"} <= set(log.ops)
+
+
+def test_training_step_launch_counts(interpreter):
+    """Forward and backward of the whole layer (router included), every parameter trained."""
+    layer = SparseMoEMLP(32, 16, num_experts=4, top_k=2, activation="gelu", backend="triton")
+    x = torch.randn(5, 32, requires_grad=True)
+    (layer(x).square().mean() + layer.last_aux_loss).backward()
+    launches = dict(interpreter.LAUNCHES)
+    assert launches == {
+        "topk_gating_kernel": 1, "topk_gating_backward_kernel": 1,
+        "routing_one_block_kernel": 2,  # forward; the backward rebuilds its plan
+        "grouped_gemm_kernel": 4, "combine_kernel": 2, "topk_weight_grad_kernel": 1, "grouped_weight_grad_kernel": 2,
+    }, launches
+
+
+def test_no_zero_fill_inside_the_expert_op(interpreter):
+    """The kernels write every element of the buffers they return: nothing is zero-filled first."""
+    from moe_kernels.triton import ops as triton_ops
+
+    layer = _decode_layer()
+    x = torch.randn(6, 32)
+    weights, idx = layer.router(x)[:2]
+    body = triton_ops._expert_mlp_forward_op._init_fn  # the op's Python body, so the mode sees inside
+    with torch.no_grad(), OpLog() as log:
+        out = body(x, weights, idx, layer.w1, None, layer.w2, None, "silu", True, False, False)[0]
+    assert not [op for op in log.ops if op.endswith(("fill_", "zero_", "zeros", "zeros_like"))], log.ops
+    torch.testing.assert_close(out, ops.expert_mlp(x, weights, idx, layer.w1, None, layer.w2, None, "silu", True,
+                                                   backend="torch"), rtol=1e-5, atol=1e-6)
