@@ -29,13 +29,14 @@ from torch import nn
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COLLECTIVE_TIMEOUT_S = 45
 
-# One correctness case per edge; token_counts[W] is the tokens each rank holds (W = 2 or 4).
+# One correctness case per edge; tokens[W] is the tokens each rank holds (W = 2 or 4). Backend "torch" (the
+# reference ops) unless a case names "auto" (the compiled CPU kernels where built), in the layer and its reference.
 CORRECTNESS_CASES: dict[str, dict[str, Any]] = {
-    # uneven token counts per rank, gelu, biases
-    "uneven_tokens": dict(experts=8, top_k=2, tokens={2: [13, 6], 4: [9, 2, 14, 5]}),
-    # a rank with 0 tokens (sends nothing, still receives and computes), GLU, no biases
+    # uneven token counts per rank, gelu, biases, the compiled kernels
+    "uneven_tokens": dict(experts=8, top_k=2, tokens={2: [13, 6], 4: [9, 2, 14, 5]}, backend="auto"),
+    # a rank with 0 tokens (sends nothing, still receives and computes), GLU, no biases, the compiled kernels
     "rank_without_tokens": dict(experts=8, top_k=2, tokens={2: [0, 11], 4: [7, 0, 12, 3]},
-                                glu=True, bias=False, activation="silu"),
+                                glu=True, bias=False, activation="silu", backend="auto"),
     # experts with 0 tokens: all of rank 1's experts and one more are never chosen
     "experts_without_tokens": dict(experts=8, top_k=2, tokens={2: [10, 9], 4: [6, 8, 5, 7]},
                                    routing="dead_experts"),
