@@ -106,6 +106,8 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        if self.rank < 0:
+            raise ValueError(f"rank {dist.get_rank()} is not a member of the group it was asked to split experts over")
         if moe.num_experts % self.world_size:
             raise ValueError(
                 f"expert parallelism needs num_experts divisible by the group size: {moe.num_experts} experts "

@@ -148,10 +148,11 @@ def suite_correctness() -> dict[str, dict[str, float]]:
     return results
 
 
-def subgroups_of_two() -> tuple[Any, int]:
-    """Split the world into groups of two consecutive ranks (every rank creates every group, in order)."""
+def subgroups_of_two() -> tuple[list[Any], int]:
+    """Split the world into groups of two consecutive ranks (every rank creates every group, in order);
+    returns them all and the index of this rank's."""
     groups = [dist.new_group([r, r + 1]) for r in range(0, dist.get_world_size(), 2)]
-    return groups[dist.get_rank() // 2], dist.get_rank() // 2
+    return groups, dist.get_rank() // 2
 
 
 def suite_checkpoint(directory: str) -> dict[str, dict[str, float]]:
@@ -161,7 +162,8 @@ def suite_checkpoint(directory: str) -> dict[str, dict[str, float]]:
 
     case = dict(experts=8, top_k=2, glu=True)
     saved = build_moe(case, seed=5)
-    pair, pair_index = subgroups_of_two()
+    pairs, pair_index = subgroups_of_two()
+    pair = pairs[pair_index]
     root = Path(directory)
     save_expert_slice(expert_parallel(saved), root / "from4")
     save_expert_slice(expert_parallel(saved, pair), root / f"from2_{pair_index}")
@@ -195,11 +197,12 @@ def suite_checkpoint(directory: str) -> dict[str, dict[str, float]]:
     shutil.copytree(root / "from4", gap)
     shutil.rmtree(gap / "experts-00002-00004")
     for name, action in (("different_layer", lambda: load_expert_slice(other, root / "from4")),
-                         ("missing_slice", lambda: load_sparse_moe(gap))):
+                         ("missing_slice", lambda: load_sparse_moe(gap)),
+                         ("not_a_group_member", lambda: expert_parallel(saved, pairs[1 - pair_index]))):
         try:
             action()
             results[name] = {"raised": 0.0}
-        except CheckpointError:
+        except (CheckpointError, ValueError):
             results[name] = {"raised": 1.0}
     return results
 
