@@ -13,7 +13,7 @@ ifneq ($(wildcard /usr/local/cuda/include/cuda.h),)
 export CUDA_HOME ?= /usr/local/cuda
 endif
 
-.PHONY: test test-slow demo bench report ext clean
+.PHONY: test test-slow demo bench report ext clean gpu-check
 
 $(STAMP): requirements-dev.txt setup.py pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,11 @@ bench: $(EXT_STAMP)
 
 report: $(EXT_STAMP)
 	$(PY) -m benchmarks.report
+
+# On a GPU machine, with its own python3 and torch (no venv, no internet): build the CUDA extension for
+# the local GPU, run the GPU tests, validate, time; writes gpu_check.{log,json} ($OUT or benchmarks/out).
+gpu-check:
+	$(PYTHON) -m benchmarks.gpu_check
 
 clean:
 	rm -rf build moe_kernels/*.so $(STAMP) $(EXT_STAMP)

@@ -1,0 +1,235 @@
+"""``make gpu-check`` (``python3 -m benchmarks.gpu_check``): everything one scarce GPU run must tell.
+
+On a bare GPU machine with a preinstalled torch and no internet, in this order, each phase bounded:
+  1. build the CUDA extension for the local architecture only (the CPU extension is skipped);
+  2. the GPU tests (``pytest -m gpu``, fixed tile tables, no autotuning), each result in the log;
+  3. every backend validated against the reference (``benchmarks.gpu --validate-only``);
+  4. every regime timed against the dense-equivalent MLP, plain ``torch._grouped_mm`` and transformers'
+     experts: device time (CUDA events), host time per call (issuing calls without a sync, so a
+     host-bound path shows its Python cost), and CUDA-graph replay time (inference);
+  5. the host time of the whole ``SparseMoEMLP`` layer at decode (router included).
+Writes ``gpu_check.log`` (everything printed) and ``gpu_check.json`` to ``$OUT`` if set, else
+``benchmarks/out/``. Exit status 1 if a build, test or validation failed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+# Seconds per phase (the whole run must stay under 8 minutes).
+BUILD_S, TESTS_S, VALIDATE_S, TIMING_S = 90, 150, 75, 120
+TIMED_PEERS = ["dense-equiv", "cumo-triton", "cumo-cuda", "torch-grouped_mm", "hf-grouped_mm"]
+TIMING_ITERS = 20
+
+
+def out_dir() -> Path:
+    path = Path(os.environ.get("OUT") or ROOT / "benchmarks" / "out")
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+class Log:
+    def __init__(self, path: Path):
+        self.file = open(path, "w", buffering=1)
+
+    def __call__(self, *parts: object) -> None:
+        line = " ".join(str(p) for p in parts)
+        print(line, flush=True)
+        self.file.write(line + "\n")
+
+
+def run_phase(log: Log, name: str, cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+    """Run one phase as a subprocess, its output streamed into the log; a phase past its time is killed."""
+    log(f"\n=== {name}: {' '.join(cmd)} (limit {timeout:.0f} s)")
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    # Fires even if the phase hangs without printing; kills the phase's whole process group.
+    watchdog = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+    watchdog.start()
+    lines: list[str] = []
+    for line in proc.stdout:  # streamed, so a killed phase still leaves what it printed
+        lines.append(line.rstrip())
+        log.file.write(line)
+    proc.wait()
+    timed_out = not watchdog.is_alive() and proc.returncode != 0
+    watchdog.cancel()
+    seconds = time.perf_counter() - start
+    tail = [l for l in lines if "FAIL" in l or "Error" in l or " passed" in l or " failed" in l][-40:]
+    for line in tail:
+        print(line)
+    status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else f"exit {proc.returncode}")
+    log(f"=== {name}: {status} in {seconds:.0f} s")
+    return {"status": status, "seconds": round(seconds, 1), "summary": tail[-15:]}
+
+
+def time_device(step, iters: int) -> float:
+    """Median device milliseconds per call from CUDA events, after a warm-up."""
+    import torch
+
+    step()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    times.sort()
+    return times[len(times) // 2]
+
+
+def time_host(step, iters: int) -> float:
+    """Microseconds of host time per call: calls issued back to back, synchronised only at the end
+    (few enough that the launch queue never fills), so it is the Python + launch cost."""
+    import torch
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(iters):
+        step()
+    host = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * host / iters
+
+
+def time_graph(step, iters: int) -> float | None:
+    """Median milliseconds of one CUDA-graph replay of an inference step (None if capture fails)."""
+    import torch
+
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up on a side stream, as capture requires
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            step()
+    except Exception as exc:  # reported in the table, never hidden
+        print(f"    graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+        return None
+    return time_device(graph.replay, iters)
+
+
+def timings(log: Log, deadline: float, device: str = "cuda") -> list[dict]:
+    import torch
+
+    from benchmarks.common import MODES_BY_NAME, PEERS_BY_NAME, REGIMES, PeerSkipped, make_problem, make_step
+
+    rows = []
+    for mode_name in ("infer-bf16", "train-bf16"):
+        mode = MODES_BY_NAME[mode_name]
+        for regime in REGIMES:
+            if mode.training and not regime.train:
+                continue
+            if time.perf_counter() > deadline:
+                log(f"timing: out of time before {regime.name}/{mode_name}")
+                return rows
+            problem = make_problem(regime, mode, torch.device(device))
+            log(f"\n{regime.name} / {mode_name}: T={regime.tokens} D={regime.d_model} H={regime.hidden} "
+                f"E={regime.experts} k={regime.top_k}")
+            log(f"  {'peer':18s} {'device ms':>10s} {'x dense':>8s} {'host us':>9s} {'graph ms':>9s}")
+            dense_ms = None
+            for name in TIMED_PEERS:
+                row = {"regime": regime.name, "mode": mode_name, "peer": name}
+                try:
+                    step = make_step(PEERS_BY_NAME[name].build(problem), problem)
+                    row["device_ms"] = time_device(step, TIMING_ITERS)
+                    row["host_us"] = time_host(step, TIMING_ITERS)
+                    row["graph_ms"] = None if mode.training else time_graph(step, TIMING_ITERS)
+                except PeerSkipped as exc:
+                    row["skipped"] = str(exc)
+                except Exception as exc:  # a failing peer is reported, the run goes on
+                    row["failed"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                if name == "dense-equiv":
+                    dense_ms = row.get("device_ms")
+                if "device_ms" in row and dense_ms:
+                    row["x_dense"] = row["device_ms"] / dense_ms
+                rows.append(row)
+                if "device_ms" in row:
+                    graph = f"{row['graph_ms']:9.3f}" if row.get("graph_ms") is not None else f"{'-':>9s}"
+                    log(f"  {name:18s} {row['device_ms']:10.3f} {row.get('x_dense', 0):8.2f} "
+                        f"{row['host_us']:9.0f} {graph}")
+                else:
+                    log(f"  {name:18s} {row.get('skipped') or row.get('failed')}")
+            del problem
+            if device == "cuda":
+                torch.cuda.empty_cache()
+    return rows
+
+
+def layer_host_time(log: Log) -> dict:
+    """The whole SparseMoEMLP forward at decode (router, gating, routing, experts), bf16, eval."""
+    import torch
+
+    from cumo_layers import SparseMoEMLP
+
+    result = {}
+    x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
+    for backend in ("triton", "cuda"):
+        layer = SparseMoEMLP(2048, 1024, num_experts=64, top_k=8, activation="silu", glu=True, bias=False,
+                             backend=backend, device="cuda", dtype=torch.bfloat16).eval()
+
+        def step():
+            with torch.no_grad():
+                return layer(x)
+
+        try:
+            result[backend] = {"device_ms": time_device(step, TIMING_ITERS), "host_us": time_host(step, 50),
+                               "graph_ms": time_graph(step, TIMING_ITERS)}
+        except Exception as exc:
+            result[backend] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        log(f"layer decode {backend}: {result[backend]}")
+    return result
+
+
+def main() -> int:
+    out = out_dir()
+    log = Log(out / "gpu_check.log")
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    import torch
+
+    if not torch.cuda.is_available():
+        log("gpu-check: no CUDA device (torch.cuda.is_available() is False); nothing to check")
+        return 2
+    major, minor = torch.cuda.get_device_capability()
+    import triton
+
+    report["device"] = torch.cuda.get_device_name()
+    report["versions"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
+    log(f"gpu-check on {report['device']} (sm_{major}{minor}); {report['versions']}")
+    python = sys.executable
+    report["build"] = run_phase(
+        log, "build", [python, "setup.py", "build_ext", "--inplace"], BUILD_S,
+        env={"CUMO_SKIP_CPU": "1", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}", "MAX_JOBS": str(os.cpu_count() or 8)})
+    report["tests"] = run_phase(
+        log, "gpu tests", [python, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rfE",
+                           "--continue-on-collection-errors", "tests"], TESTS_S)
+    report["validate"] = run_phase(log, "validate", [python, "-m", "benchmarks.gpu", "--validate-only"], VALIDATE_S)
+    log("\n=== timing")
+    start = time.perf_counter()
+    try:
+        report["layer_decode"] = layer_host_time(log)
+        report["timings"] = timings(log, start + TIMING_S)
+    except Exception as exc:
+        log(f"timing failed: {type(exc).__name__}: {exc}")
+        report["timing_error"] = str(exc)
+    log(f"=== timing: {time.perf_counter() - start:.0f} s")
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    failed = [phase for phase in ("build", "tests", "validate") if report[phase]["status"] != "ok"]
+    log(f"\ngpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all phases passed'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
