@@ -64,8 +64,9 @@ PHASES = ("gating", "all_to_all", "experts", "combine")
 def all_to_all_rows(rows: Tensor, send_counts: list[int], recv_counts: list[int], group=None) -> Tensor:
     """Uneven all-to-all of rows, differentiable.
 
-    rows: [sum(send_counts), ...] -> [sum(recv_counts), ...]; rows[offsets of send_counts[d]] go to rank d,
-    the result holds rank s's rows in rank order. Backward is the same exchange with the splits swapped.
+    rows: [sum(send_counts), ...] -> [sum(recv_counts), ...]. The first send_counts[0] rows go to rank 0, the
+    next send_counts[1] to rank 1, and so on; the result holds what rank 0 sent here, then rank 1's, ... (recv_counts
+    rows each). Backward is the same exchange with the splits swapped.
     """
     return _AllToAllRows.apply(rows, send_counts, recv_counts, group)
 
