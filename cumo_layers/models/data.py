@@ -1,8 +1,9 @@
 """A generated visual question answering task: coloured shapes at positions, nothing to download.
 
-Each image (3 x 32 x 32, values in [-1, 1]) holds two different shapes (square, circle, triangle) in
-two different quadrants, each in one of four colours, on a dark noisy background. Each image comes
-with one question in a tiny word-level vocabulary whose answer can only be read off the image:
+Each image (3 x 32 x 32, values in [-1, 1]) holds one shape (square, circle, triangle; or two
+different ones, ``shapes_per_image=2``) in a quadrant at a random offset, in one of four colours, on a
+dark noisy background. Each image comes with one question in a tiny word-level vocabulary whose answer
+can only be read off the image:
 
     <bos> <image> what colour is the circle ?   red <eos>
     <bos> <image> where is the square ?         bottom left <eos>
@@ -33,6 +34,7 @@ PAD_ID, BOS_ID, EOS_ID, IMAGE_ID = (TOKEN_ID[s] for s in SPECIALS)
 SHAPE_SIZE = 10  # pixels; a quadrant is 16, so a shape sits at one of 7 x 7 offsets in it
 BACKGROUND = -0.8
 NOISE = 0.1
+SHAPES_PER_IMAGE = 1  # 2 asks the model to bind a shape to its colour and place: far harder
 
 
 def encode(words: str) -> list[int]:
@@ -97,10 +99,13 @@ def _pad(rows: list[list[int]], value: int) -> tuple[Tensor, Tensor]:
     return ids, mask
 
 
-def make_split(count: int, seed: int) -> Split:
-    """``count`` fresh images with one question each, reproducible from ``seed``."""
+def make_split(count: int, seed: int, shapes_per_image: int = SHAPES_PER_IMAGE) -> Split:
+    """``count`` fresh images with one question each, reproducible from ``seed``. With one shape per
+    image every question is a read-out; with two, a question about one shape must tell it from the other."""
     if count < 1:
         raise ValueError(f"count must be >= 1, got {count}")
+    if not 1 <= shapes_per_image <= len(SHAPES):
+        raise ValueError(f"shapes_per_image must be in [1, {len(SHAPES)}], got {shapes_per_image}")
     generator = torch.Generator().manual_seed(seed)
 
     def draw(n: int) -> int:
@@ -112,8 +117,8 @@ def make_split(count: int, seed: int) -> Split:
     prompts, answers = [], []
     half = IMAGE_SIZE // 2
     for i in range(count):
-        shapes = torch.randperm(len(SHAPES), generator=generator)[:2].tolist()
-        quadrants = torch.randperm(len(POSITIONS), generator=generator)[:2].tolist()
+        shapes = torch.randperm(len(SHAPES), generator=generator)[:shapes_per_image].tolist()
+        quadrants = torch.randperm(len(POSITIONS), generator=generator)[:shapes_per_image].tolist()
         placed = {}
         for shape_index, quadrant in zip(shapes, quadrants):
             shape, colour = SHAPES[shape_index], colour_names[draw(len(COLOURS))]
@@ -124,10 +129,10 @@ def make_split(count: int, seed: int) -> Split:
             placed[shape] = (colour, quadrant)
         kind = draw(3)
         if kind == 0:
-            shape = SHAPES[shapes[draw(2)]]
+            shape = SHAPES[shapes[draw(shapes_per_image)]]
             question, answer = f"what colour is the {shape} ?", placed[shape][0]
         elif kind == 1:
-            shape = SHAPES[shapes[draw(2)]]
+            shape = SHAPES[shapes[draw(shapes_per_image)]]
             question, answer = f"where is the {shape} ?", " ".join(POSITIONS[placed[shape][1]])
         else:
             quadrant = draw(len(POSITIONS))

@@ -73,6 +73,7 @@ class RecipeConfig:
     batch_size: int = 32
     train_size: int = 4096
     heldout_size: int = 512
+    shapes_per_image: int = data.SHAPES_PER_IMAGE
     learning_rates: dict[str, float] = field(default_factory=lambda: {"stage1": 1e-3, "stage2": 1e-3, "stage3": 1e-3})
     steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 500, "stage3": 300})
     num_experts: int = 4
@@ -101,7 +102,7 @@ class RecipeConfig:
                 raise ValueError(f"{what} must name exactly the stages {sorted(stage_names)}, got {sorted(table)}")
             if any(not value > 0 for value in table.values()):
                 raise ValueError(f"{what} must all be > 0, got {table}")
-        for name in ("batch_size", "train_size", "heldout_size"):
+        for name in ("batch_size", "train_size", "heldout_size", "shapes_per_image"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -148,7 +149,7 @@ def evaluate(model: CuMoModel, split: data.Split, batch_size: int = 128) -> dict
         loss_sum += float(model(**split.batch(index)).ce_loss) * len(index)
         count += len(index)
     model.train(was_training)
-    return {"accuracy": correct / count, "loss": loss_sum / count}
+    return {"accuracy": correct / count, "loss": loss_sum / count, "samples": count}
 
 
 def load_shares(model: CuMoModel) -> dict[str, list[float]]:
@@ -218,7 +219,9 @@ def run_stage(stage: Stage, config: RecipeConfig, splits: tuple[data.Split, data
 
 def make_splits(config: RecipeConfig) -> tuple[data.Split, data.Split]:
     """(train, held-out) from disjoint seeds."""
-    return data.make_split(config.train_size, 2 * config.seed), data.make_split(config.heldout_size, 2 * config.seed + 1)
+    shapes = config.shapes_per_image
+    return (data.make_split(config.train_size, 2 * config.seed, shapes),
+            data.make_split(config.heldout_size, 2 * config.seed + 1, shapes))
 
 
 def final_expert_load(history: dict[str, Any], last: int = 20) -> dict[str, list[float]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -54,6 +55,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help=f"samples per step (default {defaults.batch_size})")
     p.add_argument("--train-size", type=int, help=f"generated training samples (default {defaults.train_size})")
     p.add_argument("--heldout-size", type=int, help=f"generated held-out samples (default {defaults.heldout_size})")
+    p.add_argument("--shapes-per-image", type=int, choices=[1, 2, 3],
+                   help=f"shapes in each generated image (default {defaults.shapes_per_image}; 2 needs binding)")
     p.add_argument("--language-model", choices=["llama", "mistral", "qwen2"], help="tiny LM family (default llama)")
     p.add_argument("--backend", help="SparseMoEMLP backend of the MoE blocks (default auto)")
     p.add_argument("--ablation", action="store_true",
@@ -72,7 +75,8 @@ def config_from_args(args: argparse.Namespace) -> recipe.RecipeConfig:
     defaults = recipe.RecipeConfig()
     values["steps"] = {**values.get("steps", defaults.steps), **dict(args.steps)}
     values["learning_rates"] = {**values.get("learning_rates", defaults.learning_rates), **dict(args.lr)}
-    for flag in ("out", "seed", "batch_size", "train_size", "heldout_size", "language_model", "backend"):
+    for flag in ("out", "seed", "batch_size", "train_size", "heldout_size", "shapes_per_image", "language_model",
+                 "backend"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
     try:
@@ -109,13 +113,16 @@ def describe(history: dict[str, Any], skipped: bool) -> str:
 
 
 def ablation_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
-    lines = ["| model (same stage-2 start, steps, seed) | MoE blocks | held-out accuracy | held-out loss | train CE (last 10) | s |",
+    lines = ["| model (same stage-2 start, steps, seed) | MoE blocks | held-out accuracy ± s.e. | held-out loss "
+             "| train CE (last 10) | s |",
              "|---|---|---|---|---|---|"]
     for label, history in rows:
         moe = history["moe"]
         blocks = "none" if moe is None else " + ".join(p for p in ("vision", "connector") if moe[p])
         tail = history["ce_loss"][-10:]
-        lines.append(f"| {label} | {blocks} | {history['heldout']['accuracy']:.3f} | {history['heldout']['loss']:.3f} "
+        accuracy, count = history["heldout"]["accuracy"], history["heldout"]["samples"]
+        error = math.sqrt(accuracy * (1 - accuracy) / count)
+        lines.append(f"| {label} | {blocks} | {accuracy:.3f} ± {error:.3f} | {history['heldout']['loss']:.3f} "
                      f"| {sum(tail) / len(tail):.3f} | {history['seconds']:.1f} |")
     return "\n".join(lines)
 
@@ -131,8 +138,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     transformers_logging.disable_progress_bar()
     claim_run_directory(config, args.fresh)
     splits = recipe.make_splits(config)
-    print(f"CuMo recipe on the shapes task: {config.train_size} training / {config.heldout_size} held-out samples, "
-          f"batch {config.batch_size}, seed {config.seed}, run directory {config.out}")
+    print(f"CuMo recipe on the shapes task ({config.shapes_per_image} shape(s) per image): {config.train_size} "
+          f"training / {config.heldout_size} held-out samples, batch {config.batch_size}, seed {config.seed}, "
+          f"run directory {config.out}")
     histories: dict[str, Any] = {}
     stages = list(recipe.STAGES) + ([s for _, s in recipe.ABLATION if s not in recipe.STAGES] if args.ablation else [])
     for stage in stages:

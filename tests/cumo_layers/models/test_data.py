@@ -8,8 +8,9 @@ import torch
 from cumo_layers.models import data
 
 
-def test_answers_can_be_read_off_the_image():
-    split = data.make_split(64, seed=0)
+@pytest.mark.parametrize("shapes_per_image", [1, 2])
+def test_answers_can_be_read_off_the_image(shapes_per_image):
+    split = data.make_split(64, seed=0, shapes_per_image=shapes_per_image)
     half = data.IMAGE_SIZE // 2
     for image, ids, answer in zip(split.images, split.prompt_ids, split.answers):
         question = data.decode(ids[2:]).replace(" <pad>", "")
@@ -21,6 +22,9 @@ def test_answers_can_be_read_off_the_image():
             quadrant = image[:, (rows == "bottom") * half :][:, : half, (cols == "right") * half :][:, :, :half]
             occupied = bool((quadrant.abs() == 1).all(dim=0).sum() >= 30)
             assert occupied == (answer != "nothing"), (question, answer)
+        occupied_quadrants = sum(int((image[:, r : r + half, c : c + half].abs() == 1).all(dim=0).sum()) >= 30
+                                 for r in (0, half) for c in (0, half))
+        assert occupied_quadrants == shapes_per_image
 
 
 def test_labels_cover_the_answer_and_eos_only():
@@ -44,3 +48,5 @@ def test_unknown_words_and_empty_splits_are_refused():
         data.encode("what colour is purple")
     with pytest.raises(ValueError, match="count"):
         data.make_split(0, seed=0)
+    with pytest.raises(ValueError, match="shapes_per_image"):
+        data.make_split(4, seed=0, shapes_per_image=4)

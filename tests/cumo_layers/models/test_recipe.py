@@ -14,7 +14,7 @@ from cumo_layers import SparseMoEMLP
 from cumo_layers.models import CuMoModel, data, recipe, train
 
 TINY = ["--steps", "stage1=2", "--steps", "stage2=2", "--steps", "stage3=2", "--train-size", "16",
-        "--heldout-size", "8", "--batch-size", "4", "--no-progress", "--backend", "torch"]
+        "--heldout-size", "8", "--batch-size", "4", "--no-progress"]
 
 
 def built(tower_dirs) -> CuMoModel:
