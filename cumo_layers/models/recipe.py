@@ -8,8 +8,8 @@
 Each stage starts from the previous stage's checkpoint and writes ``<out>/<stage>/`` atomically: the
 model checkpoint (``model/``) and the stage's history (``history.json``: losses, aux losses, expert
 load per MoE layer per step, held-out accuracy, seconds). A stage whose directory exists is finished
-and is skipped on a rerun; an interrupted stage leaves nothing and restarts from the previous
-checkpoint. Learning rates here are far above CuMo's: these towers start from random init, not from
+and is skipped on a rerun; an interrupted stage continues from its last mid-stage checkpoint
+(``<out>/<stage>.partial/``, every ``checkpoint_every`` steps; see resume.py). Learning rates here are far above CuMo's: these towers start from random init, not from
 CLIP and Mistral, and get a few hundred steps instead of an epoch of 665k samples.
 """
 
@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from cumo_layers.checkpoint import atomic_directory
 from cumo_layers.models import data
 from cumo_layers.models.model import PARTS, CuMoModel
+from cumo_layers.models.resume import load_partial_model, partial_directory, restore_partial, save_partial
 from cumo_layers.models.towers import save_tiny_towers
 
 HISTORY_NAME = "history.json"
@@ -74,6 +76,7 @@ class RecipeConfig:
     train_size: int = 4096
     heldout_size: int = 512
     shapes_per_image: int = data.SHAPES_PER_IMAGE
+    checkpoint_every: int = 100  # steps between mid-stage checkpoints (0: only at the end of a stage)
     learning_rates: dict[str, float] = field(default_factory=lambda: {"stage1": 1e-3, "stage2": 1e-3, "stage3": 1e-3})
     steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 500, "stage3": 300})
     num_experts: int = 4
@@ -105,6 +108,8 @@ class RecipeConfig:
         for name in ("batch_size", "train_size", "heldout_size", "shapes_per_image"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
 
     def for_stage(self, stage: Stage) -> tuple[float, int]:
         """(learning rate, steps) of a stage; ablation runs use stage 3's."""
@@ -113,9 +118,10 @@ class RecipeConfig:
 
 
 def prepare(model: CuMoModel, stage: Stage, config: RecipeConfig) -> CuMoModel:
-    """Upcycle what the stage asks for (fresh routers from the seed) and set which parts train."""
+    """Upcycle what the stage asks for (fresh routers from the seed; not again for a model resumed
+    mid-stage) and set which parts train."""
     torch.manual_seed(config.seed)
-    if stage.upcycles:
+    if stage.upcycles and model.moe is None:
         model.upcycle(config.num_experts, config.top_k, vision=stage.upcycle_vision,
                       connector=stage.upcycle_connector, balance_loss=config.balance_loss, backend=config.backend)
     model.balance_coef, model.z_coef = (config.balance_coef, config.z_coef) if stage.aux_losses else (0.0, 0.0)
@@ -158,8 +164,12 @@ def load_shares(model: CuMoModel) -> dict[str, list[float]]:
 
 
 def train_stage(model: CuMoModel, stage: Stage, config: RecipeConfig, train: data.Split, heldout: data.Split,
-                progress: bool = True) -> dict[str, Any]:
-    """Run one prepared stage in place; returns its history (see the module docstring)."""
+                progress: bool = True, partial: Path | None = None) -> dict[str, Any]:
+    """Run one prepared stage in place; returns its history (see the module docstring).
+
+    partial: where the mid-stage state is kept every ``config.checkpoint_every`` steps; if it holds
+    one, training continues from it (the model must then have been loaded from it too).
+    """
     from tqdm.auto import tqdm
 
     lr, steps = config.for_stage(stage)
@@ -168,11 +178,16 @@ def train_stage(model: CuMoModel, stage: Stage, config: RecipeConfig, train: dat
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps))
     batches = torch.Generator().manual_seed(config.seed + 1)  # the same batches in every variant of a stage
     history: dict[str, Any] = {"stage": stage.name, "lr": lr, "steps": steps, "trainable": list(stage.trainable),
-                               "moe": model.moe, "loss": [], "ce_loss": [], "aux_losses": {}, "expert_load": {}}
-    start = time.perf_counter()
+                               "moe": model.moe, "loss": [], "ce_loss": [], "aux_losses": {}, "expert_load": {},
+                               "train_seconds": 0.0}
+    done = 0
+    if partial is not None and partial.is_dir():
+        done, history = restore_partial(partial, optimizer, schedule, batches)
+    start, seconds_before = time.perf_counter(), history["train_seconds"]
     model.train()
-    bar = tqdm(range(steps), desc=stage.name, disable=not progress, leave=False, dynamic_ncols=True)
-    for _ in bar:
+    bar = tqdm(range(done, steps), initial=done, total=steps, desc=stage.name, disable=None if progress else True,
+               leave=False, dynamic_ncols=True)
+    for step in bar:
         output = model(**train.batch(torch.randint(len(train), (config.batch_size,), generator=batches)))
         output.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, MAX_GRAD_NORM)
@@ -186,9 +201,13 @@ def train_stage(model: CuMoModel, stage: Stage, config: RecipeConfig, train: dat
         for layer, shares in load_shares(model).items():
             history["expert_load"].setdefault(layer, []).append(shares)
         bar.set_postfix(loss=f"{history['loss'][-1]:.3f}")
-    history["train_seconds"] = time.perf_counter() - start
+        history["train_seconds"] = seconds_before + time.perf_counter() - start
+        finished = step + 1
+        if partial is not None and config.checkpoint_every and finished % config.checkpoint_every == 0 and finished < steps:
+            save_partial(partial, model, optimizer, schedule, batches, finished, history)
+    evaluation_start = time.perf_counter()
     history["heldout"] = evaluate(model, heldout)
-    history["seconds"] = time.perf_counter() - start
+    history["seconds"] = history["train_seconds"] + time.perf_counter() - evaluation_start
     return history
 
 
@@ -204,16 +223,20 @@ def stage_input(out: Path, stage: Stage, config: RecipeConfig) -> CuMoModel:
 
 def run_stage(stage: Stage, config: RecipeConfig, splits: tuple[data.Split, data.Split],
               progress: bool = True) -> tuple[dict[str, Any], bool]:
-    """Train ``stage`` unless ``<out>/<stage>`` exists; returns (its history, whether it was skipped)."""
+    """Train ``stage`` unless ``<out>/<stage>`` exists (continuing from ``<out>/<stage>.partial`` if
+    an interrupted run left one); returns (its history, whether it was skipped)."""
     out = Path(config.out)
     directory = out / stage.name
     if directory.is_dir():
         return json.loads((directory / HISTORY_NAME).read_text()), True
-    model = prepare(stage_input(out, stage, config), stage, config)
-    history = train_stage(model, stage, config, *splits, progress=progress)
+    partial = partial_directory(directory)
+    start = load_partial_model(partial) if partial.is_dir() else stage_input(out, stage, config)
+    model = prepare(start, stage, config)
+    history = train_stage(model, stage, config, *splits, progress=progress, partial=partial)
     with atomic_directory(directory) as staging:
         model.save_pretrained(staging / "model")
         (staging / HISTORY_NAME).write_text(json.dumps(history) + "\n")
+    shutil.rmtree(partial, ignore_errors=True)
     return history, False
 
 

@@ -5,8 +5,8 @@
     python -m cumo_layers.models.train --steps stage3=500 --lr stage3=3e-4 --config recipe.json
 
 Every stage writes ``<out>/<stage>/`` (checkpoint + history) and the next one starts from it; a rerun
-skips the stages already there, so an interrupted run resumes at the stage it was in (``--fresh``
-starts over). The settings a run used are kept in ``<out>/recipe.json``; resuming with other settings
+skips the stages already there and continues an interrupted one from its last mid-stage checkpoint
+(``--checkpoint-every`` steps; ``--fresh`` starts over). The settings a run used are kept in ``<out>/recipe.json``; resuming with other settings
 is refused. Prints per-stage loss, held-out accuracy and time, the final expert load of every MoE
 layer, and writes a plot (loss per stage, expert load per MoE layer over steps) to ``<out>/recipe.png``.
 """
@@ -26,6 +26,7 @@ import torch
 
 from cumo_layers.models import recipe
 from cumo_layers.models.plot import plot_run
+from cumo_layers.models.resume import partial_directory
 
 CONFIG_NAME = "recipe.json"
 
@@ -59,6 +60,8 @@ def parser() -> argparse.ArgumentParser:
                    help=f"shapes in each generated image (default {defaults.shapes_per_image}; 2 needs binding)")
     p.add_argument("--language-model", choices=["llama", "mistral", "qwen2"], help="tiny LM family (default llama)")
     p.add_argument("--backend", help="SparseMoEMLP backend of the MoE blocks (default auto)")
+    p.add_argument("--checkpoint-every", type=int,
+                   help=f"steps between mid-stage checkpoints, 0 for none (default {defaults.checkpoint_every})")
     p.add_argument("--ablation", action="store_true",
                    help="also train the dense and MLP-MoE third stages from the stage-2 checkpoint and print the table")
     p.add_argument("--fresh", action="store_true", help="delete this run's stages first and start over")
@@ -76,7 +79,7 @@ def config_from_args(args: argparse.Namespace) -> recipe.RecipeConfig:
     values["steps"] = {**values.get("steps", defaults.steps), **dict(args.steps)}
     values["learning_rates"] = {**values.get("learning_rates", defaults.learning_rates), **dict(args.lr)}
     for flag in ("out", "seed", "batch_size", "train_size", "heldout_size", "shapes_per_image", "language_model",
-                 "backend"):
+                 "backend", "checkpoint_every"):
         if getattr(args, flag) is not None:
             values[flag] = getattr(args, flag)
     try:
@@ -89,13 +92,14 @@ def claim_run_directory(config: recipe.RecipeConfig, fresh: bool) -> None:
     """Start over (fresh), or check that the stages already in ``out`` were trained with these settings."""
     out = Path(config.out)
     stage_dirs = [out / s.name for s in recipe.STAGES] + [out / s.name for _, s in recipe.ABLATION]
+    stage_dirs += [partial_directory(d) for d in stage_dirs]
     settings = dataclasses.asdict(config)
     if fresh:
         for directory in stage_dirs:
             shutil.rmtree(directory, ignore_errors=True)
     elif any(d.is_dir() for d in stage_dirs) and (out / CONFIG_NAME).is_file():
         before = json.loads((out / CONFIG_NAME).read_text())
-        changed = sorted(k for k in settings if before.get(k) != settings[k] and k != "out")
+        changed = sorted(k for k in settings if before.get(k) != settings[k] and k not in ("out", "checkpoint_every"))
         if changed:
             raise SystemExit(f"{out} holds stages trained with other settings ({changed}); "
                              "use another --out, or --fresh to start over")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import shutil
@@ -112,6 +113,45 @@ def test_a_rerun_skips_finished_stages_and_refuses_other_settings(tiny_run, caps
     assert again["stage3"]["loss"] == histories["stage3"]["loss"]  # same seed, same start: same run
     with pytest.raises(SystemExit, match="other settings"):
         train.main(["--out", str(out), *TINY, "--seed", "1"])
+
+
+def test_an_interrupted_stage_resumes_from_its_last_checkpoint(tmp_path, monkeypatch):
+    config = recipe.RecipeConfig(out=str(tmp_path / "whole"), steps={"stage1": 1, "stage2": 1, "stage3": 6},
+                                 train_size=16, heldout_size=4, batch_size=4, checkpoint_every=2)
+    splits = recipe.make_splits(config)
+    for stage in recipe.STAGES[:2]:
+        recipe.run_stage(stage, config, splits, progress=False)
+    shutil.copytree(tmp_path / "whole", tmp_path / "interrupted")
+    whole, _ = recipe.run_stage(recipe.STAGES[2], config, splits, progress=False)
+
+    interrupted = dataclasses.replace(config, out=str(tmp_path / "interrupted"))
+    forward, calls = CuMoModel.forward, []
+
+    def crash_in_step_five(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CuMoModel, "forward", crash_in_step_five)
+    with pytest.raises(KeyboardInterrupt):
+        recipe.run_stage(recipe.STAGES[2], interrupted, splits, progress=False)
+    partial = tmp_path / "interrupted" / "stage3.partial"
+    assert not (tmp_path / "interrupted" / "stage3").exists()
+    assert len(json.loads((partial / "state" / "config.json").read_text())["history"]["loss"]) == 4
+
+    training_steps = []
+
+    def count_training_steps(self, *args, **kwargs):
+        training_steps.extend([1] if self.training else [])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(CuMoModel, "forward", count_training_steps)
+    resumed, skipped = recipe.run_stage(recipe.STAGES[2], interrupted, splits, progress=False)
+    assert len(training_steps) == 2  # steps 5 and 6 only
+    assert not skipped and not partial.exists()
+    assert resumed["loss"] == whole["loss"] and resumed["expert_load"] == whole["expert_load"]
+    assert resumed["heldout"] == whole["heldout"]
 
 
 def test_cli_help_and_bad_settings(capsys, tmp_path):
