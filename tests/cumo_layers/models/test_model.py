@@ -275,3 +275,22 @@ def test_set_trainable(tower_dirs):
     assert not any(p.requires_grad for p in model.language_model.parameters())
     with pytest.raises(ValueError, match="unknown parts"):
         model.set_trainable(["projector"])
+
+
+def test_tied_embeddings_round_trip(tower_dirs, tmp_path):
+    """Qwen2-style LMs tie lm_head to the input embeddings: saved once, tied again after loading."""
+    from cumo_layers.models import towers
+
+    config = towers.tiny_language_config("qwen2")
+    config.tie_word_embeddings = True
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "tied-lm")
+    model = CuMoModel.from_pretrained_parts(tower_dirs("llama")[0], tmp_path / "tied-lm", image_token_id=data.IMAGE_ID)
+    assert model.language_model.lm_head.weight is model.language_model.get_input_embeddings().weight
+    perturb(model)
+    model.save_pretrained(tmp_path / "ckpt")
+    assert "language_model.lm_head.weight" not in read_tensors(tmp_path / "ckpt")
+    loaded = CuMoModel.from_pretrained(tmp_path / "ckpt")
+    assert loaded.language_model.lm_head.weight is loaded.language_model.get_input_embeddings().weight
+    inputs = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**inputs).logits, model.eval()(**inputs).logits, rtol=0, atol=0)
