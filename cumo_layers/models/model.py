@@ -60,7 +60,7 @@ def mlp2x_gelu(in_features: int, out_features: int) -> nn.Sequential:
 
 class CuMoModel(nn.Module):
     """vision_tower: transformers CLIPVisionModel; language_model: a transformers causal LM
-    (Llama, Mistral, Qwen2, ...); connector built here unless given.
+    (Llama, Mistral, Qwen2, ...); the connector is built here.
 
     image_token_id: the placeholder in input_ids that one image's tokens replace.
     s2_scales: (1,) for plain features; CuMo's (1, 3) concatenates 1x and pooled 3x features.
@@ -75,7 +75,6 @@ class CuMoModel(nn.Module):
         s2_scales: Sequence[int] = (1,),
         balance_coef: float = DEFAULT_BALANCE_COEF,
         z_coef: float = DEFAULT_Z_COEF,
-        connector: nn.Module | None = None,
     ) -> None:
         super().__init__()
         from transformers import CLIPVisionModel
@@ -91,14 +90,12 @@ class CuMoModel(nn.Module):
         self.language_model = language_model
         vision_width = vision_tower.config.hidden_size * len(scales)
         language_width = language_model.get_input_embeddings().embedding_dim
-        self.connector = connector if connector is not None else mlp2x_gelu(vision_width, language_width)
-        self.connector.to(next(language_model.parameters()).dtype)
+        self.connector = mlp2x_gelu(vision_width, language_width).to(next(language_model.parameters()).dtype)
         self.image_token_id = int(image_token_id)
         self.s2_scales = scales
         self.balance_coef = float(balance_coef)
         self.z_coef = float(z_coef)
         self.moe: dict[str, Any] | None = None
-
 
     @classmethod
     def from_pretrained_parts(
@@ -155,6 +152,9 @@ class CuMoModel(nn.Module):
         config = read_config(directory)
         if config.get("format") != CONFIG_FORMAT:
             raise CheckpointError(f"{directory} holds a {config.get('format')!r} checkpoint, not a {CONFIG_FORMAT!r} one")
+        if not isinstance(config.get("version"), int) or config["version"] > CONFIG_VERSION:
+            raise CheckpointError(f"{directory} has {CONFIG_FORMAT} version {config.get('version')!r}; this code reads "
+                                  f"versions up to {CONFIG_VERSION}")
         model = cls._from_config(config, directory)
         tensors = read_tensors(directory)
         expected = model.checkpoint_tensors()
@@ -184,7 +184,6 @@ class CuMoModel(nn.Module):
         if moe is not None:
             model.upcycle(**{k: v for k, v in moe.items() if k != "options"}, **moe["options"])
         return model
-
 
     def upcycle(
         self, num_experts: int = 4, top_k: int = 2, vision: bool = True, connector: bool = True,
@@ -226,7 +225,6 @@ class CuMoModel(nn.Module):
             raise ValueError(f"unknown parts {sorted(parts - set(PARTS))}; the parts are {PARTS}")
         for name in PARTS:
             getattr(self, name).requires_grad_(name in parts)
-
 
     def encode_images(self, pixel_values: Tensor, project: bool = True) -> Tensor:
         """pixel_values: [B, 3, S, S] float -> [B, N, llm width] image tokens (project=False: the

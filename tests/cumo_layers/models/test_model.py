@@ -161,7 +161,10 @@ def test_corrupt_or_partial_checkpoints_raise_clear_errors(tower_dirs, tmp_path)
     with pytest.raises(CheckpointError, match="missing tensors"):
         CuMoModel.from_pretrained(path)  # a dense config beside MoE tensors
 
-    (path / "config.json").write_text('{"format": "cumo-model"}')
+    (path / "config.json").write_text('{"format": "cumo-model", "version": 2}')
+    with pytest.raises(CheckpointError, match="version 2; this code reads versions up to 1"):
+        CuMoModel.from_pretrained(path)
+    (path / "config.json").write_text('{"format": "cumo-model", "version": 1}')
     with pytest.raises(CheckpointError, match="does not describe a CuMo model"):
         CuMoModel.from_pretrained(path)
     (path / "config.json").unlink()
