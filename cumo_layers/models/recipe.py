@@ -9,8 +9,9 @@ Each stage starts from the previous stage's checkpoint and writes ``<out>/<stage
 model checkpoint (``model/``) and the stage's history (``history.json``: losses, aux losses, expert
 load per MoE layer per step, held-out accuracy, seconds). A stage whose directory exists is finished
 and is skipped on a rerun; an interrupted stage continues from its last mid-stage checkpoint
-(``<out>/<stage>.partial/``, every ``checkpoint_every`` steps; see resume.py). Learning rates here are far above CuMo's: these towers start from random init, not from
-CLIP and Mistral, and get a few hundred steps instead of an epoch of 665k samples.
+(``<out>/<stage>.partial/``, every ``checkpoint_every`` steps; see resume.py). Learning rates here
+are far above CuMo's: these towers start from random init, not from CLIP and Mistral, and get a few
+hundred steps instead of an epoch of real image-text data.
 """
 
 from __future__ import annotations
@@ -214,7 +215,8 @@ def train_stage(model: CuMoModel, stage: Stage, config: RecipeConfig, train: dat
 def stage_input(out: Path, stage: Stage, config: RecipeConfig) -> CuMoModel:
     """The model a stage starts from: the towers for stage 1, else the previous stage's checkpoint."""
     if stage.name == "stage1":
-        vision, language = save_tiny_towers(out / "towers", seed=config.seed, model_type=config.language_model)
+        vision, language = save_tiny_towers(out / "towers" / f"seed{config.seed}", seed=config.seed,
+                                            model_type=config.language_model)
         torch.manual_seed(config.seed)  # the connector's init
         return CuMoModel.from_pretrained_parts(vision, language, image_token_id=data.IMAGE_ID)
     previous = "stage1" if stage.name == "stage2" else "stage2"

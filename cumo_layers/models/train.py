@@ -107,13 +107,19 @@ def claim_run_directory(config: recipe.RecipeConfig, fresh: bool) -> None:
     (out / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def describe(history: dict[str, Any], skipped: bool) -> str:
-    losses = history["loss"]
-    head, tail = sum(losses[:10]) / len(losses[:10]), sum(losses[-10:]) / len(losses[-10:])
+    """One line per stage: CE over its first and last 10 steps, the weighted aux loss at the end, held-out results."""
+    ce, total = history["ce_loss"], history["loss"]
+    aux = f" + aux {mean(total[-10:]) - mean(ce[-10:]):.3f}" if history["aux_losses"] else ""
     held = history["heldout"]
     when = "skipped, read from its checkpoint; took" if skipped else "took"
-    return (f"{history['stage']:<17} lr {history['lr']:<7g} steps {history['steps']:<4d} loss {head:.3f} -> {tail:.3f}  "
-            f"held-out accuracy {held['accuracy']:.3f} loss {held['loss']:.3f}  ({when} {history['seconds']:.1f} s)")
+    return (f"{history['stage']:<17} lr {history['lr']:<7g} steps {history['steps']:<4d} "
+            f"CE {mean(ce[:10]):.3f} -> {mean(ce[-10:]):.3f}{aux}  held-out accuracy {held['accuracy']:.3f} "
+            f"loss {held['loss']:.3f}  ({when} {history['seconds']:.1f} s)")
 
 
 def ablation_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
@@ -123,11 +129,10 @@ def ablation_table(rows: list[tuple[str, dict[str, Any]]]) -> str:
     for label, history in rows:
         moe = history["moe"]
         blocks = "none" if moe is None else " + ".join(p for p in ("vision", "connector") if moe[p])
-        tail = history["ce_loss"][-10:]
         accuracy, count = history["heldout"]["accuracy"], history["heldout"]["samples"]
         error = math.sqrt(accuracy * (1 - accuracy) / count)
         lines.append(f"| {label} | {blocks} | {accuracy:.3f} ± {error:.3f} | {history['heldout']['loss']:.3f} "
-                     f"| {sum(tail) / len(tail):.3f} | {history['seconds']:.1f} |")
+                     f"| {mean(history['ce_loss'][-10:]):.3f} | {history['seconds']:.1f} |")
     return "\n".join(lines)
 
 
