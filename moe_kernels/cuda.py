@@ -36,6 +36,7 @@ except ImportError as exc:  # the package works without the extension
 # torch._grouped_mm needs 16-byte aligned row strides and base pointers.
 GROUPED_MM_ALIGN_BYTES = 16
 GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+COMPILE_DTYPES = (torch.float16, torch.bfloat16)  # fp32 runs eagerly only (a host-synced loop in torch)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -89,11 +90,11 @@ def grouped_linear(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
     pad_out = -out_features % align
     rows = F.pad(rows, (0, pad_in)) if pad_in else rows.contiguous()
     weight = F.pad(weight, (0, pad_in, 0, pad_out)) if pad_in or pad_out else weight.contiguous()
-    # The caching allocator aligns every storage to far more than 16 bytes, so the storage offset
-    # decides the alignment (and, unlike data_ptr(), torch.compile traces it).
-    if rows.storage_offset() * rows.element_size() % GROUPED_MM_ALIGN_BYTES:
-        rows = rows.clone()
-    if weight.storage_offset() * weight.element_size() % GROUPED_MM_ALIGN_BYTES:
+    # rows are always a fresh allocation here (the caching allocator aligns storages to far more than
+    # 16 bytes); a weight may be a view into a larger storage. torch.compile cannot branch on a storage
+    # offset (a graph break), so compiled graphs skip the fix-up and leave a misaligned view to
+    # _grouped_mm's own error.
+    if not torch.compiler.is_compiling() and weight.storage_offset() * weight.element_size() % GROUPED_MM_ALIGN_BYTES:
         weight = weight.clone()
     out = torch._grouped_mm(rows, weight.transpose(1, 2), offs=group_ends)
     return out[:, :out_features] if pad_out else out
@@ -175,6 +176,9 @@ def expert_mlp(
     """The CUDA expert MLP (contract: ``moe_kernels.ops.expert_mlp``); float32/float16/bfloat16
     only (torch._grouped_mm)."""
     _require(x.device)
+    if torch.compiler.is_compiling() and x.dtype not in COMPILE_DTYPES:
+        raise TypeError(f"backend 'cuda' under torch.compile takes {[str(d) for d in COMPILE_DTYPES]} "
+                        f"(torch._grouped_mm traces 16-bit operands only), got {x.dtype}; use backend='triton'")
     if x.dtype not in GROUPED_MM_DTYPES:
         raise TypeError(f"backend 'cuda' runs {[str(d) for d in GROUPED_MM_DTYPES]} (torch._grouped_mm), got {x.dtype}")
     plan = routing_plan(top_k_idx, w1.shape[0])

@@ -123,7 +123,7 @@ def naive_expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation="ge
 
 def assert_compiled_matches_eager(layer, x: Tensor, compiler: str = "aot_eager", after_compiled_backward=None) -> None:
     """torch.compile(layer, fullgraph=True) against eager on the same x: the forward and the gradients of
-    x and of every parameter agree (fp32 tolerance). ``after_compiled_backward()`` runs right after the
+    x and of every parameter agree (the tolerance of x's dtype). ``after_compiled_backward()`` runs right after the
     compiled forward and backward, before anything eager runs (e.g. to count kernel launches)."""
     compiled = torch.compile(layer, backend=compiler, fullgraph=True)
     x = x.detach().clone().requires_grad_()
@@ -137,8 +137,8 @@ def assert_compiled_matches_eager(layer, x: Tensor, compiler: str = "aot_eager",
     grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
     layer.zero_grad()
     y_eager = layer(x_eager)
-    assert_close(y.detach(), y_eager.detach(), torch.float32, "compiled forward")
+    assert_close(y.detach(), y_eager.detach(), x.dtype, "compiled forward")
     (y_eager * grad).sum().backward()
-    assert_close(x.grad, x_eager.grad, torch.float32, "compiled dx")
+    assert_close(x.grad, x_eager.grad, x.dtype, "compiled dx")
     for name, p in layer.named_parameters():
-        assert_close(grads[name], p.grad, torch.float32, f"compiled d{name}")
+        assert_close(grads[name], p.grad, x.dtype, f"compiled d{name}")

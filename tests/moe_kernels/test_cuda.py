@@ -367,3 +367,27 @@ def test_gpu_named_backend_dispatch():
     problem = random_problem(Shape(10, 16, 8, 16, 4, 2), device="cuda")
     assert_close(ops.expert_mlp(*problem, backend="cuda"), reference.expert_mlp(*problem), torch.float32, "ops")
 
+
+
+@needs_extension
+@pytest.mark.parametrize("dtype", [torch.bfloat16])  # fp16's meta check asks for cuBLASLt, i.e. a GPU
+def test_cuda_backend_traces_in_one_graph_without_a_gpu(monkeypatch, dtype):
+    """torch.compile(fullgraph=True) of the cuda expert MLP, forward and backward, traced on meta tensors
+    standing in for CUDA ones (the fakes and meta kernels are all tracing needs). This is how the
+    H200 run's graph break (a branch on an alignment) was found and is kept fixed without a GPU."""
+    from moe_kernels import contract
+
+    check_one_device = contract.check_one_device
+    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+    monkeypatch.setattr(contract, "check_one_device", lambda op, named, allow_meta=False: check_one_device(op, named, True))
+    x, weights, idx, w1, b1, w2, b2 = [None if t is None else t.to("meta") for t in
+                                       random_problem(Shape(37, 64, 96, 64, 8, 2), glu=True)]
+    x, w1, b1, w2, b2 = (t.to(dtype).requires_grad_() for t in (x, w1, b1, w2, b2))
+    compiled = torch.compile(cuda_backend.expert_mlp, backend="aot_eager", fullgraph=True)
+    y = compiled(x, weights, idx, w1, b1, w2, b2, "silu", True)
+    y.sum().backward()
+    assert y.shape == (37, 64) and y.dtype == dtype
+    # The weights' gradients come back through the traced backward graph (x's path runs through
+    # aten::where, which has no autograd kernel on meta: its gradient is checked on a GPU instead).
+    for name, t in zip(("w1", "b1", "w2", "b2"), (w1, b1, w2, b2)):
+        assert t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == dtype, name
