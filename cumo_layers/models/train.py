@@ -156,9 +156,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         history, skipped = recipe.run_stage(stage, config, splits, progress=not args.no_progress)
         histories[stage.name] = history
         print(describe(history, skipped), flush=True)
-    print("expert load after stage 3 (share of assignments per expert, mean of the last 20 steps):")
-    for layer, shares in recipe.final_expert_load(histories["stage3"]).items():
-        print(f"  {layer:<40} " + " ".join(f"{s:.2f}" for s in shares))
+    print("expert load at the end (share of each expert in its layer's assignments, mean of the last 20 steps):")
+    for name, history in histories.items():
+        for layer, shares in recipe.final_expert_load(history).items():
+            print(f"  {name:<17} {layer:<34} " + " ".join(f"{s:.2f}" for s in shares))
     if args.ablation:
         print("ablation (third stage variants; the paper's Table 3 shape, on the toy task):")
         print(ablation_table([(label, histories[stage.name]) for label, stage in recipe.ABLATION]))
