@@ -1,6 +1,7 @@
 """Tiny towers saved once per session, so every model test runs the real loading path."""
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -19,3 +20,13 @@ def tower_dirs(tmp_path_factory):
         return built[model_type]
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """These models are 64 wide: a second thread gains little, and on a busy machine it makes every op
+    wait for a free core (ten times slower). Restored after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
