@@ -79,7 +79,7 @@ class RecipeConfig:
     shapes_per_image: int = data.SHAPES_PER_IMAGE
     checkpoint_every: int = 100  # steps between mid-stage checkpoints (0: only at the end of a stage)
     learning_rates: dict[str, float] = field(default_factory=lambda: {"stage1": 1e-3, "stage2": 1e-3, "stage3": 1e-3})
-    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 500, "stage3": 300})
+    steps: dict[str, int] = field(default_factory=lambda: {"stage1": 150, "stage2": 600, "stage3": 400})
     num_experts: int = 4
     top_k: int = 2
     balance_loss: str = "cumo"

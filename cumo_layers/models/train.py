@@ -6,8 +6,8 @@
 
 Every stage writes ``<out>/<stage>/`` (checkpoint + history) and the next one starts from it; a rerun
 skips the stages already there and continues an interrupted one from its last mid-stage checkpoint
-(``--checkpoint-every`` steps; ``--fresh`` starts over). The settings a run used are kept in ``<out>/recipe.json``; resuming with other settings
-is refused. Prints per-stage loss, held-out accuracy and time, the final expert load of every MoE
+(``--checkpoint-every`` steps; ``--fresh`` starts over). The settings a run used are kept in
+``<out>/recipe.json``; resuming with other settings is refused. Prints per-stage loss, held-out accuracy and time, the final expert load of every MoE
 layer, and writes a plot (loss per stage, expert load per MoE layer over steps) to ``<out>/recipe.png``.
 """
 
