@@ -253,6 +253,19 @@ def test_generate_is_greedy_decoding_with_the_cache(tower_dirs):
             assert generated[i, : len(expected)].tolist() == expected
 
 
+def test_generate_without_an_image_is_the_language_model_alone(tower_dirs):
+    model = build(tower_dirs).eval()
+    perturb(model)
+    prompt = torch.tensor([[data.BOS_ID] + data.encode("what colour is the square ?")])
+    generated = model.generate(None, prompt, max_new_tokens=4, eos_token_id=data.EOS_ID)
+    tokens = prompt
+    with torch.no_grad():
+        for _ in range(generated.shape[1]):
+            next_token = model.language_model(tokens).logits[:, -1].argmax(dim=-1, keepdim=True)
+            tokens = torch.cat([tokens, next_token], dim=1)
+    assert generated.tolist() == tokens[:, prompt.shape[1]:].tolist()
+
+
 def test_bad_inputs_are_refused(tower_dirs):
     model = build(tower_dirs)
     inputs = batch(2)
