@@ -91,6 +91,15 @@ def _routing_plan(ids: Tensor, num_experts: int, top_k: int, interpret: bool) ->
 # Router
 
 
+def _eager_without_grad(*tensors: Tensor | None) -> bool:
+    """Eager inference (no gradient wanted, not tracing): the public functions then call the launchers
+    directly. The custom op's dispatch (autograd wrapper, redispatch, argument boxing) costs tens of
+    microseconds per call, as much as the kernels of a decode step; ops.py has checked the arguments."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+
+
 def _gating_tiles(num_experts: int, top_k: int) -> dict:
     block_e = triton.next_power_of_2(num_experts)
     return dict(BLOCK_T=max(1, min(64, ELEMENTWISE_TILE // block_e)), BLOCK_E=block_e,
@@ -100,6 +109,11 @@ def _gating_tiles(num_experts: int, top_k: int) -> dict:
 @torch.library.custom_op("cumo_triton::topk_gating", mutates_args=())
 def _topk_gating_op(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
     check_gating_args(logits, top_k, normalize)
+    return _topk_gating(logits, top_k, normalize)
+
+
+def _topk_gating(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """The gating launcher, arguments already checked."""
     interpret = check_device(logits)
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
@@ -161,7 +175,9 @@ _topk_gating_op.register_autograd(_topk_gating_backward, setup_context=_topk_gat
 
 
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
-    """The fused Triton router (contract: ``moe_kernels.ops.topk_gating``)."""
+    """The fused Triton router (contract: ``moe_kernels.ops.topk_gating``, checked by ops.py)."""
+    if _eager_without_grad(logits):
+        return _topk_gating(logits, top_k, normalize)
     return _topk_gating_op(logits, top_k, normalize)
 
 
@@ -265,6 +281,13 @@ def _expert_mlp_forward_op(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, 
                            w2: Tensor, b2: Tensor | None, activation: str, glu: bool, save_pre: bool,
                            keep_rows: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
+    return _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_pre, keep_rows)
+
+
+def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
+                        w2: Tensor, b2: Tensor | None, activation: str, glu: bool, save_pre: bool,
+                        keep_rows: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward launcher, arguments already checked against the contract."""
     check_triton_dtype(x)
     interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
     num_tokens, top_k = top_k_idx.shape
@@ -428,5 +451,7 @@ def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, 
 
     save_pre = needs_grad(x) or needs_grad(w1) or needs_grad(b1)  # d pre-activation is needed
     keep_rows = needs_grad(top_k_weights)  # the top-k weight gradient reads the unweighted expert rows
+    if _eager_without_grad(x, top_k_weights, w1, b1, w2, b2):
+        return _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, False, False)[0]
     return _expert_mlp_forward_op(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_pre,
                                   keep_rows)[0]

@@ -1,6 +1,7 @@
 """What a CPU-only CI can hold of the GPU launch path (issue 16): the whole layer's kernel launches
-under the Triton interpreter, the aten ops the layer runs outside its custom ops, and no zero-fill
-inside the ops. The GPU timings themselves come from `make gpu-check`."""
+under the Triton interpreter, the aten ops the layer runs besides its kernels (an eager inference
+forward calls the launchers directly; training goes through the custom ops), and no zero-fill inside
+the ops. The GPU timings themselves come from `make gpu-check`."""
 
 from __future__ import annotations
 
@@ -46,13 +47,24 @@ def interpreter(monkeypatch):
     triton_backend.reset_launch_counts()
 
 
+@pytest.fixture
+def stubbed_launches(interpreter, monkeypatch):
+    """Kernel launches only counted, not run: what remains visible to a dispatch mode is the host
+    path's own aten ops (the interpreter would add its own while it executes a kernel)."""
+    from moe_kernels.triton import ops as triton_ops
+
+    monkeypatch.setattr(triton_ops, "launch", lambda name, interpret, grid, *a, **k: interpreter.LAUNCHES.update([name]))
+    return interpreter
+
+
 def _decode_layer(glu: bool = True) -> SparseMoEMLP:
     # Decode-like: 1 token, top-8 of 16 experts; small sizes keep the interpreter fast.
     return SparseMoEMLP(32, 16, num_experts=16, top_k=8, activation="silu", glu=glu, bias=False,
                         backend="triton").eval()
 
 
-def test_decode_forward_launches_at_most_six_kernels(interpreter):
+def test_decode_forward_launches_at_most_six_kernels(stubbed_launches):
+    interpreter = stubbed_launches
     layer, x = _decode_layer(), torch.randn(1, 32)
     with torch.no_grad(), OpLog() as log:
         layer(x)
@@ -64,12 +76,12 @@ def test_decode_forward_launches_at_most_six_kernels(interpreter):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_inference_forward_runs_at_most_two_aten_ops_outside_the_custom_ops(interpreter, dtype):
+def test_inference_forward_runs_at_most_two_aten_ops_besides_the_kernels(stubbed_launches, dtype):
     layer, x = _decode_layer().to(dtype), torch.randn(4, 3, 32, dtype=dtype)
     with torch.no_grad(), OpLog() as log:
         layer(x)
-    assert len(log.compute_ops()) <= 2, log.ops
-    assert {"cumo_triton.topk_gating", "cumo_triton.expert_mlp_forward"} <= set(log.ops)
+    assert len(log.compute_ops()) <= 2, log.ops  # the router's GEMM; no casts, fills or copies
+    assert stubbed_launches.LAUNCHES["grouped_gemm_kernel"] == 2
 
 
 def test_training_step_launch_counts(interpreter):
