@@ -1,13 +1,14 @@
 """``make gpu-check`` (``python3 -m benchmarks.gpu_check``): everything one scarce GPU run must tell.
 
 On a bare GPU machine with a preinstalled torch and no internet, in this order, each phase bounded:
-  1. build the CUDA extension for the local architecture only (the CPU extension is skipped);
-  2. the GPU tests (``pytest -m gpu``, fixed tile tables, no autotuning), each result in the log;
-  3. every backend validated against the reference (``benchmarks.gpu --validate-only``);
-  4. every regime timed against the dense-equivalent MLP, plain ``torch._grouped_mm`` and transformers'
-     experts: device time (CUDA events), host time per call (issuing calls without a sync, so a
-     host-bound path shows its Python cost), and CUDA-graph replay time (inference);
-  5. the host time of the whole ``SparseMoEMLP`` layer at decode (router included).
+  1. build the CUDA extension for the local architecture only (the CPU extension is skipped), and
+     probe a raw op's error path (a bad argument must raise, not crash the process);
+  2. the host time of the whole ``SparseMoEMLP`` layer at decode (router included), and every regime
+     timed against the dense-equivalent MLP, plain ``torch._grouped_mm`` and transformers' experts:
+     device time (CUDA events), host time per call (calls issued without a sync, so a host-bound
+     path shows its Python cost), and CUDA-graph replay time (inference);
+  3. the GPU tests (``pytest -m gpu -n 4``, fixed tile tables, no autotuning), each result in the log;
+  4. every backend validated against the reference (``benchmarks.gpu --validate-only``).
 Writes ``gpu_check.log`` (everything printed) and ``gpu_check.json`` to ``$OUT`` if set, else
 ``benchmarks/out/``. Exit status 1 if a build, test or validation failed.
 """
@@ -25,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 # Seconds per phase (the whole run must stay under 8 minutes).
-BUILD_S, TESTS_S, VALIDATE_S, TIMING_S = 90, 150, 75, 120
+BUILD_S, TESTS_S, VALIDATE_S, TIMING_S = 90, 150, 70, 120
 TIMED_PEERS = ["dense-equiv", "cumo-triton", "cumo-cuda", "torch-grouped_mm", "hf-grouped_mm"]
 TIMING_ITERS = 20
 
@@ -69,6 +70,33 @@ def run_phase(log: Log, name: str, cmd: list[str], timeout: float, env: dict | N
     status = "timeout" if timed_out else ("ok" if proc.returncode == 0 else f"exit {proc.returncode}")
     log(f"=== {name}: {status} in {seconds:.0f} s")
     return {"status": status, "seconds": round(seconds, 1), "summary": tail[-15:]}
+
+
+# A bad argument to a raw CUDA op must raise a Python error, never kill the process (the 2026-11-26
+# H200 runs: TORCH_CHECK in the extension ended in a segfault there, not here).
+ERROR_PATH_PROBE = (
+    "import torch, moe_kernels.cuda\n"
+    "idx = torch.zeros(3, 2, dtype=torch.long, device='cuda')\n"
+    "try:\n"
+    "    torch.ops.cumo_cuda.routing_plan(idx, 0)\n"
+    "except RuntimeError as exc:\n"
+    "    print('raised:', str(exc).splitlines()[0])\n"
+)
+TOOLCHAIN_PROBE = ("import torch, sysconfig; print('torch cxx11 abi', torch._C._GLIBCXX_USE_CXX11_ABI); "
+                   "print('CXX', sysconfig.get_config_var('CXX'), '| LDSHARED', sysconfig.get_config_var('LDSHARED'))")
+
+
+def error_path(log: Log, python: str, build_env: dict) -> dict:
+    """Probe the raw op's error path; if it crashes, report the toolchain and retry with the system g++."""
+    result = {"default": run_phase(log, "error path", [python, "-X", "faulthandler", "-c", ERROR_PATH_PROBE], 60)}
+    if result["default"]["status"] == "ok":
+        return result
+    run_phase(log, "toolchain", ["bash", "-c", f"which -a g++ c++; g++ --version | head -1; {python} -c \"{TOOLCHAIN_PROBE}\""], 30)
+    if Path("/usr/bin/g++").exists():
+        env = {**build_env, "CXX": "/usr/bin/g++", "CC": "/usr/bin/gcc"}
+        result["rebuild"] = run_phase(log, "rebuild with /usr/bin/g++", [python, "setup.py", "build_ext", "--inplace", "--force"], BUILD_S, env=env)
+        result["system_gxx"] = run_phase(log, "error path (system g++)", [python, "-X", "faulthandler", "-c", ERROR_PATH_PROBE], 60)
+    return result
 
 
 def time_device(step, iters: int) -> float:
@@ -193,6 +221,11 @@ def layer_host_time(log: Log) -> dict:
     return result
 
 
+def save(out: Path, report: dict) -> None:
+    """After every phase: a run cut short still leaves what it measured."""
+    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+
+
 def main() -> int:
     out = out_dir()
     log = Log(out / "gpu_check.log")
@@ -209,13 +242,10 @@ def main() -> int:
     report["versions"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
     log(f"gpu-check on {report['device']} (sm_{major}{minor}); {report['versions']}")
     python = sys.executable
-    report["build"] = run_phase(
-        log, "build", [python, "setup.py", "build_ext", "--inplace"], BUILD_S,
-        env={"CUMO_SKIP_CPU": "1", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}", "MAX_JOBS": str(os.cpu_count() or 8)})
-    report["tests"] = run_phase(
-        log, "gpu tests", [python, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rfE",
-                           "--continue-on-collection-errors", "tests"], TESTS_S)
-    report["validate"] = run_phase(log, "validate", [python, "-m", "benchmarks.gpu", "--validate-only"], VALIDATE_S)
+    build_env = {"CUMO_SKIP_CPU": "1", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}", "MAX_JOBS": str(os.cpu_count() or 8)}
+    report["build"] = run_phase(log, "build", [python, "setup.py", "build_ext", "--inplace"], BUILD_S, env=build_env)
+    report["error_path"] = error_path(log, python, build_env)
+    save(out, report)
     log("\n=== timing")
     start = time.perf_counter()
     try:
@@ -225,7 +255,14 @@ def main() -> int:
         log(f"timing failed: {type(exc).__name__}: {exc}")
         report["timing_error"] = str(exc)
     log(f"=== timing: {time.perf_counter() - start:.0f} s")
-    (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+    save(out, report)
+    # xdist replaces a crashed worker and goes on, so one fatal test cannot hide the rest.
+    report["tests"] = run_phase(
+        log, "gpu tests", [python, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rfE", "-n", "4",
+                           "--continue-on-collection-errors", "tests"], TESTS_S)
+    save(out, report)
+    report["validate"] = run_phase(log, "validate", [python, "-m", "benchmarks.gpu", "--validate-only"], VALIDATE_S)
+    save(out, report)
     failed = [phase for phase in ("build", "tests", "validate") if report[phase]["status"] != "ok"]
     log(f"\ngpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all phases passed'}")
     return 1 if failed else 0
