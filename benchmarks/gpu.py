@@ -34,7 +34,7 @@ from benchmarks.common import (
     rel_err,
 )
 from moe_kernels import ops
-from tests.helpers import LOW_PRECISION, ODD_SHAPES, RTOL, random_problem
+from tests.helpers import ODD_SHAPES, RTOL, assert_matches_reference, random_problem
 
 ROUTINGS = ["random", "one_expert", "skip_experts", "dropped"]
 ACTIVATIONS = [("gelu", False), ("silu", True), ("quick_gelu", False)]
@@ -42,27 +42,19 @@ ROUNDS = 10
 GPU_MODES = ["infer-bf16", "train-bf16"]
 
 
-def _expert_mlp_with_grads(backend: str, inputs: list, activation: str, glu: bool, grad_out: Tensor | None):
-    x, weights, idx, w1, b1, w2, b2 = [t.detach().requires_grad_(t.is_floating_point()) if t is not None else None
-                                       for t in inputs]
-    y = ops.expert_mlp(x, weights, idx, w1, b1, w2, b2, activation, glu, backend=backend)
-    leaves = [x, weights, w1, b1, w2, b2]
-    if grad_out is None:
-        return [y]
-    y.backward(grad_out.to(y.dtype))
-    return [y] + [t.grad for t in leaves if t is not None]
-
-
 def validate(device: torch.device) -> list[str]:
     """Every available backend against the reference; returns the failures (one line each)."""
     failures: list[str] = []
-    names = ["y", "dx", "dweights", "dw1", "db1", "dw2", "db2"]
     for backend, reason in ops.available_backends(device).items():
         if backend == "torch":
             continue
         if reason is not None:
             print(f"validate {backend}: skipped ({reason})")
             continue
+
+        def run_backend(*args, backend=backend):
+            return ops.expert_mlp(*args, backend=backend)
+
         cases = 0
         for case, (shape, what) in enumerate(ODD_SHAPES):
             activation, glu = ACTIVATIONS[case % len(ACTIVATIONS)]
@@ -75,21 +67,10 @@ def validate(device: torch.device) -> list[str]:
                         inputs[2] = inputs[2].clone()
                         inputs[2][::2, -1] = shape.experts  # id == E: a dropped slot
                     grad_out = torch.randn(shape.tokens, shape.d_out, device=device)
-                    got = _expert_mlp_with_grads(backend, inputs, activation, glu, grad_out)
-                    exact_inputs = [t.double() if t is not None and t.is_floating_point() else t for t in inputs]
-                    exact = _expert_mlp_with_grads("torch", exact_inputs, activation, glu, grad_out.double())
-                    lowp = _expert_mlp_with_grads("torch", inputs, activation, glu, grad_out)
-                    for name, g, e, r in zip(names, got, exact, lowp):
-                        # fp32: the reference in fp32 within the tolerance table; bf16: flash-attention's rule,
-                        # 2x the reference's own error plus one unit roundoff of the compute dtype (its atol
-                        # term): on a single token the reference's error can be near zero by chance.
-                        if dtype in LOW_PRECISION:
-                            err, budget = rel_err(g, e), 2 * rel_err(r, e) + torch.finfo(dtype).eps / 2
-                        else:
-                            err, budget = rel_err(g, r), RTOL[dtype]
-                        if not err <= budget:
-                            failures.append(f"{backend} {dtype} {routing} {tuple(shape)} ({what}): {name} error "
-                                            f"{err:.3g} > {budget:.3g}")
+                    try:  # the tests' parity harness: fp32 tolerance table, bf16 by the low-precision rule
+                        assert_matches_reference(run_backend, inputs, activation, glu, grad_out)
+                    except AssertionError as exc:
+                        failures.append(f"{backend} {dtype} {routing} {tuple(shape)} ({what}): {exc}")
                     cases += 1
         for tokens, experts, top_k in [(0, 8, 2), (37, 8, 2), (64, 64, 8)]:
             logits = torch.randn(tokens, experts, device=device)

@@ -191,7 +191,7 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         if global_tokens == 0:
             router.last_balance_loss = router.last_z_loss = logits.new_zeros(())
         else:
-            probs = torch.softmax(logits, dim=-1)
+            probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
             if router.balance_loss == "cumo":
                 local = cumo_balance_loss(probs, top_k_idx, self.num_experts, max(num_samples, 1))
                 router.last_balance_loss = local * (num_samples / global_samples)

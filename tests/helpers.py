@@ -142,3 +142,57 @@ def assert_compiled_matches_eager(layer, x: Tensor, compiler: str = "aot_eager",
     assert_close(x.grad, x_eager.grad, x.dtype, "compiled dx")
     for name, p in layer.named_parameters():
         assert_close(grads[name], p.grad, x.dtype, f"compiled d{name}")
+
+
+# ----------------------------------------------------------------------------------------------
+# The one parity harness: every backend's tests (cpu, triton, cuda) and benchmarks.gpu compare through it.
+
+GRAD_NAMES = ("x", "top_k_weights", "w1", "b1", "w2", "b2")  # differentiable inputs, in argument order
+
+
+def output_and_grads(fn, problem, activation: str, glu: bool, grad_out: Tensor | None, dtype=None):
+    """fn(*problem)'s output and the gradient of every differentiable input (None where absent), on fresh
+    leaves (cast to ``dtype`` when given, e.g. float64 for the exact reference)."""
+    x, weights, idx, w1, b1, w2, b2 = [
+        None if t is None else (t.detach().to(dtype) if dtype is not None and t.is_floating_point() else
+                                t.detach()).clone().requires_grad_(t.is_floating_point())
+        for t in problem]
+    y = fn(x, weights, idx, w1, b1, w2, b2, activation, glu)
+    if grad_out is None:
+        return y.detach(), None
+    leaves = [x, weights, w1, b1, w2, b2]
+    present = [t for t in leaves if t is not None]
+    grads = iter(torch.autograd.grad(y, present, grad_out.to(y.dtype), allow_unused=True))
+    return y.detach(), [None if t is None else next(grads) for t in leaves]
+
+
+def assert_matches_reference(fn, problem, activation: str = "gelu", glu: bool = False, grad_out: Tensor | None = None,
+                             backward: bool = True) -> None:
+    """Forward and every gradient of ``fn`` against ``reference.expert_mlp`` on the same inputs:
+    the dtype's tolerance for fp32/fp64, the low-precision rule (against fp64) for fp16/bf16."""
+    from moe_kernels import reference
+
+    dtype = problem[0].dtype
+    if backward and grad_out is None:
+        grad_out = torch.randn(problem[0].shape[0], problem[5].shape[1], device=problem[0].device)
+    y, grads = output_and_grads(fn, problem, activation, glu, grad_out if backward else None)
+    y_ref, grads_ref = output_and_grads(reference.expert_mlp, problem, activation, glu, grad_out if backward else None)
+    assert y.dtype == dtype, f"output dtype {y.dtype} != {dtype}"
+    pairs = [("output", y, y_ref)] + ([] if not backward else
+                                      [(f"grad {n}", g, r) for n, g, r in zip(GRAD_NAMES, grads, grads_ref)])
+    if dtype in LOW_PRECISION:
+        y_exact, grads_exact = output_and_grads(reference.expert_mlp, problem, activation, glu,
+                                                grad_out.double() if backward else None, dtype=torch.float64)
+        exact = [y_exact] + (grads_exact if backward else [])
+    for i, (what, got, want) in enumerate(pairs):
+        if want is None:
+            assert got is None or not got.abs().any(), f"{what}: expected no gradient"
+            continue
+        assert got is not None, f"{what}: missing"
+        assert got.dtype == want.dtype and got.shape == want.shape, f"{what}: {got.dtype} {tuple(got.shape)}"
+        if dtype in LOW_PRECISION:
+            # floor: one unit roundoff (on one token the reference's own error can be ~0 by chance)
+            assert_lowp_close(got, want, exact[i], what, floor=max(1e-3, torch.finfo(dtype).eps / 2))
+        else:
+            # The top-k weights' gradient is float32 whatever the expert dtype.
+            assert_close(got, want, dtype if got.dtype == dtype else torch.float32, what)

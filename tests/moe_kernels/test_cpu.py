@@ -9,10 +9,11 @@ from tests.helpers import (
     LOW_PRECISION,
     ODD_SHAPES,
     ROUTINGS,
-    RTOL,
     Shape,
     assert_close,
     assert_lowp_close,
+    assert_matches_reference,
+    output_and_grads,
     random_problem,
     routing_indices,
 )
@@ -32,31 +33,13 @@ SCHEDULE_SHAPES = [
 
 def run(fn, problem, activation, glu, grad_out=None):
     """Output of fn and the gradients of every differentiable input (None where absent)."""
-    x, w, idx, w1, b1, w2, b2 = [t.detach().clone().requires_grad_(t.is_floating_point()) if t is not None else None
-                                 for t in problem]
-    y = fn(x, w, idx, w1, b1, w2, b2, activation, glu)
-    if grad_out is None:
-        return y.detach(), None
-    inputs = [x, w, w1, b1, w2, b2]
-    present = [t for t in inputs if t is not None]
-    grads = iter(torch.autograd.grad(y, present, grad_out, allow_unused=True))
-    return y.detach(), [next(grads) if t is not None else None for t in inputs]
+    return output_and_grads(fn, problem, activation, glu, grad_out)
 
 
 def compare(problem, activation, glu, dtype=torch.float32):
-    """Forward and every gradient of the CPU backend against the reference in the same dtype."""
-    grad_out = torch.randn(problem[0].shape[0], problem[5].shape[1], dtype=dtype)
-    y, grads = run(cpu.expert_mlp, problem, activation, glu, grad_out)
-    y_ref, grads_ref = run(reference.expert_mlp, problem, activation, glu, grad_out)
-    assert y.dtype == problem[0].dtype
-    assert_close(y, y_ref, dtype, "y")
-    for name, g, g_ref in zip(NAMES, grads, grads_ref):
-        if g_ref is None:
-            assert g is None or not g.abs().any(), name
-            continue
-        assert g is not None, f"no gradient for {name}"
-        assert g.dtype == g_ref.dtype, name
-        assert_close(g, g_ref, dtype, f"grad {name}")
+    """Forward and every gradient of the CPU backend against the reference (the shared harness)."""
+    assert problem[0].dtype == dtype
+    assert_matches_reference(cpu.expert_mlp, problem, activation, glu)
 
 
 @pytest.mark.parametrize("shape", [s for s, _ in ODD_SHAPES], ids=[why for _, why in ODD_SHAPES])

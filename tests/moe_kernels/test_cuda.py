@@ -22,13 +22,12 @@ from moe_kernels import cuda as cuda_backend
 from moe_kernels import ops, reference
 from moe_kernels.routing import build_routing_plan
 from tests.helpers import (
-    LOW_PRECISION,
     ODD_SHAPES,
     ROUTINGS,
     RTOL,
     Shape,
     assert_close,
-    assert_lowp_close,
+    assert_matches_reference,
     random_problem,
 )
 
@@ -132,44 +131,10 @@ def test_named_backend_never_falls_back():
 
 # ----------------------------------------------------------------------------- (c) torch side on CPU
 
-GRAD_NAMES = ("x", "top_k_weights", "w1", "b1", "w2", "b2")
-
-
-def _grads(output, inputs, grad_out):
-    present = [t for t in inputs if t is not None]
-    grads = iter(torch.autograd.grad((output * grad_out).sum(), present))
-    return [None if t is None else next(grads) for t in inputs]
-
-
 def _compare_with_reference(problem, activation, glu, run, dtype):
-    """Forward and every gradient of `run(...)` against reference.expert_mlp."""
-    x, weights, idx, w1, b1, w2, b2 = problem
-    inputs = [x, weights, w1, b1, w2, b2]
-    leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
-    ref_leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in inputs]
-
-    def call(fn, ts):
-        return fn(ts[0], ts[1], idx, ts[2], ts[3], ts[4], ts[5], activation, glu)
-
-    y = call(run, leaves)
-    y_ref = call(reference.expert_mlp, ref_leaves)
-    assert y.dtype == x.dtype
-    grad_out = torch.randn_like(y_ref)
-    grads = _grads(y, leaves, grad_out)
-    ref_grads = _grads(y_ref, ref_leaves, grad_out)
-    if dtype not in LOW_PRECISION:
-        assert_close(y.detach(), y_ref.detach(), dtype, "output")
-        for name, g, g_ref in zip(GRAD_NAMES, grads, ref_grads):
-            if g_ref is not None:
-                assert_close(g, g_ref, dtype if name != "top_k_weights" else torch.float32, f"grad {name}")
-        return
-    exact_leaves = [None if t is None else t.detach().double().requires_grad_(True) for t in inputs]
-    y_exact = call(reference.expert_mlp, exact_leaves)
-    exact_grads = _grads(y_exact, exact_leaves, grad_out.double())
-    assert_lowp_close(y.detach(), y_ref.detach(), y_exact.detach(), "output")
-    for name, g, g_ref, g_exact in zip(GRAD_NAMES, grads, ref_grads, exact_grads):
-        if g_ref is not None:
-            assert_lowp_close(g, g_ref, g_exact, f"grad {name}")
+    """Forward and every gradient of `run(...)` against reference.expert_mlp (the shared harness)."""
+    assert problem[0].dtype == dtype
+    assert_matches_reference(run, problem, activation, glu)
 
 
 def _from_reference_plan(x, weights, idx, w1, b1, w2, b2, activation, glu):

@@ -24,6 +24,7 @@ from tests.helpers import (  # noqa: E402
     assert_close,
     assert_compiled_matches_eager,
     assert_lowp_close,
+    assert_matches_reference,
     random_problem,
 )
 
@@ -210,22 +211,17 @@ def test_topk_gating_non_contiguous():
 
 
 def check_expert_mlp(args, activation="gelu", glu=False, grad_out_strided=False):
-    """Forward and backward of the Triton expert MLP against the reference, fp32 tolerance."""
-    args = differentiable(args)
-    ref_args = differentiable(args)
-    out = triton_backend.expert_mlp(*args, activation, glu)
-    ref_out = reference.expert_mlp(*ref_args, activation, glu)
-    assert out.dtype == args[0].dtype
-    assert_close(out.detach(), ref_out.detach(), torch.float32, "out")
+    """Forward and backward of the Triton expert MLP against the reference (the shared harness);
+    returns the forward's and the backward's kernel launches."""
+    launches()
+    out = triton_backend.expert_mlp(*differentiable(args), activation, glu)
     forward_launches = launches()
     grad_out = torch.randn(out.shape[0], 2 * out.shape[1])[:, ::2] if grad_out_strided else torch.randn_like(out)
-    got = grads(out, args, grad_out)
-    want = grads(ref_out, ref_args, grad_out)
-    names = [n for n, a in zip(("x", "top_k_weights", "idx", "w1", "b1", "w2", "b2"), args)
-             if a is not None and a.requires_grad]
-    for name, g, w in zip(names, got, want):
-        assert_close(g, w, torch.float32, f"d {name}")
-    return forward_launches, launches()
+    out.backward(grad_out)
+    backward_launches = launches()
+    assert_matches_reference(triton_backend.expert_mlp, args, activation, glu, grad_out)
+    launches()
+    return forward_launches, backward_launches
 
 
 @pytest.mark.parametrize("routing", ROUTINGS)
@@ -334,22 +330,7 @@ def test_expert_mlp_deterministic():
 ])
 def test_expert_mlp_fp16(shape, glu):
     args = random_problem(shape, dtype=torch.float16, glu=glu)
-    lowp = differentiable(args)
-    ref_lowp = differentiable(args)
-    exact = [a.detach().double().requires_grad_() if a is not None and a.is_floating_point() else a for a in args]
-    out = triton_backend.expert_mlp(*lowp, "silu", glu)
-    ref_out = reference.expert_mlp(*ref_lowp, "silu", glu)
-    exact_out = reference.expert_mlp(*exact, "silu", glu)
-    assert out.dtype == torch.float16
-    assert_lowp_close(out.detach(), ref_out.detach(), exact_out.detach(), "out")
-    grad_out = torch.randn(out.shape).to(torch.float16)
-    got = grads(out, lowp, grad_out)
-    want_lowp = grads(ref_out, ref_lowp, grad_out)
-    want_exact = grads(exact_out, exact, grad_out.double())
-    names = ["x", "top_k_weights", "w1", "b1", "w2", "b2"]
-    for name, g, wl, we in zip(names, got, want_lowp, want_exact):
-        assert g.dtype == wl.dtype
-        assert_lowp_close(g, wl, we, f"d {name}")
+    assert_matches_reference(triton_backend.expert_mlp, args, "silu", glu)
     assert sum(launches().values()) > 0
 
 
@@ -469,23 +450,7 @@ def test_expert_mlp_cuda(dtype, glu, monkeypatch):
     args = random_problem(shape, dtype=dtype, device="cuda", glu=glu, routing="skip_experts")
     args = list(args)
     args[2] = drop_some_slots(args[2].cpu(), shape.experts).cuda()
-    lowp, ref_lowp = differentiable(args), differentiable(args)
-    exact = [a.detach().double().requires_grad_() if a is not None and a.is_floating_point() else a for a in args]
-    out = triton_backend.expert_mlp(*lowp, "gelu", glu)
-    ref_out = reference.expert_mlp(*ref_lowp, "gelu", glu)
-    exact_out = reference.expert_mlp(*exact, "gelu", glu)
-    grad_out = torch.randn_like(out)
-    got = grads(out, lowp, grad_out)
-    want_lowp = grads(ref_out, ref_lowp, grad_out)
-    want_exact = grads(exact_out, exact, grad_out.double())
-    if dtype == torch.float32:
-        assert_close(out.detach(), ref_out.detach(), dtype, "out")
-        for g, w in zip(got, want_lowp):
-            assert_close(g, w, dtype, "grad")
-    else:
-        assert_lowp_close(out.detach(), ref_out.detach(), exact_out.detach(), "out")
-        for g, wl, we in zip(got, want_lowp, want_exact):
-            assert_lowp_close(g, wl, we, "grad")
+    assert_matches_reference(triton_backend.expert_mlp, args, "gelu", glu)
     assert launches()["grouped_gemm_kernel"] == 4
 
 
