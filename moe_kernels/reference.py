@@ -75,12 +75,11 @@ def grouped_gemm(x: Tensor, weight: Tensor, expert_offsets: Tensor, bias: Tensor
     Rows past offsets[E] (dropped) are zero.
     """
     bounds = expert_offsets.tolist()
-    segments = []
+    out = x.new_zeros(x.shape[0], weight.shape[1])
     for e in range(weight.shape[0]):
         seg = x[bounds[e]:bounds[e + 1]] @ weight[e].t()
-        segments.append(seg if bias is None else seg + bias[e])
-    segments.append(x.new_zeros(x.shape[0] - bounds[-1], weight.shape[1]))
-    return torch.cat(segments, dim=0)
+        out[bounds[e]:bounds[e + 1]] = seg if bias is None else seg + bias[e]
+    return out
 
 
 def combine(rows: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, plan: RoutingPlan) -> Tensor:

@@ -291,3 +291,25 @@ def test_capacity_load_equals_a_recount():
     capacity = expert_capacity(0.5, 40, 2, 4)
     kept = apply_capacity(route.top_k_idx, 4, capacity)
     assert torch.equal(moe.last_expert_load, torch.bincount(kept[kept < 4], minlength=4))
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_dynamic_token_counts(backend, compiler):
+    """fullgraph compile, forward and backward, over 5 token counts: at most 3 graphs (the first count
+    specialises, the second marks the token dim dynamic), every output equal to eager."""
+    from torch._dynamo.utils import counters
+
+    if ops.unavailable_reason(backend, "cpu") is not None:
+        pytest.skip(ops.unavailable_reason(backend, "cpu"))
+    torch._dynamo.reset()
+    counters.clear()
+    moe = SparseMoEMLP(16, 24, num_experts=4, top_k=2, glu=True, activation="silu", backend=backend)
+    compiled = torch.compile(moe, backend=compiler, fullgraph=True)
+    for tokens in (3, 7, 16, 33, 50):
+        x = torch.randn(tokens, 16, requires_grad=True)
+        y = compiled(x)
+        y.sum().backward()
+        torch.testing.assert_close(y, moe(x), rtol=1e-5, atol=1e-6)
+        assert x.grad is not None and x.grad.shape == x.shape
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
