@@ -1,0 +1,142 @@
+"""Property-based tests of the ops over every backend that runs here (hypothesis draws the cases).
+
+Parity: each example is a fresh problem: any T (0 included), widths that are not multiples of the
+vector length, any E and 1 <= K <= E, some slots dropped (ids E or -1), GLU or not, biases or not,
+every activation, x non-contiguous or not, fp32 or fp64 (fp32/fp16 for Triton, in its interpreter).
+Forward and every gradient must match the reference. For the cpu backend small T exercises the
+small-row path (<= 8 rows per expert), larger T the bins and the ATen GEMMs, skewed routing the
+expert that runs alone. Contract: a random valid problem with one random rule broken raises the same
+error, type and text, on every backend.
+"""
+
+import pytest
+import torch
+
+from moe_kernels import cpu, ops, reference
+from tests.helpers import Shape, assert_close, assert_lowp_close, assert_matches_reference, random_problem
+
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_REASON = cpu.unavailable_reason(torch.device("cpu"))
+if _REASON is not None:
+    pytest.skip(f"CPU backend unavailable: {_REASON}", allow_module_level=True)
+
+ACTIVATIONS = ["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_interpreter():
+    """Triton runs CPU tensors through its interpreter (module scope: hypothesis re-runs one test call)."""
+    pytest.importorskip("triton")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("TRITON_INTERPRET", "1")
+    yield
+    patch.undo()
+
+
+@st.composite
+def problems(draw, min_tokens=0, min_out=1, max_tokens=150, dtypes=(torch.float32, torch.float64)):
+    experts = draw(st.integers(1, 9))
+    shape = Shape(
+        tokens=draw(st.sampled_from([t for t in (0, 1, 2, 3, 5, 8, 13, 40, 150) if min_tokens <= t <= max_tokens])),
+        d_in=draw(st.integers(1, 40)),
+        hidden=draw(st.integers(1, 40)),
+        d_out=draw(st.integers(min_out, 40)),
+        experts=experts,
+        top_k=draw(st.integers(1, experts)),
+    )
+    return dict(
+        shape=shape,
+        glu=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        activation=draw(st.sampled_from(ACTIVATIONS)),
+        dtype=draw(st.sampled_from(dtypes)),
+        routing=draw(st.sampled_from(["random", "one_expert", "skip_experts"])),
+        drop=draw(st.floats(0.0, 0.5)),
+        strided_x=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**31 - 1)),
+    )
+
+
+def _problem(case):
+    torch.manual_seed(case["seed"])
+    shape, dtype = case["shape"], case["dtype"]
+    x, w, idx, w1, b1, w2, b2 = random_problem(shape, dtype=dtype, glu=case["glu"], bias=case["bias"],
+                                               routing=case["routing"])
+    dropped = torch.rand(idx.shape) < case["drop"]
+    idx = torch.where(dropped, torch.where(torch.rand(idx.shape) < 0.5, shape.experts, -1), idx)
+    if case["strided_x"]:  # every other column of a wider tensor
+        x = torch.stack([x, torch.randn_like(x)], dim=-1).flatten(-2)[:, ::2]
+    return [x, w.to(torch.promote_types(dtype, torch.float32)), idx, w1, b1, w2, b2]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=problems())
+def test_cpu_matches_reference(case):
+    assert_matches_reference(cpu.expert_mlp, _problem(case), case["activation"], case["glu"])
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=problems(max_tokens=40, dtypes=(torch.float32, torch.float16)))
+def test_triton_matches_reference(case, monkeypatch_interpreter):
+    from moe_kernels import triton as triton_backend
+
+    assert_matches_reference(triton_backend.expert_mlp, _problem(case), case["activation"], case["glu"])
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=problems(min_tokens=8, min_out=8))
+def test_cpu_bf16_forward_within_reference_error(case):
+    """bf16 forward (the small-row path's VDPBF16PS kernel included): error against fp64 at most about
+    twice the bf16 reference's own (tests/helpers.py: assert_lowp_close), floor one bf16 epsilon.
+    The rule compares max errors, a statistic that needs many elements: on outputs of one or a few
+    elements the bf16 reference can be exact by chance, and a weighted sum that cancels (three
+    experts' 0.08-sized terms summing to 0.005) turns one legitimate rounding difference into tens of
+    percent of the result. Hence at least 8 tokens and 8 output features here; the fp32/fp64 property
+    above covers every size at tight tolerance."""
+    torch.manual_seed(case["seed"])
+    shape, glu = case["shape"], case["glu"]
+    x, w, idx, w1, b1, w2, b2 = random_problem(shape, dtype=torch.float64, glu=glu, bias=case["bias"],
+                                               routing=case["routing"])
+    low = [t.bfloat16() if t is not None else None for t in (x, w1, b1, w2, b2)]
+    exact = [t.double() if t is not None else None for t in low]  # the same rounded inputs, in fp64
+    args = (case["activation"], glu)
+    with torch.inference_mode():
+        y = cpu.expert_mlp(low[0], w, idx, *low[1:], *args)
+        y_lp = reference.expert_mlp(low[0], w, idx, *low[1:], *args)
+        y_64 = reference.expert_mlp(exact[0], w.double(), idx, *exact[1:], *args)
+    assert y.dtype == torch.bfloat16
+    assert_lowp_close(y, y_lp, y_64, "y", floor=torch.finfo(torch.bfloat16).eps)
+
+
+# Each breaks one rule of moe_kernels/contract.py on a valid problem (x, weights, idx, w1, b1, w2, b2).
+MUTATIONS = {
+    "float ids": lambda a: a.__setitem__(2, a[2].float()),
+    "ids for another T": lambda a: a.__setitem__(2, a[2][1:]),
+    "weights of another K": lambda a: a.__setitem__(1, a[1][:, 1:]),
+    "x with another D": lambda a: a.__setitem__(0, a[0][:, 1:]),
+    "b1 of another width": lambda a: a.__setitem__(4, a[4][:, 1:]),
+    "b2 in another dtype": lambda a: a.__setitem__(6, a[6].double()),
+    "w2 with other experts": lambda a: a.__setitem__(5, a[5][1:]),
+    "a meta bias": lambda a: a.__setitem__(4, a[4].to("meta")),
+    "1-D x": lambda a: a.__setitem__(0, a[0][0]),
+}
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=problems(min_tokens=1, dtypes=(torch.float32,)), mutation=st.sampled_from(sorted(MUTATIONS)))
+def test_bad_arguments_raise_the_same_error_on_every_backend(case, mutation, monkeypatch_interpreter):
+    case = {**case, "bias": True, "shape": case["shape"]._replace(top_k=max(2, case["shape"].top_k),
+                                                                    experts=max(2, case["shape"].experts),
+                                                                    d_in=max(2, case["shape"].d_in),
+                                                                    hidden=max(2, case["shape"].hidden))}
+    errors = {}
+    for backend in ("torch", "cpu", "triton"):
+        args = _problem(case)
+        MUTATIONS[mutation](args)
+        with pytest.raises((TypeError, ValueError)) as caught:
+            ops.expert_mlp(*args, case["activation"], case["glu"], backend=backend)
+        errors[backend] = (type(caught.value), str(caught.value))
+    assert len(set(errors.values())) == 1, errors
