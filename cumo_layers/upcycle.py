@@ -260,13 +260,29 @@ def _check_devices(dense: DenseMLP, kind: str) -> None:
 
 
 @torch.no_grad()
+def _cpu_twin(module: nn.Module) -> nn.Module:
+    """A CPU fp32 copy of a meta-device module with random weights: what the forward computes (a
+    residual, a norm, a custom activation) does not depend on the values, so the probe check runs on
+    it. Costs one copy of this MLP's weights, freed right after."""
+    import copy
+
+    twin = copy.deepcopy(module).to_empty(device="cpu").float()
+    for tensor in [*twin.parameters(), *twin.buffers()]:
+        if tensor.is_floating_point():
+            tensor.normal_(0.0, 1.0 / max(1, tensor.shape[-1]) ** 0.5)
+    return twin
+
+
+@torch.no_grad()
 def _check_forward(module: nn.Module, dense: DenseMLP) -> None:
     """Run the dense module and the expert function on a small probe; raise if they disagree.
 
     Catches a module that has the right attribute names but a different forward (a residual inside,
     a norm, a custom activation): upcycling it would silently change the model.
     """
-    if dense.w1.device.type == "meta":
+    if dense.w1.device.type == "meta":  # no data to run: check the same forward on a CPU twin
+        twin = _cpu_twin(module)
+        _check_forward(twin, read_dense_mlp(twin))
         return
     generator = torch.Generator(device=dense.w1.device).manual_seed(0)
     probe = torch.randn(PROBE_TOKENS, dense.w1.shape[1], generator=generator, device=dense.w1.device)

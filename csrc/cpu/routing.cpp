@@ -9,14 +9,12 @@
 
 #include <vector>
 
+#include "common/gating.h"
+
 namespace cumo {
 namespace {
 
 constexpr int64_t kMinSlotsPerChunk = 16384;  // below this a chunk's histogram costs more than it saves
-
-inline int64_t bucket_of(int64_t id, int64_t num_experts) {
-  return (id >= 0 && id < num_experts) ? id : num_experts;
-}
 
 }  // namespace
 
@@ -38,7 +36,7 @@ RoutingPlan build_routing_plan(const at::Tensor& top_k_idx, int64_t num_experts)
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c) {
       int64_t* hist = starts.data() + c * buckets;
-      for (int64_t i = chunk_begin(c); i < chunk_begin(c + 1); ++i) hist[bucket_of(ids[i], num_experts)]++;
+      for (int64_t i = chunk_begin(c); i < chunk_begin(c + 1); ++i) hist[expert_bucket(ids[i], num_experts)]++;
     }
   });
 
@@ -62,7 +60,7 @@ RoutingPlan build_routing_plan(const at::Tensor& top_k_idx, int64_t num_experts)
     for (int64_t c = c0; c < c1; ++c) {
       int64_t* next = starts.data() + c * buckets;
       for (int64_t i = chunk_begin(c); i < chunk_begin(c + 1); ++i) {
-        const int64_t r = next[bucket_of(ids[i], num_experts)]++;
+        const int64_t r = next[expert_bucket(ids[i], num_experts)]++;
         sorted_slots[r] = i;
         slot_rows[i] = r;
       }

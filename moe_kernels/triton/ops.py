@@ -12,6 +12,7 @@ from torch import Tensor
 
 import triton
 from moe_kernels.contract import check_expert_mlp_args, check_gating_args, double_backward_error
+from moe_kernels.reference import ACTIVATIONS
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton.runtime import (
     INTERPRET_GEMM,
@@ -25,7 +26,8 @@ from moe_kernels.triton.runtime import (
 )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-ACTIVATION_CODES = {"gelu": 0, "gelu_tanh": 1, "quick_gelu": 2, "silu": 3, "relu": 4}
+# The kernels' constexpr activation codes: positions in the reference's table (kernels.py spells the order).
+ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 EPILOGUE_PLAIN, EPILOGUE_ACTIVATION, EPILOGUE_ACTIVATION_GRAD = 0, 1, 2
 
 # Routing metadata: a histogram/scatter program holds ROUTING_TILE (slot, bucket) pairs, at most

@@ -450,3 +450,24 @@ def test_upcycled_model_trains():
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+
+
+def test_meta_module_with_a_custom_forward_is_refused():
+    """On the meta device there is no data, but the structural probe still runs (on a CPU twin): a
+    module shaped like an MLP whose forward adds a residual is refused there as on CPU."""
+
+    class ResidualMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.activation_fn, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+
+        def forward(self, x):
+            return x + self.fc2(self.activation_fn(self.fc1(x)))
+
+    with torch.device("meta"):
+        residual = ResidualMLP()
+        plain = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+    with pytest.raises(UpcycleError, match="forward differs"):
+        upcycle(residual, num_experts=4, top_k=2)
+    moe = upcycle(plain, num_experts=4, top_k=2)
+    assert moe.w1.device.type == "meta" and moe.w1.shape == (4, 16, 8)

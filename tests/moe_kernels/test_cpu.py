@@ -22,7 +22,7 @@ _REASON = cpu.unavailable_reason(torch.device("cpu"))
 if _REASON is not None:
     pytest.skip(f"CPU backend unavailable: {_REASON}", allow_module_level=True)
 
-ACTIVATIONS = ["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
+ACTIVATIONS = list(reference.ACTIVATIONS)
 NAMES = ["x", "top_k_weights", "w1", "b1", "w2", "b2"]  # differentiable inputs, in argument order
 # Extra shapes for the C++ scheduling; the ODD_SHAPES of tests/helpers.py cover the rest.
 SCHEDULE_SHAPES = [

@@ -23,7 +23,7 @@ _REASON = cpu.unavailable_reason(torch.device("cpu"))
 if _REASON is not None:
     pytest.skip(f"CPU backend unavailable: {_REASON}", allow_module_level=True)
 
-ACTIVATIONS = ["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
+ACTIVATIONS = list(reference.ACTIVATIONS)
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from tests.helpers import (  # noqa: E402
     random_problem,
 )
 
-ACTIVATIONS = ["gelu", "gelu_tanh", "quick_gelu", "silu", "relu"]
+ACTIVATIONS = list(reference.ACTIVATIONS)
 # Forward: the routing plan, fc1 and fc2, the combine. Backward with every input requiring grad: the
 # routing plan rebuilt (the backward op takes none from its caller), top-k weight grad, dW2 and dW1,
 # d pre-activation and dX rows, the dX gather-sum.
@@ -493,3 +493,14 @@ def test_tile_table_covers_every_row_count(rows_per_expert, dtype, glu):
                 assert value >= 16 and value & (value - 1) == 0, (name, value)  # tl.dot needs >= 16
     assert (gemm["BLOCK_M"] <= 32) == (rows_per_expert <= 64)  # thin tiles exactly where experts see few rows
     assert "autotune" not in Path(runtime.__file__).read_text()
+
+
+def test_activation_codes_follow_the_reference_table():
+    """The kernels' constexpr codes and the reference's activation table name the same functions."""
+    from moe_kernels.triton import ops as triton_ops
+    from moe_kernels.triton.runtime import kernels
+
+    module = kernels(True)
+    for name, code in triton_ops.ACTIVATION_CODES.items():
+        assert getattr(module, name.upper()) == code, name
+    assert list(triton_ops.ACTIVATION_CODES) == list(reference.ACTIVATIONS)
