@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-import triton
 from moe_kernels.contract import check_expert_mlp_args, check_gating_args, double_backward_error
 from moe_kernels.reference import ACTIVATIONS
 from moe_kernels.routing import RoutingPlan
@@ -37,6 +36,16 @@ ROUTING_MAX_SLOTS = 128
 ELEMENTWISE_TILE = 4096  # elements per program of the router, combine and weight-gradient kernels
 
 
+# Host-side integer helpers: triton.cdiv / next_power_of_2 are @jit-wrapped on some Triton versions,
+# ~9 us of Python per call, and a forward computes a dozen grids and tile sizes.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
 # ----------------------------------------------------------------------------------------------
 # Routing
 
@@ -58,9 +67,9 @@ def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
 
 def routing_blocks(num_slots: int, num_experts: int) -> tuple[int, int, int]:
     """(slots per block, bucket tile, number of blocks) of the routing kernels."""
-    block_e = triton.next_power_of_2(num_experts + 1)
+    block_e = next_power_of_2(num_experts + 1)
     block_s = max(16, min(ROUTING_MAX_SLOTS, ROUTING_TILE // block_e))
-    return block_s, block_e, triton.cdiv(num_slots, block_s)
+    return block_s, block_e, cdiv(num_slots, block_s)
 
 
 def _routing_plan(ids: Tensor, num_experts: int, top_k: int, interpret: bool) -> RoutingPlan:
@@ -103,9 +112,9 @@ def _eager_without_grad(*tensors: Tensor | None) -> bool:
 
 
 def _gating_tiles(num_experts: int, top_k: int) -> dict:
-    block_e = triton.next_power_of_2(num_experts)
+    block_e = next_power_of_2(num_experts)
     return dict(BLOCK_T=max(1, min(64, ELEMENTWISE_TILE // block_e)), BLOCK_E=block_e,
-                BLOCK_K=triton.next_power_of_2(top_k))
+                BLOCK_K=next_power_of_2(top_k))
 
 
 @torch.library.custom_op("cumo_triton::topk_gating", mutates_args=())
@@ -123,7 +132,7 @@ def _topk_gating(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, T
     tiles = _gating_tiles(num_experts, top_k)
     if num_tokens > 0:
         with device_guard(logits):
-            launch("topk_gating_kernel", interpret, (triton.cdiv(num_tokens, tiles["BLOCK_T"]),),
+            launch("topk_gating_kernel", interpret, (cdiv(num_tokens, tiles["BLOCK_T"]),),
                    logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1),
                    TOP_K=top_k, NORMALIZE=normalize, **tiles)
     return weights, ids
@@ -145,7 +154,7 @@ def _topk_gating_backward_op(logits: Tensor, ids: Tensor, grad_weights: Tensor, 
     if num_tokens > 0:
         tiles = _gating_tiles(num_experts, top_k)
         with device_guard(logits):
-            launch("topk_gating_backward_kernel", interpret, (triton.cdiv(num_tokens, tiles["BLOCK_T"]),),
+            launch("topk_gating_backward_kernel", interpret, (cdiv(num_tokens, tiles["BLOCK_T"]),),
                    logits, ids, grad_weights.float().contiguous(), grad_logits, num_tokens, num_experts,
                    logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
                    TOP_K=top_k, NORMALIZE=normalize, **tiles)
@@ -201,11 +210,11 @@ def _grouped_gemm(a: Tensor, weight: Tensor, b_strides: tuple[int, int], plan: R
     aux_t = aux if aux is not None else out
     meta = dict(TOP_K=plan.top_k, GATHER_A=gather, HAS_BIAS=bias is not None, SCALE_ROWS=row_scale is not None,
                 EPILOGUE=epilogue, GLU=glu, ACTIVATION=ACTIVATION_CODES[activation], STORE_AUX=store_aux,
-                BLOCK_E=triton.next_power_of_2(num_experts), **dot_options(a.dtype, interpret))
+                BLOCK_E=next_power_of_2(num_experts), **dot_options(a.dtype, interpret))
     meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, a.dtype, glu))
 
     def grid(m):
-        return ((triton.cdiv(num_rows, m["BLOCK_M"]) + num_experts) * triton.cdiv(num_cols, m["BLOCK_N"]),)
+        return ((cdiv(num_rows, m["BLOCK_M"]) + num_experts) * cdiv(num_cols, m["BLOCK_N"]),)
 
     launch("grouped_gemm_kernel", interpret, grid,
            a, weight, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
@@ -226,7 +235,7 @@ def _weight_grad(a: Tensor, b: Tensor, plan: RoutingPlan, grad_w: Tensor, grad_b
     meta.update(INTERPRET_WEIGHT_GRAD if interpret else weight_grad_config(rows_per_expert, a.dtype))
 
     def grid(m):
-        return (triton.cdiv(p_dim, m["BLOCK_P"]) * triton.cdiv(q_dim, m["BLOCK_Q"]), num_experts)
+        return (cdiv(p_dim, m["BLOCK_P"]) * cdiv(q_dim, m["BLOCK_Q"]), num_experts)
 
     launch("grouped_weight_grad_kernel", interpret, grid,
            a, b, row_scale if row_scale is not None else grad_w, plan.sorted_slots, plan.expert_offsets,
@@ -240,9 +249,9 @@ def _combine(rows: Tensor, ids: Tensor, weights: Tensor | None, plan: RoutingPla
              out: Tensor, interpret: bool) -> None:
     """out[t] = sum over kept k of (weights[t, k] *) rows[slot_rows[t*K + k]]."""
     num_tokens, num_cols = out.shape
-    block_n = min(triton.next_power_of_2(max(num_cols, 1)), 16 if interpret else 128)
+    block_n = min(next_power_of_2(max(num_cols, 1)), 16 if interpret else 128)
     block_t = max(1, min(64, ELEMENTWISE_TILE // block_n))
-    grid = (triton.cdiv(num_tokens, block_t), triton.cdiv(num_cols, block_n))
+    grid = (cdiv(num_tokens, block_t), cdiv(num_cols, block_n))
     launch("combine_kernel", interpret, grid,
            rows, plan.slot_rows, ids, weights if weights is not None else rows, out,
            num_tokens, num_cols, num_experts, rows.stride(0), rows.stride(1), out.stride(0), out.stride(1),
@@ -362,9 +371,9 @@ def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, 
         if need_weights:
             grad_weights = torch.empty(num_rows, dtype=torch.float32, device=x.device)  # every slot written
             if num_rows > 0:
-                block_n = min(triton.next_power_of_2(out_features), 16 if interpret else 128)
+                block_n = min(next_power_of_2(out_features), 16 if interpret else 128)
                 block_s = max(1, min(128, ELEMENTWISE_TILE // block_n))
-                launch("topk_weight_grad_kernel", interpret, (triton.cdiv(num_rows, block_s),),
+                launch("topk_weight_grad_kernel", interpret, (cdiv(num_rows, block_s),),
                        grad_out, rows, plan.slot_rows, ids, grad_weights, num_rows, out_features, num_experts,
                        grad_out.stride(0), grad_out.stride(1), rows.stride(0), rows.stride(1),
                        TOP_K=top_k, BLOCK_S=block_s, BLOCK_N=block_n)

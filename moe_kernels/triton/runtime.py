@@ -62,6 +62,8 @@ def check_device(*tensors: Tensor | None) -> bool:
     for t in tensors:
         if t is not None and t.device != device:
             raise ValueError(f"all tensors must be on one device, got {device} and {t.device}")
+    if device.type == "cuda":  # the hot path: a CUDA tensor exists, so CUDA is available
+        return _library_is_interpreted()
     reason = unavailable_reason(device)
     if reason is not None:
         raise BackendUnavailableError(f"backend 'triton' cannot run on {device.type}: {reason}")
