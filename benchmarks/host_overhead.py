@@ -39,11 +39,10 @@ def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) ->
     os.environ["TRITON_INTERPRET"] = "1"  # lets the backend accept CPU tensors; no kernel runs anyway
     from cumo_layers import SparseMoEMLP
     from moe_kernels import ops
-    from moe_kernels.triton import ops as triton_ops
     from moe_kernels.triton import runtime
 
-    real_launch = triton_ops.launch
-    triton_ops.launch = lambda name, interpret, grid, *args, **kwargs: runtime.LAUNCHES.update([name])
+    real_launch = runtime.launch
+    runtime.launch = lambda name, interpret, grid, *args, **kwargs: runtime.LAUNCHES.update([name])
     try:
         layer = SparseMoEMLP(d_model, hidden, num_experts=experts, top_k=top_k, activation="silu", glu=True,
                              bias=False, backend="triton").eval()
@@ -60,7 +59,7 @@ def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) ->
                                                                    backend="triton")),
             }
     finally:
-        triton_ops.launch = real_launch
+        runtime.launch = real_launch
     return results
 
 

@@ -13,7 +13,9 @@ from collections import Counter
 import torch
 
 try:
-    from moe_kernels.triton.ops import expert_mlp, routing_plan, topk_gating
+    from moe_kernels.triton.experts import expert_mlp
+    from moe_kernels.triton.gating import topk_gating
+    from moe_kernels.triton.routing import routing_plan
     from moe_kernels.triton.runtime import LAUNCHES
     from moe_kernels.triton.runtime import unavailable_reason as _unavailable_reason
 

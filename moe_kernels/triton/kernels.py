@@ -17,7 +17,7 @@ explicitly wherever arithmetic mixes dtypes.
 import triton
 import triton.language as tl
 
-# Activation codes (constexpr): positions in moe_kernels.reference.ACTIVATIONS (ops.py maps names to them).
+# Activation codes (constexpr): positions in moe_kernels.reference.ACTIVATIONS (experts.py maps names to them).
 GELU, GELU_TANH, QUICK_GELU, SILU, RELU = 0, 1, 2, 3, 4
 
 

@@ -1,4 +1,5 @@
-"""How the Triton backend launches: availability, compiled vs interpreted kernels, tile tables.
+"""How the Triton backend launches: availability, compiled vs interpreted kernels, tile tables, and
+the host-side helpers every launcher shares (grid arithmetic, the eager fast-path test).
 
 Under the interpreter (CPU tensors with TRITON_INTERPRET=1), two Triton facts are worked around:
 whether a @triton.jit function is interpreted is fixed when it is *defined*, for Triton's own
@@ -173,3 +174,25 @@ def dot_options(dtype: torch.dtype, interpret: bool) -> dict:
 def device_guard(t: Tensor):
     """Launch on the tensor's GPU (Triton launches on the current device)."""
     return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
+
+
+ELEMENTWISE_TILE = 4096  # elements per program of the router, combine and weight-gradient kernels
+
+
+# Host-side integer helpers: triton.cdiv / next_power_of_2 are @jit-wrapped on some Triton versions,
+# ~9 us of Python per call, and a forward computes a dozen grids and tile sizes.
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def eager_without_grad(*tensors: Tensor | None) -> bool:
+    """Eager inference (no gradient wanted, not tracing): the public functions then call the launchers
+    directly. The custom op's dispatch (autograd wrapper, redispatch, argument boxing) costs tens of
+    microseconds per call, as much as the kernels of a decode step; moe_kernels/ops.py has checked the arguments."""
+    if torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)

@@ -51,9 +51,9 @@ def interpreter(monkeypatch):
 def stubbed_launches(interpreter, monkeypatch):
     """Kernel launches only counted, not run: what remains visible to a dispatch mode is the host
     path's own aten ops (the interpreter would add its own while it executes a kernel)."""
-    from moe_kernels.triton import ops as triton_ops
+    from moe_kernels.triton import runtime
 
-    monkeypatch.setattr(triton_ops, "launch", lambda name, interpret, grid, *a, **k: interpreter.LAUNCHES.update([name]))
+    monkeypatch.setattr(runtime, "launch", lambda name, interpret, grid, *a, **k: interpreter.LAUNCHES.update([name]))
     return interpreter
 
 
@@ -99,7 +99,7 @@ def test_training_step_launch_counts(interpreter):
 
 def test_no_zero_fill_inside_the_expert_op(interpreter):
     """The kernels write every element of the buffers they return: nothing is zero-filled first."""
-    from moe_kernels.triton import ops as triton_ops
+    from moe_kernels.triton import experts as triton_ops
 
     layer = _decode_layer()
     x = torch.randn(6, 32)

@@ -39,7 +39,7 @@ EXPERT_BACKWARD_KERNELS = {"topk_weight_grad_kernel": 1, "grouped_weight_grad_ke
 
 def routing_kernels(shape) -> dict:
     """One launch when the T*K slots fit one routing block (decode, small batch), else three."""
-    from moe_kernels.triton.ops import routing_blocks
+    from moe_kernels.triton.routing import routing_blocks
 
     if shape.tokens * shape.top_k == 0:
         return {}
@@ -401,14 +401,15 @@ def test_layer_compiles_to_one_graph():
 
 def test_custom_ops_pass_opcheck():
     """Schemas, fakes and autograd registrations of the Triton custom ops agree with what they compute."""
-    from moe_kernels.triton import ops as triton_ops
+    from moe_kernels.triton import experts as triton_expert_mlp
+    from moe_kernels.triton import gating as triton_gating
 
     shape = Shape(9, 12, 8, 10, 4, 2)
     x, w, idx, w1, b1, w2, b2 = differentiable(random_problem(shape, glu=True))
-    torch.library.opcheck(triton_ops._expert_mlp_forward_op, (x, w, idx, w1, b1, w2, b2, "silu", True, True, True),
+    torch.library.opcheck(triton_expert_mlp._expert_mlp_forward_op, (x, w, idx, w1, b1, w2, b2, "silu", True, True, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     logits = torch.randn(9, 4, requires_grad=True)
-    torch.library.opcheck(triton_ops._topk_gating_op, (logits, 2, True),
+    torch.library.opcheck(triton_gating._topk_gating_op, (logits, 2, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -497,7 +498,7 @@ def test_tile_table_covers_every_row_count(rows_per_expert, dtype, glu):
 
 def test_activation_codes_follow_the_reference_table():
     """The kernels' constexpr codes and the reference's activation table name the same functions."""
-    from moe_kernels.triton import ops as triton_ops
+    from moe_kernels.triton import experts as triton_ops
     from moe_kernels.triton.runtime import kernels
 
     module = kernels(True)

@@ -1,4 +1,4 @@
-"""Launchers and torch.library custom ops (with fakes and autograd) of the Triton backend.
+"""Triton expert MLP: launchers and torch.library custom ops (with fakes and autograd).
 
 T tokens, K top_k, E experts, D input features, H hidden (H1 = H or 2*H with GLU), O output
 features, R = T*K rows. The kernels live in kernels.py, how they launch in runtime.py; this file
@@ -10,17 +10,22 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_kernels.contract import check_expert_mlp_args, check_gating_args, double_backward_error
+from moe_kernels.contract import check_expert_mlp_args, double_backward_error
 from moe_kernels.reference import ACTIVATIONS
 from moe_kernels.routing import RoutingPlan
+from moe_kernels.triton import runtime
+from moe_kernels.triton.routing import routing_plan_from_ids
 from moe_kernels.triton.runtime import (
+    ELEMENTWISE_TILE,
     INTERPRET_GEMM,
     INTERPRET_WEIGHT_GRAD,
+    cdiv,
     check_device,
     device_guard,
     dot_options,
+    eager_without_grad,
     gemm_config,
-    launch,
+    next_power_of_2,
     weight_grad_config,
 )
 
@@ -28,168 +33,6 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The kernels' constexpr activation codes: positions in the reference's table (kernels.py spells the order).
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 EPILOGUE_PLAIN, EPILOGUE_ACTIVATION, EPILOGUE_ACTIVATION_GRAD = 0, 1, 2
-
-# Routing metadata: a histogram/scatter program holds ROUTING_TILE (slot, bucket) pairs, at most
-# ROUTING_MAX_SLOTS slots; the scan walks ROUTING_TILE (block, bucket) counts per step.
-ROUTING_TILE = 8192
-ROUTING_MAX_SLOTS = 128
-ELEMENTWISE_TILE = 4096  # elements per program of the router, combine and weight-gradient kernels
-
-
-# Host-side integer helpers: triton.cdiv / next_power_of_2 are @jit-wrapped on some Triton versions,
-# ~9 us of Python per call, and a forward computes a dozen grids and tile sizes.
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def next_power_of_2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
-
-
-# ----------------------------------------------------------------------------------------------
-# Routing
-
-
-def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
-    """Stable counting sort of the T*K assignments by expert, on device (no sync; one launch when the
-    slots fit one block, else three).
-
-    top_k_idx: [T, K] int (ids outside [0, E) dropped) -> RoutingPlan with int64 tensors, equal to
-    moe_kernels.routing.build_routing_plan's.
-    """
-    interpret = check_device(top_k_idx)
-    if top_k_idx.dim() != 2:
-        raise ValueError(f"top_k_idx must be [T, K], got shape {tuple(top_k_idx.shape)}")
-    with device_guard(top_k_idx):
-        return _routing_plan(top_k_idx.reshape(-1).to(torch.int64).contiguous(), num_experts,
-                             top_k_idx.shape[1], interpret)
-
-
-def routing_blocks(num_slots: int, num_experts: int) -> tuple[int, int, int]:
-    """(slots per block, bucket tile, number of blocks) of the routing kernels."""
-    block_e = next_power_of_2(num_experts + 1)
-    block_s = max(16, min(ROUTING_MAX_SLOTS, ROUTING_TILE // block_e))
-    return block_s, block_e, cdiv(num_slots, block_s)
-
-
-def _routing_plan(ids: Tensor, num_experts: int, top_k: int, interpret: bool) -> RoutingPlan:
-    num_slots = ids.numel()
-    device = ids.device
-    sorted_slots = torch.empty(num_slots, dtype=torch.int64, device=device)
-    slot_rows = torch.empty(num_slots, dtype=torch.int64, device=device)
-    if num_slots == 0:
-        counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-        offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
-        return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
-    counts = torch.empty(num_experts, dtype=torch.int64, device=device)  # the scan writes both
-    offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
-    block_s, block_e, num_blocks = routing_blocks(num_slots, num_experts)
-    if num_blocks == 1:  # decode, small batch: one launch
-        launch("routing_one_block_kernel", interpret, (1,), ids, counts, offsets, sorted_slots, slot_rows,
-               num_slots, num_experts, BLOCK_S=block_s, BLOCK_E=block_e)
-        return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
-    block_counts = torch.empty(num_blocks, num_experts + 1, dtype=torch.int64, device=device)
-    launch("routing_histogram_kernel", interpret, (num_blocks,), ids, block_counts, num_slots, num_experts,
-           BLOCK_S=block_s, BLOCK_E=block_e)
-    launch("routing_scan_kernel", interpret, (1,), block_counts, counts, offsets, num_blocks, num_experts,
-           BLOCK_B=max(1, ROUTING_TILE // block_e), BLOCK_E=block_e)
-    launch("routing_scatter_kernel", interpret, (num_blocks,), ids, block_counts, offsets, sorted_slots,
-           slot_rows, num_slots, num_experts, BLOCK_S=block_s)
-    return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
-
-
-# ----------------------------------------------------------------------------------------------
-# Router
-
-
-def _eager_without_grad(*tensors: Tensor | None) -> bool:
-    """Eager inference (no gradient wanted, not tracing): the public functions then call the launchers
-    directly. The custom op's dispatch (autograd wrapper, redispatch, argument boxing) costs tens of
-    microseconds per call, as much as the kernels of a decode step; ops.py has checked the arguments."""
-    if torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
-
-
-def _gating_tiles(num_experts: int, top_k: int) -> dict:
-    block_e = next_power_of_2(num_experts)
-    return dict(BLOCK_T=max(1, min(64, ELEMENTWISE_TILE // block_e)), BLOCK_E=block_e,
-                BLOCK_K=next_power_of_2(top_k))
-
-
-@torch.library.custom_op("cumo_triton::topk_gating", mutates_args=())
-def _topk_gating_op(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    check_gating_args(logits, top_k, normalize)
-    return _topk_gating(logits, top_k, normalize)
-
-
-def _topk_gating(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    """The gating launcher, arguments already checked."""
-    interpret = check_device(logits)
-    num_tokens, num_experts = logits.shape
-    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
-    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
-    tiles = _gating_tiles(num_experts, top_k)
-    if num_tokens > 0:
-        with device_guard(logits):
-            launch("topk_gating_kernel", interpret, (cdiv(num_tokens, tiles["BLOCK_T"]),),
-                   logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1),
-                   TOP_K=top_k, NORMALIZE=normalize, **tiles)
-    return weights, ids
-
-
-@_topk_gating_op.register_fake
-def _(logits, top_k, normalize):
-    num_tokens = logits.shape[0]
-    return (logits.new_empty(num_tokens, top_k, dtype=torch.float32),
-            logits.new_empty(num_tokens, top_k, dtype=torch.int64))
-
-
-@torch.library.custom_op("cumo_triton::topk_gating_backward", mutates_args=())
-def _topk_gating_backward_op(logits: Tensor, ids: Tensor, grad_weights: Tensor, top_k: int,
-                             normalize: bool) -> Tensor:
-    interpret = check_device(logits, ids, grad_weights)
-    num_tokens, num_experts = logits.shape
-    grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    if num_tokens > 0:
-        tiles = _gating_tiles(num_experts, top_k)
-        with device_guard(logits):
-            launch("topk_gating_backward_kernel", interpret, (cdiv(num_tokens, tiles["BLOCK_T"]),),
-                   logits, ids, grad_weights.float().contiguous(), grad_logits, num_tokens, num_experts,
-                   logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
-                   TOP_K=top_k, NORMALIZE=normalize, **tiles)
-    return grad_logits
-
-
-@_topk_gating_backward_op.register_fake
-def _(logits, ids, grad_weights, top_k, normalize):
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
-
-
-def _topk_gating_setup(ctx, inputs, output):
-    logits, top_k, normalize = inputs
-    _, ids = output
-    ctx.save_for_backward(logits, ids)
-    ctx.top_k, ctx.normalize = top_k, normalize
-    ctx.mark_non_differentiable(ids)
-    ctx.set_materialize_grads(False)
-
-
-def _topk_gating_backward(ctx, grad_weights, _grad_ids):
-    if grad_weights is None:
-        return None, None, None
-    logits, ids = ctx.saved_tensors
-    return _topk_gating_backward_op(logits, ids, grad_weights, ctx.top_k, ctx.normalize), None, None
-
-
-_topk_gating_op.register_autograd(_topk_gating_backward, setup_context=_topk_gating_setup)
-
-
-def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
-    """The fused Triton router (contract: ``moe_kernels.ops.topk_gating``, checked by ops.py)."""
-    if _eager_without_grad(logits):
-        return _topk_gating(logits, top_k, normalize)
-    return _topk_gating_op(logits, top_k, normalize)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -216,7 +59,7 @@ def _grouped_gemm(a: Tensor, weight: Tensor, b_strides: tuple[int, int], plan: R
     def grid(m):
         return ((cdiv(num_rows, m["BLOCK_M"]) + num_experts) * cdiv(num_cols, m["BLOCK_N"]),)
 
-    launch("grouped_gemm_kernel", interpret, grid,
+    runtime.launch("grouped_gemm_kernel", interpret, grid,
            a, weight, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
            aux_t, out, plan.sorted_slots, plan.expert_offsets,
            num_rows, num_cols, reduce_dim, num_experts,
@@ -237,7 +80,7 @@ def _weight_grad(a: Tensor, b: Tensor, plan: RoutingPlan, grad_w: Tensor, grad_b
     def grid(m):
         return (cdiv(p_dim, m["BLOCK_P"]) * cdiv(q_dim, m["BLOCK_Q"]), num_experts)
 
-    launch("grouped_weight_grad_kernel", interpret, grid,
+    runtime.launch("grouped_weight_grad_kernel", interpret, grid,
            a, b, row_scale if row_scale is not None else grad_w, plan.sorted_slots, plan.expert_offsets,
            grad_w, grad_bias if grad_bias is not None else grad_w, p_dim, q_dim, num_experts,
            a.stride(0), a.stride(1), b.stride(0), b.stride(1),
@@ -252,7 +95,7 @@ def _combine(rows: Tensor, ids: Tensor, weights: Tensor | None, plan: RoutingPla
     block_n = min(next_power_of_2(max(num_cols, 1)), 16 if interpret else 128)
     block_t = max(1, min(64, ELEMENTWISE_TILE // block_n))
     grid = (cdiv(num_tokens, block_t), cdiv(num_cols, block_n))
-    launch("combine_kernel", interpret, grid,
+    runtime.launch("combine_kernel", interpret, grid,
            rows, plan.slot_rows, ids, weights if weights is not None else rows, out,
            num_tokens, num_cols, num_experts, rows.stride(0), rows.stride(1), out.stride(0), out.stride(1),
            TOP_K=plan.top_k, APPLY_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_N=block_n)
@@ -314,7 +157,7 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
     hidden_rows = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
     rows = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
     with device_guard(x):
-        plan = _routing_plan(ids, num_experts, top_k, interpret)
+        plan = routing_plan_from_ids(ids, num_experts, top_k, interpret)
         if num_rows > 0:
             # fc1: token rows gathered in-kernel; B[e][d, h] = w1[e, h, d].
             _grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret,
@@ -367,13 +210,13 @@ def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, 
     grad_b1_t = torch.empty(num_experts, hidden1, dtype=w1.dtype, device=w1.device) if need_b1 else None
 
     with device_guard(x):
-        plan = _routing_plan(ids, num_experts, top_k, interpret)
+        plan = routing_plan_from_ids(ids, num_experts, top_k, interpret)
         if need_weights:
             grad_weights = torch.empty(num_rows, dtype=torch.float32, device=x.device)  # every slot written
             if num_rows > 0:
                 block_n = min(next_power_of_2(out_features), 16 if interpret else 128)
                 block_s = max(1, min(128, ELEMENTWISE_TILE // block_n))
-                launch("topk_weight_grad_kernel", interpret, (cdiv(num_rows, block_s),),
+                runtime.launch("topk_weight_grad_kernel", interpret, (cdiv(num_rows, block_s),),
                        grad_out, rows, plan.slot_rows, ids, grad_weights, num_rows, out_features, num_experts,
                        grad_out.stride(0), grad_out.stride(1), rows.stride(0), rows.stride(1),
                        TOP_K=top_k, BLOCK_S=block_s, BLOCK_N=block_n)
@@ -462,7 +305,7 @@ def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, 
 
     save_pre = needs_grad(x) or needs_grad(w1) or needs_grad(b1)  # d pre-activation is needed
     keep_rows = needs_grad(top_k_weights)  # the top-k weight gradient reads the unweighted expert rows
-    if _eager_without_grad(x, top_k_weights, w1, b1, w2, b2):
+    if eager_without_grad(x, top_k_weights, w1, b1, w2, b2):
         return _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, False, False)[0]
     return _expert_mlp_forward_op(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_pre,
                                   keep_rows)[0]

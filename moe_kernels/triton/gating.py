@@ -1,0 +1,100 @@
+"""Triton top-k gating: the fused router (fp32 softmax, top-k, renormalisation) as a custom op with
+its fake and autograd (the backward recomputes the softmax). T tokens, E experts, K top_k.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moe_kernels.contract import check_gating_args
+from moe_kernels.triton import runtime
+from moe_kernels.triton.runtime import (
+    ELEMENTWISE_TILE,
+    cdiv,
+    check_device,
+    device_guard,
+    eager_without_grad,
+    next_power_of_2,
+)
+
+
+def _gating_tiles(num_experts: int, top_k: int) -> dict:
+    block_e = next_power_of_2(num_experts)
+    return dict(BLOCK_T=max(1, min(64, ELEMENTWISE_TILE // block_e)), BLOCK_E=block_e,
+                BLOCK_K=next_power_of_2(top_k))
+
+
+@torch.library.custom_op("cumo_triton::topk_gating", mutates_args=())
+def _topk_gating_op(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    check_gating_args(logits, top_k, normalize)
+    return _topk_gating(logits, top_k, normalize)
+
+
+def _topk_gating(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
+    """The gating launcher, arguments already checked."""
+    interpret = check_device(logits)
+    num_tokens, num_experts = logits.shape
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
+    tiles = _gating_tiles(num_experts, top_k)
+    if num_tokens > 0:
+        with device_guard(logits):
+            runtime.launch("topk_gating_kernel", interpret, (cdiv(num_tokens, tiles["BLOCK_T"]),),
+                   logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1),
+                   TOP_K=top_k, NORMALIZE=normalize, **tiles)
+    return weights, ids
+
+
+@_topk_gating_op.register_fake
+def _(logits, top_k, normalize):
+    num_tokens = logits.shape[0]
+    return (logits.new_empty(num_tokens, top_k, dtype=torch.float32),
+            logits.new_empty(num_tokens, top_k, dtype=torch.int64))
+
+
+@torch.library.custom_op("cumo_triton::topk_gating_backward", mutates_args=())
+def _topk_gating_backward_op(logits: Tensor, ids: Tensor, grad_weights: Tensor, top_k: int,
+                             normalize: bool) -> Tensor:
+    interpret = check_device(logits, ids, grad_weights)
+    num_tokens, num_experts = logits.shape
+    grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if num_tokens > 0:
+        tiles = _gating_tiles(num_experts, top_k)
+        with device_guard(logits):
+            runtime.launch("topk_gating_backward_kernel", interpret, (cdiv(num_tokens, tiles["BLOCK_T"]),),
+                   logits, ids, grad_weights.float().contiguous(), grad_logits, num_tokens, num_experts,
+                   logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
+                   TOP_K=top_k, NORMALIZE=normalize, **tiles)
+    return grad_logits
+
+
+@_topk_gating_backward_op.register_fake
+def _(logits, ids, grad_weights, top_k, normalize):
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _topk_gating_setup(ctx, inputs, output):
+    logits, top_k, normalize = inputs
+    _, ids = output
+    ctx.save_for_backward(logits, ids)
+    ctx.top_k, ctx.normalize = top_k, normalize
+    ctx.mark_non_differentiable(ids)
+    ctx.set_materialize_grads(False)
+
+
+def _topk_gating_backward(ctx, grad_weights, _grad_ids):
+    if grad_weights is None:
+        return None, None, None
+    logits, ids = ctx.saved_tensors
+    return _topk_gating_backward_op(logits, ids, grad_weights, ctx.top_k, ctx.normalize), None, None
+
+
+_topk_gating_op.register_autograd(_topk_gating_backward, setup_context=_topk_gating_setup)
+
+
+def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """The fused Triton router (contract: ``moe_kernels.ops.topk_gating``, checked by moe_kernels/ops.py)."""
+    if eager_without_grad(logits):
+        return _topk_gating(logits, top_k, normalize)
+    return _topk_gating_op(logits, top_k, normalize)

@@ -1,0 +1,66 @@
+"""Triton routing plan: a stable counting sort of the T*K assignments by expert, on device.
+
+T tokens, K top_k, E experts, R = T*K slots. Kernels in kernels.py (routing_*_kernel); no host sync.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from moe_kernels.routing import RoutingPlan
+from moe_kernels.triton import runtime
+from moe_kernels.triton.runtime import cdiv, check_device, device_guard, next_power_of_2
+
+# Routing metadata: a histogram/scatter program holds ROUTING_TILE (slot, bucket) pairs, at most
+# ROUTING_MAX_SLOTS slots; the scan walks ROUTING_TILE (block, bucket) counts per step.
+ROUTING_TILE = 8192
+ROUTING_MAX_SLOTS = 128
+
+
+def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
+    """Stable counting sort of the T*K assignments by expert, on device (no sync; one launch when the
+    slots fit one block, else three).
+
+    top_k_idx: [T, K] int (ids outside [0, E) dropped) -> RoutingPlan with int64 tensors, equal to
+    moe_kernels.routing.build_routing_plan's.
+    """
+    interpret = check_device(top_k_idx)
+    if top_k_idx.dim() != 2:
+        raise ValueError(f"top_k_idx must be [T, K], got shape {tuple(top_k_idx.shape)}")
+    with device_guard(top_k_idx):
+        return routing_plan_from_ids(top_k_idx.reshape(-1).to(torch.int64).contiguous(), num_experts,
+                             top_k_idx.shape[1], interpret)
+
+
+def routing_blocks(num_slots: int, num_experts: int) -> tuple[int, int, int]:
+    """(slots per block, bucket tile, number of blocks) of the routing kernels."""
+    block_e = next_power_of_2(num_experts + 1)
+    block_s = max(16, min(ROUTING_MAX_SLOTS, ROUTING_TILE // block_e))
+    return block_s, block_e, cdiv(num_slots, block_s)
+
+
+def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: bool) -> RoutingPlan:
+    num_slots = ids.numel()
+    device = ids.device
+    sorted_slots = torch.empty(num_slots, dtype=torch.int64, device=device)
+    slot_rows = torch.empty(num_slots, dtype=torch.int64, device=device)
+    if num_slots == 0:
+        counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+        offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
+        return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
+    counts = torch.empty(num_experts, dtype=torch.int64, device=device)  # the scan writes both
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
+    block_s, block_e, num_blocks = routing_blocks(num_slots, num_experts)
+    if num_blocks == 1:  # decode, small batch: one launch
+        runtime.launch("routing_one_block_kernel", interpret, (1,), ids, counts, offsets, sorted_slots, slot_rows,
+               num_slots, num_experts, BLOCK_S=block_s, BLOCK_E=block_e)
+        return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
+    block_counts = torch.empty(num_blocks, num_experts + 1, dtype=torch.int64, device=device)
+    runtime.launch("routing_histogram_kernel", interpret, (num_blocks,), ids, block_counts, num_slots, num_experts,
+           BLOCK_S=block_s, BLOCK_E=block_e)
+    runtime.launch("routing_scan_kernel", interpret, (1,), block_counts, counts, offsets, num_blocks, num_experts,
+           BLOCK_B=max(1, ROUTING_TILE // block_e), BLOCK_E=block_e)
+    runtime.launch("routing_scatter_kernel", interpret, (num_blocks,), ids, block_counts, offsets, sorted_slots,
+           slot_rows, num_slots, num_experts, BLOCK_S=block_s)
+    return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
