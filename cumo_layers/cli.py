@@ -26,9 +26,10 @@ import torch
 from torch import Tensor, nn
 
 from cumo_layers.checkpoint import CheckpointError, atomic_directory
+from cumo_layers.dense_mlp import PROBE_RTOL, PROBE_RTOL_LOW_PRECISION, UpcycleError, read_dense_mlp
 from cumo_layers.router import TopKRouter
 from cumo_layers.serialization import save_upcycled
-from cumo_layers.upcycle import PROBE_RTOL, PROBE_RTOL_LOW_PRECISION, UpcycleError, read_dense_mlp, upcycle
+from cumo_layers.upcycle import upcycle
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from cumo_layers.upcycle import UpcycleError, activation_name
+from cumo_layers.dense_mlp import UpcycleError, activation_name
 from moe_kernels import ops
 
 IMPLEMENTATION_NAME = "cumo"
