@@ -144,13 +144,18 @@ class SparseMoEMLP(nn.Module):
                 f"cast the module (.to({x.dtype})) or the input, or use torch.autocast"
             )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _checked_inputs(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None]:
+        """x and the expert weights (w1, b1, w2, b2) in the compute dtype: autocast's, when it is on."""
         self._check_input(x)
         w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
         if torch.is_autocast_enabled(x.device.type):
             compute_dtype = torch.get_autocast_dtype(x.device.type)
             x = x.to(compute_dtype)
             w1, b1, w2, b2 = (None if p is None else p.to(compute_dtype) for p in (w1, b1, w2, b2))
+        return x, w1, b1, w2, b2
+
+    def forward(self, x: Tensor) -> Tensor:
+        x, w1, b1, w2, b2 = self._checked_inputs(x)
         tokens = x.reshape(-1, self.in_features)
         # A [B, N, D] input has B samples (CuMo's balance loss is per sample); other ranks count as one.
         route = self.router(tokens, num_samples=x.shape[0] if x.dim() == 3 and x.shape[0] > 0 else 1,

@@ -205,12 +205,7 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        self._check_input(x)
-        w1, b1, w2, b2 = self.w1, self.b1, self.w2, self.b2
-        if torch.is_autocast_enabled(x.device.type):
-            compute_dtype = torch.get_autocast_dtype(x.device.type)
-            x = x.to(compute_dtype)
-            w1, b1, w2, b2 = (None if p is None else p.to(compute_dtype) for p in (w1, b1, w2, b2))
+        x, w1, b1, w2, b2 = self._checked_inputs(x)
         tokens = x.reshape(-1, self.in_features)
         num_tokens, top_k, world = tokens.shape[0], self.top_k, self.world_size
         # Samples (CuMo's balance loss): the leading dim of a [B, N, D] input, else the rank's tokens are one.

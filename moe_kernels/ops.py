@@ -138,8 +138,8 @@ def expert_mlp(
     x: [T, D] float; top_k_weights: [T, K] float; top_k_idx: [T, K] integer (ids outside [0, E)
     are dropped: they contribute exactly zero); w1: [E, H1, D]; b1: [E, H1] | None; w2: [E, O, H];
     b2: [E, O] | None; weights in x's dtype, H1 = H (2*H with ``glu``: gate rows, then up rows)
-    -> [T, O] in x.dtype. Differentiable in x, top_k_weights, w1, b1, w2, b2 (first order: double
-    backward raises on every backend). The full contract: ``moe_kernels.contract``; the math:
+    -> [T, O] in x.dtype. Differentiable in x, top_k_weights, w1, b1, w2, b2; double backward on
+    ``torch`` only (the compiled backends raise a clear error). The full contract: ``moe_kernels.contract``; the math:
     ``moe_kernels.reference.expert_mlp``.
     """
     check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
