@@ -11,10 +11,14 @@ On a bare GPU machine with a preinstalled torch and no internet, in this order, 
   4. every backend validated against the reference (``benchmarks.gpu --validate-only``).
 Writes ``gpu_check.log`` (everything printed) and ``gpu_check.json`` to ``$OUT`` if set, else
 ``benchmarks/out/``. Exit status 1 if a build, test or validation failed.
+
+``--quick`` (under 3 minutes, for a check in the middle of a change): no CUDA build, so no ``cuda``
+backend; the timings and the GPU tests of everything else; no validation phase.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -27,6 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Seconds per phase (the whole run must stay under 8 minutes).
 BUILD_S, TESTS_S, VALIDATE_S, TIMING_S = 90, 150, 70, 120
+QUICK_TIMING_S, QUICK_TESTS_S = 60, 100
 TIMED_PEERS = ["dense-equiv", "cumo-triton", "cumo-cuda", "torch-grouped_mm", "hf-grouped_mm"]
 TIMING_ITERS = 20
 
@@ -149,7 +154,7 @@ def time_graph(step, iters: int) -> float | None:
     return time_device(graph.replay, iters)
 
 
-def timings(log: Log, deadline: float, device: str = "cuda") -> list[dict]:
+def timings(log: Log, deadline: float, device: str = "cuda", peers: list[str] = TIMED_PEERS) -> list[dict]:
     import torch
 
     from benchmarks.common import MODES_BY_NAME, PEERS_BY_NAME, REGIMES, PeerSkipped, make_problem, make_step
@@ -168,7 +173,7 @@ def timings(log: Log, deadline: float, device: str = "cuda") -> list[dict]:
                 f"E={regime.experts} k={regime.top_k}")
             log(f"  {'peer':18s} {'device ms':>10s} {'x dense':>8s} {'host us':>9s} {'graph ms':>9s}")
             dense_ms = None
-            for name in TIMED_PEERS:
+            for name in peers:
                 row = {"regime": regime.name, "mode": mode_name, "peer": name}
                 try:
                     step = make_step(PEERS_BY_NAME[name].build(problem), problem)
@@ -196,28 +201,50 @@ def timings(log: Log, deadline: float, device: str = "cuda") -> list[dict]:
     return rows
 
 
-def layer_host_time(log: Log) -> dict:
-    """The whole SparseMoEMLP forward at decode (router, gating, routing, experts), bf16, eval."""
+def layer_host_time(log: Log, backends: tuple[str, ...] = ("triton", "cuda")) -> dict:
+    """The whole SparseMoEMLP forward at decode (router, gating, routing, experts), bf16, eval: for
+    triton with its kernels bound (``runtime.BoundKernels``) and launched through Triton's own path,
+    its parts (router alone, ``ops.expert_mlp`` alone), the cuda backend, and an ``nn.Linear`` of the
+    same width as the unit of host cost."""
     import torch
 
     from cumo_layers import SparseMoEMLP
+    from moe_kernels import ops
+    from moe_kernels.triton import runtime
 
     result = {}
     x = torch.randn(1, 2048, device="cuda", dtype=torch.bfloat16)
-    for backend in ("triton", "cuda"):
-        layer = SparseMoEMLP(2048, 1024, num_experts=64, top_k=8, activation="silu", glu=True, bias=False,
-                             backend=backend, device="cuda", dtype=torch.bfloat16).eval()
-
+    linear = torch.nn.Linear(2048, 2048, bias=False, device="cuda", dtype=torch.bfloat16)
+    layers = {backend: SparseMoEMLP(2048, 1024, num_experts=64, top_k=8, activation="silu", glu=True, bias=False,
+                                    backend=backend, device="cuda", dtype=torch.bfloat16).eval()
+              for backend in backends}
+    triton_layer = layers["triton"]
+    with torch.no_grad():
+        weights, idx = triton_layer.router(x)[:2]
+    cases = {
+        "nn.Linear(2048, 2048)": (lambda: linear(x), True),
+        "triton": (lambda: triton_layer(x), True),
+        "triton, launched through Triton (CUMO_TRITON_BIND=0)": (lambda: triton_layer(x), False),
+        "triton router alone": (lambda: triton_layer.router(x), True),
+        "triton expert_mlp alone": (lambda: ops.expert_mlp(x, weights, idx, triton_layer.w1, None, triton_layer.w2,
+                                                           None, "silu", True, backend="triton"), True),
+    }
+    if "cuda" in layers:
+        cases["cuda"] = (lambda: layers["cuda"](x), True)
+    for name, (call, bind) in cases.items():
         def step():
             with torch.no_grad():
-                return layer(x)
+                return call()
 
+        runtime.BOUND_KERNELS.enabled = bind
         try:
-            result[backend] = {"device_ms": time_device(step, TIMING_ITERS), "host_us": time_host(step, 50),
-                               "graph_ms": time_graph(step, TIMING_ITERS)}
+            result[name] = {"device_ms": time_device(step, TIMING_ITERS), "host_us": time_host(step, 50),
+                            "graph_ms": time_graph(step, TIMING_ITERS)}
         except Exception as exc:
-            result[backend] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
-        log(f"layer decode {backend}: {result[backend]}")
+            result[name] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        finally:
+            runtime.BOUND_KERNELS.enabled = True
+        log(f"layer decode {name}: {result[name]}")
     return result
 
 
@@ -226,10 +253,13 @@ def save(out: Path, report: dict) -> None:
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="no CUDA build and no validation (about 3 minutes)")
+    quick = parser.parse_args(argv).quick
     out = out_dir()
     log = Log(out / "gpu_check.log")
-    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": quick}
     import torch
 
     if not torch.cuda.is_available():
@@ -242,15 +272,20 @@ def main() -> int:
     report["versions"] = {"torch": torch.__version__, "cuda": torch.version.cuda, "triton": triton.__version__}
     log(f"gpu-check on {report['device']} (sm_{major}{minor}); {report['versions']}")
     python = sys.executable
-    build_env = {"CUMO_SKIP_CPU": "1", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}", "MAX_JOBS": str(os.cpu_count() or 8)}
-    report["build"] = run_phase(log, "build", [python, "setup.py", "build_ext", "--inplace"], BUILD_S, env=build_env)
-    report["error_path"] = error_path(log, python, build_env)
-    save(out, report)
+    phases = ["tests"] if quick else ["build", "tests", "validate"]
+    if not quick:
+        build_env = {"CUMO_SKIP_CPU": "1", "TORCH_CUDA_ARCH_LIST": f"{major}.{minor}",
+                     "MAX_JOBS": str(os.cpu_count() or 8)}
+        report["build"] = run_phase(log, "build", [python, "setup.py", "build_ext", "--inplace"], BUILD_S,
+                                    env=build_env)
+        report["error_path"] = error_path(log, python, build_env)
+        save(out, report)
     log("\n=== timing")
     start = time.perf_counter()
     try:
-        report["layer_decode"] = layer_host_time(log)
-        report["timings"] = timings(log, start + TIMING_S)
+        report["layer_decode"] = layer_host_time(log, ("triton",) if quick else ("triton", "cuda"))
+        peers = [p for p in TIMED_PEERS if not (quick and p == "cumo-cuda")]
+        report["timings"] = timings(log, start + (QUICK_TIMING_S if quick else TIMING_S), peers=peers)
     except Exception as exc:
         log(f"timing failed: {type(exc).__name__}: {exc}")
         report["timing_error"] = str(exc)
@@ -259,11 +294,14 @@ def main() -> int:
     # xdist replaces a crashed worker and goes on, so one fatal test cannot hide the rest.
     report["tests"] = run_phase(
         log, "gpu tests", [python, "-m", "pytest", "-v", "-m", "gpu", "-p", "no:cacheprovider", "-rfE", "-n", "4",
-                           "--continue-on-collection-errors", "tests"], TESTS_S)
+                           "--continue-on-collection-errors", *(["-k", "not cuda"] if quick else []), "tests"],
+        QUICK_TESTS_S if quick else TESTS_S)
     save(out, report)
-    report["validate"] = run_phase(log, "validate", [python, "-m", "benchmarks.gpu", "--validate-only"], VALIDATE_S)
-    save(out, report)
-    failed = [phase for phase in ("build", "tests", "validate") if report[phase]["status"] != "ok"]
+    if not quick:
+        report["validate"] = run_phase(log, "validate", [python, "-m", "benchmarks.gpu", "--validate-only"],
+                                       VALIDATE_S)
+        save(out, report)
+    failed = [phase for phase in phases if report[phase]["status"] != "ok"]
     log(f"\ngpu-check: {'FAILED: ' + ', '.join(failed) if failed else 'all phases passed'}")
     return 1 if failed else 0
 

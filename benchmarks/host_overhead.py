@@ -2,12 +2,14 @@
 
 Below a few thousand tokens a GPU MoE layer is bound by host time, not by its kernels (the H200 run of
 2026-11-26: 0.5-0.8 ms of Python per forward for ~60 us of GPU work). This measures that host path on
-the CPU: the Triton backend runs with every kernel launch stubbed out (its ``launch`` only counts),
-so what is timed is argument checking, custom-op dispatch, allocation and launch bookkeeping
-(Triton's own launcher, ~20-40 us per launch in Python, is not in it: the GPU run measures it). Beside
-it, in the same run, a plain ``torch.add`` of two small tensors: the unit of host cost any PyTorch op
-pays. Reported: microseconds per call and that cost in ``torch.add`` units, for the whole SparseMoEMLP
-layer (router included) and for ``moe_kernels.expert_mlp`` alone, at decode and small-batch shapes.
+the CPU: the Triton backend runs with every kernel launch stubbed out at the last step (``dry_run``:
+kernels are bound as on a GPU, their launchers do nothing), so what is timed is argument checking,
+custom-op dispatch, allocation and the launch bookkeeping of ``runtime.BoundKernels``. Not in it: the
+C launcher itself (a few us a launch) and the first launch of each specialization, which goes through
+Triton (the GPU run measures both). Beside it, in the same run, a plain ``torch.add`` of two small
+tensors: the unit of host cost any PyTorch op pays. Reported: microseconds per call and that cost in
+``torch.add`` units, for the whole SparseMoEMLP layer (router included) and for
+``moe_kernels.expert_mlp`` alone, at decode and small-batch shapes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import argparse
 import os
 import statistics
 import time
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Iterator
 
 import torch
 
@@ -35,15 +40,48 @@ def per_call_us(fn, repeats: int = REPEATS, rounds: int = ROUNDS) -> float:
     return statistics.median(samples)
 
 
-def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) -> dict[str, float]:
-    os.environ["TRITON_INTERPRET"] = "1"  # lets the backend accept CPU tensors; no kernel runs anyway
-    from cumo_layers import SparseMoEMLP
-    from moe_kernels import ops
+class _NoGPU:
+    """Stands in for Triton's CUDA driver: device 0, stream 0."""
+
+    @staticmethod
+    def get_current_device() -> int:
+        return 0
+
+    @staticmethod
+    def get_current_stream(device: int) -> int:
+        return 0
+
+
+@contextmanager
+def dry_run() -> Iterator[list[str]]:
+    """The Triton backend on CPU tensors as if they were on a GPU, up to the launcher: kernels are
+    bound once per specialization by ``runtime.BoundKernels`` (the compiled path, not the
+    interpreter), and their launchers do nothing. Yields the names of the kernels bound, in order."""
+    os.environ["TRITON_INTERPRET"] = "1"  # lets the backend accept CPU tensors; no kernel runs
     from moe_kernels.triton import runtime
 
-    real_launch = runtime.launch
-    runtime.launch = lambda name, interpret, grid, *args, **kwargs: runtime.LAUNCHES.update([name])
+    bound: list[str] = []
+
+    class DryRun(runtime.BoundKernels):
+        @staticmethod
+        def launch_through_triton(name, grid, args, kwargs):
+            bound.append(name)
+            return SimpleNamespace(run=lambda *launcher_args: None, function=None, packed_metadata=None)
+
+    real_launch, real_bound = runtime.launch, runtime.BOUND_KERNELS
+    runtime.BOUND_KERNELS = DryRun(driver=_NoGPU())
+    runtime.launch = lambda name, interpret, grid, *args, **kwargs: real_launch(name, False, grid, *args, **kwargs)
     try:
+        yield bound
+    finally:
+        runtime.launch, runtime.BOUND_KERNELS = real_launch, real_bound
+
+
+def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) -> dict[str, float]:
+    from cumo_layers import SparseMoEMLP
+    from moe_kernels import ops
+
+    with dry_run():
         layer = SparseMoEMLP(d_model, hidden, num_experts=experts, top_k=top_k, activation="silu", glu=True,
                              bias=False, backend="triton").eval()
         x = torch.randn(tokens, d_model)
@@ -58,8 +96,6 @@ def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) ->
                 "topk_gating": per_call_us(lambda: ops.topk_gating(x @ layer.router.weight.t(), top_k,
                                                                    backend="triton")),
             }
-    finally:
-        runtime.launch = real_launch
     return results
 
 

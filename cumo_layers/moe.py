@@ -95,8 +95,8 @@ class SparseMoEMLP(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, out_features, hidden_features, **factory))
         self.b1 = nn.Parameter(torch.empty(num_experts, fc1_rows, **factory)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
-        self._last_expert_load: Tensor | None = None
-        self._last_top_k_idx: Tensor | None = None  # an inference forward's routing, counted on demand
+        # (expert load, routing): an inference forward keeps only its routing, counted when read.
+        self._last_routing: tuple[Tensor | None, Tensor | None] = (None, None)
         self.reset_parameters()
 
     @property
@@ -106,14 +106,15 @@ class SparseMoEMLP(nn.Module):
     @property
     def last_expert_load(self) -> Tensor | None:
         """[E] int64 assignments per expert in the last forward (after capacity drops), or None."""
-        if self._last_expert_load is None and self._last_top_k_idx is not None:
-            self._last_expert_load = expert_load(self._last_top_k_idx, self.num_experts)
-            self._last_top_k_idx = None
-        return self._last_expert_load
+        load, top_k_idx = self._last_routing
+        if load is None and top_k_idx is not None:
+            load = expert_load(top_k_idx, self.num_experts)
+            self._last_routing = (load, None)
+        return load
 
     @last_expert_load.setter
     def last_expert_load(self, load: Tensor | None) -> None:
-        self._last_expert_load, self._last_top_k_idx = load, None
+        self._last_routing = (load, None)
 
     def reset_parameters(self) -> None:
         """Each expert initialised like an independent nn.Linear pair: U(+-1/sqrt(fan_in))."""
@@ -165,10 +166,8 @@ class SparseMoEMLP(nn.Module):
             capacity = expert_capacity(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
             top_k_idx = apply_capacity(top_k_idx, self.num_experts, capacity)
             load = load.clamp(max=capacity)  # capacity keeps exactly min(count, capacity) per expert
-        if load is None:  # inference: count only if someone reads last_expert_load
-            self._last_expert_load, self._last_top_k_idx = None, top_k_idx
-        else:
-            self.last_expert_load = load.detach()
+        # Inference counts the load only if someone reads last_expert_load.
+        self._last_routing = (None, top_k_idx) if load is None else (load.detach(), None)
         out = ops.expert_mlp(
             tokens, route.top_k_weights, top_k_idx, w1, b1, w2, b2,
             activation=self.activation, glu=self.glu, backend=self.backend,

@@ -158,7 +158,7 @@ class TopKRouter(nn.Module):
         load = expert_load(idx, self.num_experts) if self.training or count_load else None
         if self.training:
             self._record_aux_losses(logits, idx, load, num_samples)
-        else:
+        elif self.last_aux_loss is not None:  # (a module attribute store costs microseconds: only when needed)
             self.last_balance_loss = self.last_z_loss = self.last_aux_loss = None
         return RouterOutput(weights, idx, logits, load)
 

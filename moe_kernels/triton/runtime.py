@@ -22,8 +22,8 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-import triton
 import triton.language as tl
+from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
 
@@ -75,8 +75,6 @@ def check_device(*tensors: Tensor | None) -> bool:
 def kernels(interpret: bool) -> ModuleType:
     """kernels.py with its @triton.jit functions defined in the requested mode."""
     if interpret not in _kernel_modules:
-        from triton import knobs
-
         name = f"moe_kernels.triton._kernels_{'interpreted' if interpret else 'compiled'}"
         spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
         module = importlib.util.module_from_spec(spec)
@@ -152,13 +150,107 @@ def _interpreted_library():
 
 
 def launch(name: str, interpret: bool, grid, *args, **kwargs) -> None:
+    """Launch kernels.py's ``name`` on ``grid`` (a tuple, or a callable of the launch keywords).
+
+    Positional arguments are the kernel's runtime arguments, keywords its constexprs and launch options.
+    Compiled launches go through ``BOUND_KERNELS`` (below): Triton's own launch path once per
+    specialization, the compiled kernel directly after that."""
     LAUNCHES[name] += 1
-    kernel = getattr(kernels(interpret), name)
+    if callable(grid):
+        grid = grid(kwargs)
     if interpret:
         with _interpreted_library():
-            kernel[grid](*args, **kwargs)
-    else:
-        kernel[grid](*args, **kwargs)
+            getattr(kernels(True), name)[grid](*args, **kwargs)
+        return
+    BOUND_KERNELS.launch(name, grid, args, kwargs)
+
+
+class BoundKernels:
+    """Compiled kernels bound once per specialization, launched without Triton's per-call binding.
+
+    Triton's ``kernel[grid](...)`` re-derives, on every call, the specialization of every argument, a
+    cache key holding ``str(options)``, the current device and stream, launch metadata and hook
+    state: 20-50 us of Python per launch on a GPU host, as much as the kernels of a decode step.
+    Here the first launch of a specialization goes through Triton (compiling if needed) and keeps the
+    ``CompiledKernel`` it returns; later launches with the same key call its launcher directly with
+    the runtime arguments followed by the constexprs in signature order, which is what Triton's
+    ``JITFunction.run`` passes it (Triton 3.6 through 3.8). While a launch hook is installed (a
+    profiler such as proton), every launch goes through Triton so that the hook sees it.
+
+    The key is finer than what Triton specializes on, so a bound binary is never run on arguments it
+    was not compiled for: the kernel name, the device, every keyword (constexprs and launch options),
+    each integer argument's value (Triton specializes on width, divisibility by 16 and equality to
+    1), each tensor's dtype and 16-byte alignment, the type of anything else (floats are not
+    specialized). Integer values come from shapes and strides, so each new token count binds once
+    more; at most ``MAX_BOUND`` keys are kept, the oldest dropped first. ``CUMO_TRITON_BIND=0`` in the
+    environment (or ``enabled = False``) sends every launch through Triton, to compare or to debug.
+    """
+
+    MAX_BOUND = 4096
+
+    def __init__(self, driver=None) -> None:
+        self._bound: dict[tuple, tuple] = {}
+        self._driver = driver
+        self.enabled = os.environ.get("CUMO_TRITON_BIND", "1").strip().lower() not in ("0", "false", "no", "off")
+
+    def __len__(self) -> int:
+        return len(self._bound)
+
+    def clear(self) -> None:
+        self._bound.clear()
+
+    @property
+    def driver(self):
+        if self._driver is None:
+            from triton.runtime.driver import driver
+
+            self._driver = driver.active
+        return self._driver
+
+    def launch(self, name: str, grid: tuple, args: tuple, kwargs: dict) -> None:
+        if not self.enabled:
+            self.launch_through_triton(name, grid, args, kwargs)
+            return
+        driver = self.driver
+        device = driver.get_current_device()
+        key = (name, device, *kwargs.items(), *[
+            arg if type(arg) is int else (arg.dtype, not arg.data_ptr() & 15) if isinstance(arg, Tensor)
+            else type(arg) for arg in args])
+        bound = self._bound.get(key)
+        if bound is None or _launch_hooked():
+            compiled = self.launch_through_triton(name, grid, args, kwargs)
+            if bound is None:
+                if len(self._bound) >= self.MAX_BOUND:
+                    del self._bound[next(iter(self._bound))]
+                self._bound[key] = self._bind(name, compiled, len(args), kwargs)
+            return
+        run, function, metadata, constexprs = bound
+        grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
+        run(grid_x, grid_y, grid_z, driver.get_current_stream(device), function, metadata, None, None, None,
+            *args, *constexprs)
+
+    @staticmethod
+    def launch_through_triton(name: str, grid: tuple, args: tuple, kwargs: dict):
+        """Triton's own launch (compiling on a cache miss); returns the CompiledKernel it ran."""
+        return getattr(kernels(False), name)[grid](*args, **kwargs)
+
+    @staticmethod
+    def _bind(name: str, compiled, num_args: int, kwargs: dict) -> tuple:
+        """(launcher, CUfunction, packed metadata, constexpr values after the runtime arguments)."""
+        params = getattr(kernels(False), name).params[num_args:]
+        if not all(p.is_constexpr for p in params):
+            raise TypeError(f"{name}: pass every runtime argument positionally, got {num_args}")
+        constexprs = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)
+        return compiled.run, compiled.function, compiled.packed_metadata, constexprs
+
+
+def _launch_hooked() -> bool:
+    """True while a Triton launch hook (a profiler) is installed."""
+    return any(getattr(hook, "calls", hook) for hook in (knobs.runtime.launch_enter_hook,
+                                                          knobs.runtime.launch_exit_hook))
+
+
+BOUND_KERNELS = BoundKernels()
 
 
 def dot_options(dtype: torch.dtype, interpret: bool) -> dict:
@@ -172,8 +264,12 @@ def dot_options(dtype: torch.dtype, interpret: bool) -> dict:
 
 
 def device_guard(t: Tensor):
-    """Launch on the tensor's GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else nullcontext()
+    """Launch on the tensor's GPU (Triton launches on the current device); nothing to do when it is
+    the current one already, or the tensor is on the CPU (the interpreter)."""
+    index = t.get_device()
+    if index < 0 or index == torch.cuda.current_device():
+        return nullcontext()
+    return torch.cuda.device(index)
 
 
 ELEMENTWISE_TILE = 4096  # elements per program of the router, combine and weight-gradient kernels
