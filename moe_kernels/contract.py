@@ -12,10 +12,12 @@ features, E experts, K = top_k.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from moe_kernels.reference import check_activation
+from moe_kernels.reference import GLU_KINDS, GluSpec, as_glu, check_activation
 
 FLOAT_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
@@ -40,6 +42,36 @@ def _check_float(name: str, t: Tensor) -> None:
 def check_flag(name: str, value: object) -> None:
     if not isinstance(value, bool):
         raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def check_glu(glu: object, activation: str) -> None:
+    """glu: a bool (True: the plain GLU) or a ``reference.GluSpec`` whose kind is one of GLU_KINDS, with
+    a finite limit > 0 for the clamped kinds, finite caps > 0 for softcapped (whose activation is
+    'silu'), a finite up_offset, and the fields its kind does not use left at their defaults."""
+    if not isinstance(glu, GluSpec):
+        if not isinstance(glu, bool):
+            raise TypeError(f"glu must be a bool or a GluSpec, got {type(glu).__name__} {glu!r}")
+        return
+    if glu.kind not in GLU_KINDS:
+        raise ValueError(f"glu: unknown GLU kind {glu.kind!r}; expected one of {list(GLU_KINDS)}")
+    check_flag("glu.interleaved", glu.interleaved)
+    default = GluSpec()
+    used = GLU_KINDS[glu.kind]
+    for name in ("limit", "up_offset", "gate_cap", "up_cap"):
+        value = getattr(glu, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"glu.{name} must be a float, got {type(value).__name__} {value!r}")
+        if name not in used:
+            if value != getattr(default, name):
+                raise ValueError(f"glu.{name} has no meaning for kind {glu.kind!r}; leave it at its default")
+            continue
+        positive = name != "up_offset"
+        if not math.isfinite(value) or (positive and value <= 0):
+            raise ValueError(f"glu.{name} must be a finite float{' > 0' if positive else ''} for kind "
+                             f"{glu.kind!r}, got {value!r}")
+    if glu.kind == "softcapped" and activation != "silu":
+        raise ValueError(f"glu kind 'softcapped' is cap(gate) * sigmoid(gate) * cap(up), a SiLU with capped factors: "
+                         f"activation must be 'silu', got {activation!r}")
 
 
 def check_one_device(op: str, named: dict[str, Tensor | None], allow_meta: bool = False) -> None:
@@ -82,12 +114,13 @@ def check_expert_mlp_args(
     w2: Tensor,
     b2: Tensor | None,
     activation: str,
-    glu: bool,
+    glu: bool | GluSpec,
     allow_meta: bool = False,
 ) -> None:
     """x: [T, D] float; top_k_weights: [T, K] float; top_k_idx: [T, K] integer (ids outside [0, E)
     are dropped, K >= 1); w1: [E, H1, D], E >= 1; b1: [E, H1] | None; w2: [E, O, H] with H1 = H
-    (2*H with GLU); b2: [E, O] | None; weights and biases in x's dtype; all on one device."""
+    (2*H with GLU); b2: [E, O] | None; weights and biases in x's dtype; all on one device;
+    glu: ``check_glu``."""
     _check_tensor("x", x, 2)
     _check_float("x", x)
     _check_tensor("top_k_idx", top_k_idx, 2)
@@ -103,7 +136,8 @@ def check_expert_mlp_args(
     if top_k_weights.shape != top_k_idx.shape:
         raise ValueError(f"top_k_weights must be {_shape(top_k_idx)} like top_k_idx, got {_shape(top_k_weights)}")
     check_activation(activation)
-    check_flag("glu", glu)
+    check_glu(glu, activation)
+    gated = as_glu(glu) is not None
 
     _check_tensor("w1", w1, 3)
     _check_tensor("w2", w2, 3)
@@ -113,9 +147,9 @@ def check_expert_mlp_args(
     if d_in != x.shape[1]:
         raise ValueError(f"w1 must be [E, H1, {x.shape[1]}] (x's features), got {_shape(w1)}")
     hidden = w2.shape[2]
-    if w2.shape[0] != num_experts or hidden1 != (2 * hidden if glu else hidden):
-        expected = f"[{num_experts}, O, {hidden1 // 2 if glu else hidden1}]"
-        raise ValueError(f"w2 must be {expected} for w1 {_shape(w1)}{' with GLU' if glu else ''}, got {_shape(w2)}")
+    if w2.shape[0] != num_experts or hidden1 != (2 * hidden if gated else hidden):
+        expected = f"[{num_experts}, O, {hidden1 // 2 if gated else hidden1}]"
+        raise ValueError(f"w2 must be {expected} for w1 {_shape(w1)}{' with GLU' if gated else ''}, got {_shape(w2)}")
     for name, bias, rows in (("b1", b1, hidden1), ("b2", b2, w2.shape[1])):
         if bias is not None:
             _check_tensor(name, bias, 2)

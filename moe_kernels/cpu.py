@@ -2,11 +2,12 @@
 
 Ops (namespace ``cumo``, CPU kernels in C++):
     routing_plan(top_k_idx, num_experts) -> (counts, offsets, sorted_slots, slot_rows)
-    expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_hidden)
+    expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, *glu, save_hidden)
         -> (y, hidden)
-    expert_mlp_backward(grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, activation, glu,
+    expert_mlp_backward(grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, activation, *glu,
                         grad_input, grad_params)
         -> (grad_x, grad_top_k_weights, grad_w1, grad_b1, grad_w2, grad_b2)   ([0] where not asked for)
+    (*glu: the four scalars of ``reference.glu_code``: kind code, interleaved, and the kind's two values)
     topk_gating(logits, top_k, normalize) -> (top_k_weights, top_k_idx)   (csrc/cpu/gating.cpp)
 Every output shape depends only on input shapes, so the fake kernels need no data and the ops
 trace under torch.compile. The forward saves the pre-activation hidden rows [T*K, H1] only when a
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from moe_kernels.contract import check_expert_mlp_args, double_backward_error
+from moe_kernels.reference import GluSpec, glu_code, glu_from_code
 from moe_kernels.routing import RoutingPlan
 
 try:
@@ -80,14 +82,15 @@ def expert_mlp(
     w2: Tensor,
     b2: Tensor | None,
     activation: str = "gelu",
-    glu: bool = False,
+    glu: bool | GluSpec = False,
 ) -> Tensor:
     """The compiled expert MLP (contract: ``moe_kernels.ops.expert_mlp``)."""
     _require_extension()
     save_hidden = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, top_k_weights, w1, b1, w2, b2)
     )
-    y, *_ = torch.ops.cumo.expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_hidden)
+    y, *_ = torch.ops.cumo.expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, *glu_code(glu),
+                                              save_hidden)
     return y
 
 
@@ -102,15 +105,18 @@ def _register() -> None:
                 new(n, dtype=torch.int64), new(n, dtype=torch.int64))
 
     @torch.library.register_fake("cumo::expert_mlp_forward")
-    def _forward_fake(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_hidden):
-        check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, allow_meta=True)
+    def _forward_fake(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, interleaved, glu_a, glu_b,
+                      save_hidden):
+        spec = glu_from_code(glu, interleaved, glu_a, glu_b) or False
+        check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, spec, allow_meta=True)
         n = top_k_idx.numel()
         return x.new_empty(x.shape[0], w2.shape[1]), x.new_empty(n if save_hidden else 0, w1.shape[1])
 
     @torch.library.register_fake("cumo::expert_mlp_backward")
-    def _backward_fake(grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, activation, glu, grad_input,
-                       grad_params):
-        check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, allow_meta=True)
+    def _backward_fake(grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, activation, glu, interleaved, glu_a,
+                       glu_b, grad_input, grad_params):
+        spec = glu_from_code(glu, interleaved, glu_a, glu_b) or False
+        check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, spec, allow_meta=True)
         def shaped(tensor, wanted):
             return x.new_empty(tensor.shape) if wanted and tensor is not None else x.new_empty(0)
 
@@ -124,7 +130,7 @@ def _register() -> None:
         )
 
     def _setup_context(ctx, inputs, output):
-        x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_hidden = inputs
+        x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, *glu, save_hidden = inputs
         _, hidden = output
         ctx.activation, ctx.glu = activation, glu
         ctx.save_for_backward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden)
@@ -137,16 +143,16 @@ def _register() -> None:
         x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden = ctx.saved_tensors
         need = ctx.needs_input_grad
         if grad_y is None:  # y took no part in the loss (grads are not materialised)
-            return (None,) * 10
+            return (None,) * 13
         if torch.is_grad_enabled():  # backward(create_graph=True): this backward is not differentiable
             raise RuntimeError(double_backward_error("cpu"))
         grad_input, grad_params = need[0], any(need[i] for i in (3, 4, 5, 6))
         gx, gw, gw1, gb1, gw2, gb2 = torch.ops.cumo.expert_mlp_backward(
-            grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, ctx.activation, ctx.glu, grad_input,
+            grad_y, x, top_k_weights, top_k_idx, w1, b1, w2, b2, hidden, ctx.activation, *ctx.glu, grad_input,
             grad_params,
         )
         params = [g if need[i] else None for i, g in zip((3, 4, 5, 6), (gw1, gb1, gw2, gb2))]
-        return (gx if grad_input else None, gw if need[1] else None, None, *params, None, None, None)
+        return (gx if grad_input else None, gw if need[1] else None, None, *params, *(None,) * 6)
 
     torch.library.register_autograd("cumo::expert_mlp_forward", _backward, setup_context=_setup_context)
 

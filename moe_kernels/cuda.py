@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_kernels import gating_ops
-from moe_kernels.reference import apply_activation, combine
+from moe_kernels.reference import PLAIN_GLU, GluSpec, apply_activation, as_glu, combine
 from moe_kernels.routing import RoutingPlan, expert_buckets
 
 try:
@@ -171,10 +171,14 @@ def expert_mlp(
     w2: Tensor,
     b2: Tensor | None,
     activation: str = "gelu",
-    glu: bool = False,
+    glu: bool | GluSpec = False,
 ) -> Tensor:
     """The CUDA expert MLP (contract: ``moe_kernels.ops.expert_mlp``); float32/float16/bfloat16
-    only (torch._grouped_mm)."""
+    only (torch._grouped_mm); GLU: the plain one only (a GluSpec variant raises NotImplementedError)."""
+    spec = as_glu(glu)
+    if spec is not None and spec != PLAIN_GLU:
+        raise NotImplementedError(f"backend 'cuda' runs the plain GLU (act(gate) * up, gate rows then up rows) only, "
+                                  f"not {spec}; use backend='triton' (or 'torch') for this GLU variant")
     _require(x.device)
     if torch.compiler.is_compiling() and x.dtype not in COMPILE_DTYPES:
         raise TypeError(f"backend 'cuda' under torch.compile takes {[str(d) for d in COMPILE_DTYPES]} "

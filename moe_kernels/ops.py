@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from moe_kernels.contract import check_expert_mlp_args, check_gating_args
+from moe_kernels.reference import GluSpec
 
 BACKEND_MODULES: dict[str, str] = {
     "torch": "moe_kernels.reference",
@@ -130,7 +131,7 @@ def expert_mlp(
     w2: Tensor,
     b2: Tensor | None,
     activation: str = "gelu",
-    glu: bool = False,
+    glu: bool | GluSpec = False,
     backend: str = "auto",
 ) -> Tensor:
     """Sparse expert MLP for a given routing: y[t] = sum_k w[t,k] * expert_{idx[t,k]}(x[t]).
@@ -138,7 +139,9 @@ def expert_mlp(
     x: [T, D] float; top_k_weights: [T, K] float; top_k_idx: [T, K] integer (ids outside [0, E)
     are dropped: they contribute exactly zero); w1: [E, H1, D]; b1: [E, H1] | None; w2: [E, O, H];
     b2: [E, O] | None; weights in x's dtype, H1 = H (2*H with ``glu``: gate rows, then up rows)
-    -> [T, O] in x.dtype. Differentiable in x, top_k_weights, w1, b1, w2, b2; double backward on
+    -> [T, O] in x.dtype. ``glu``: False, True (act(gate) * up) or a ``reference.GluSpec`` (clamped,
+    softcapped, interleaved gate/up: gpt-oss and its kin); the cpu, triton and torch backends run
+    every spec, cuda only the plain one. Differentiable in x, top_k_weights, w1, b1, w2, b2; double backward on
     ``torch`` only (the compiled backends raise a clear error). The full contract: ``moe_kernels.contract``; the math:
     ``moe_kernels.reference.expert_mlp``.
     """

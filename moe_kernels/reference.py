@@ -1,12 +1,14 @@
 """Pure-PyTorch reference ops: the oracle every backend is tested against.
 
 Shapes: T tokens, D input features, H expert hidden size (H1 = H, or 2*H with GLU: gate rows
-then up rows), O output features, E experts, K = top_k. Gradients come from PyTorch autograd.
+then up rows, or interleaved), O output features, E experts, K = top_k. Gradients come from PyTorch autograd.
 Short and plain on purpose: when a backend and this file disagree, this file is read first.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -20,12 +22,18 @@ def quick_gelu(x: Tensor) -> Tensor:
     return x * torch.sigmoid(1.702 * x)
 
 
+def relu2(x: Tensor) -> Tensor:
+    """relu(x)^2 (So et al. 2021, "Primer"; nemotron-h's experts)."""
+    return torch.square(F.relu(x))
+
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "gelu": lambda x: F.gelu(x),
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "quick_gelu": quick_gelu,
     "silu": F.silu,
     "relu": F.relu,
+    "relu2": relu2,
 }
 
 
@@ -34,13 +42,107 @@ def check_activation(activation: str) -> None:
         raise ValueError(f"unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
 
 
-def apply_activation(hidden: Tensor, activation: str, glu: bool) -> Tensor:
-    """hidden: [N, H1] -> [N, H]. With GLU the first half is the gate: act(gate) * up."""
+# The GLU variants and the GluSpec fields each reads, in the order the kernels take them (two scalars).
+# A kernel's code for a variant is 1 + its position here (0: no GLU).
+GLU_KINDS: dict[str, tuple[str, ...]] = {
+    "plain": (),
+    "clamped": ("limit", "up_offset"),
+    "clamped_after": ("limit", "up_offset"),
+    "softcapped": ("gate_cap", "up_cap"),
+}
+
+
+@dataclass(frozen=True)
+class GluSpec:
+    """How a GLU expert turns fc1's 2H columns (gate and up) into its H hidden values.
+
+    kind (a = act(.)):
+      plain          a(gate) * up                                                       Llama, Mixtral, ...
+      clamped        a(min(gate, limit)) * (clamp(up, -limit, limit) + up_offset)       gpt-oss (quick_gelu,
+                                                                                        up_offset 1), deepseek-v4
+      clamped_after  min(a(gate), limit) * (clamp(up, -limit, limit) + up_offset)       step3p7
+      softcapped     cap(gate, gate_cap) * sigmoid(gate) * cap(up, up_cap),             inkling2 (activation
+                     cap(v, c) = c * tanh(v / c)                                        'silu', its c -> inf limit)
+    interleaved: gate in columns 0::2 and up in 1::2 (gpt-oss) instead of gate = [:H], up = [H:].
+    Fields a kind does not use keep their defaults. ``GluSpec()`` is the plain GLU (``glu=True``).
+    """
+
+    kind: str = "plain"
+    interleaved: bool = False
+    limit: float = math.inf
+    up_offset: float = 0.0
+    gate_cap: float = math.inf
+    up_cap: float = math.inf
+
+    @property
+    def scalars(self) -> tuple[float, float]:
+        """The fields the kind reads (GLU_KINDS) as the kernels' two scalars, zeros where it reads none."""
+        values = [float(getattr(self, name)) for name in GLU_KINDS[self.kind]]
+        return (*values, 0.0, 0.0)[:2]
+
+
+PLAIN_GLU = GluSpec()
+
+
+def as_glu(glu: bool | GluSpec | None) -> GluSpec | None:
+    """The op's ``glu`` argument as a spec: True -> PLAIN_GLU, False/None -> None (no GLU)."""
+    if isinstance(glu, GluSpec):
+        return glu
+    return PLAIN_GLU if glu else None
+
+
+def glu_code(glu: bool | GluSpec | None) -> tuple[int, bool, float, float]:
+    """(kind code, interleaved, *scalars) of ``glu`` for the compiled ops: code 0 is no GLU, else
+    1 + the kind's position in GLU_KINDS."""
+    if glu is True or glu is PLAIN_GLU:  # the common cases first: this runs on every launch (host path)
+        return 1, False, 0.0, 0.0
+    if glu is False or glu is None:
+        return 0, False, 0.0, 0.0
+    return 1 + list(GLU_KINDS).index(glu.kind), glu.interleaved, *glu.scalars
+
+
+def glu_from_code(code: int, interleaved: bool, a: float, b: float) -> GluSpec | None:
+    """The inverse of ``glu_code`` (the compiled ops' fakes and checks rebuild the spec from it)."""
+    if code == 0:
+        return None
+    if not 1 <= code <= len(GLU_KINDS):
+        return GluSpec(f"<code {code}>", interleaved)  # the contract names it
+    kind = list(GLU_KINDS)[code - 1]
+    return GluSpec(kind, interleaved, **dict(zip(GLU_KINDS[kind], (a, b))))
+
+
+def split_gate_up(hidden: Tensor, glu: GluSpec) -> tuple[Tensor, Tensor]:
+    """hidden: [..., 2H] -> (gate, up), each [..., H] (views)."""
+    if glu.interleaved:
+        return hidden[..., 0::2], hidden[..., 1::2]
+    return hidden.chunk(2, dim=-1)
+
+
+def softcap(x: Tensor, cap: float) -> Tensor:
+    return torch.tanh(x / cap) * cap
+
+
+def apply_glu(gate: Tensor, up: Tensor, activation: str, glu: GluSpec) -> Tensor:
+    """gate, up: [..., H] -> [..., H], the spec's formula. Its gradients are autograd's: a clamp passes
+    the gradient strictly inside its limits only (torch.clamp's backward zeroes it at the limits too)."""
     act = ACTIVATIONS[activation]
-    if not glu:
-        return act(hidden)
-    gate, up = hidden.chunk(2, dim=-1)
-    return act(gate) * up
+    if glu.kind == "plain":
+        return act(gate) * up
+    if glu.kind == "softcapped":
+        return softcap(gate, glu.gate_cap) * torch.sigmoid(gate) * softcap(up, glu.up_cap)
+    up = up.clamp(min=-glu.limit, max=glu.limit) + glu.up_offset
+    if glu.kind == "clamped":
+        return act(gate.clamp(max=glu.limit)) * up
+    return act(gate).clamp(max=glu.limit) * up
+
+
+def apply_activation(hidden: Tensor, activation: str, glu: bool | GluSpec) -> Tensor:
+    """hidden: [N, H1] -> [N, H]. With GLU (True: the plain one, or a GluSpec) hidden holds gate and
+    up columns: ``apply_glu``."""
+    spec = as_glu(glu)
+    if spec is None:
+        return ACTIVATIONS[activation](hidden)
+    return apply_glu(*split_gate_up(hidden, spec), activation, spec)
 
 
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
@@ -106,13 +208,14 @@ def expert_mlp(
     w2: Tensor,
     b2: Tensor | None,
     activation: str = "gelu",
-    glu: bool = False,
+    glu: bool | GluSpec = False,
 ) -> Tensor:
     """The sparse MoE MLP given a routing decision.
 
     x: [T, D]; top_k_weights: [T, K] float; top_k_idx: [T, K] int64 (ids outside [0, E) dropped);
     w1: [E, H1, D]; b1: [E, H1] or None; w2: [E, O, H]; b2: [E, O] or None -> [T, O] in x.dtype.
-    y[t] = sum_k w[t,k] * (act(x[t] @ w1[e].T + b1[e]) @ w2[e].T + b2[e]), e = idx[t,k].
+    y[t] = sum_k w[t,k] * (act(x[t] @ w1[e].T + b1[e]) @ w2[e].T + b2[e]), e = idx[t,k]; with ``glu``
+    act is ``apply_activation``'s gate/up product.
     """
     plan = build_routing_plan(top_k_idx, w1.shape[0])
     hidden = grouped_gemm(permute(x, plan), w1, plan.expert_offsets, b1)

@@ -18,6 +18,7 @@ at::Tensor act_forward(const at::Tensor& x, Activation act) {
     case Activation::kQuickGelu: return x * at::sigmoid(x * kQuickGeluAlpha);
     case Activation::kSilu: return at::silu(x);
     case Activation::kRelu: return at::relu(x);
+    case Activation::kRelu2: return at::square(at::relu(x));
   }
   TORCH_CHECK(false, "unreachable activation");
 }
@@ -33,6 +34,7 @@ at::Tensor act_backward(const at::Tensor& grad, const at::Tensor& x, Activation 
     }
     case Activation::kSilu: return at::silu_backward(grad, x);
     case Activation::kRelu: return at::threshold_backward(grad, x, 0);
+    case Activation::kRelu2: return grad * (2 * at::relu(x));
   }
   TORCH_CHECK(false, "unreachable activation");
 }
@@ -46,6 +48,7 @@ void act_forward_out(at::Tensor& out, const at::Tensor& x, Activation act) {
     case Activation::kQuickGelu: at::mul_out(out, x, at::sigmoid(x * kQuickGeluAlpha)); return;
     case Activation::kSilu: at::silu_out(out, x); return;
     case Activation::kRelu: at::clamp_min_out(out, x, 0); return;
+    case Activation::kRelu2: at::clamp_min_out(out, x, 0).square_(); return;
   }
   TORCH_CHECK(false, "unreachable activation");
 }
@@ -68,13 +71,84 @@ Activation parse_activation(c10::string_view name) {
   if (name == "quick_gelu") return Activation::kQuickGelu;
   if (name == "silu") return Activation::kSilu;
   if (name == "relu") return Activation::kRelu;
+  if (name == "relu2") return Activation::kRelu2;
   TORCH_CHECK(false, "unknown activation '", std::string(name),
-              "'; expected one of gelu, gelu_tanh, quick_gelu, relu, silu");
+              "'; expected one of gelu, gelu_tanh, quick_gelu, relu, relu2, silu");
 }
 
+Glu parse_glu(int64_t code, bool interleaved, double a, double b) {
+  TORCH_CHECK(code >= 0 && code <= static_cast<int64_t>(GluKind::kSoftcapped), "unknown GLU code ", code);
+  Glu glu{static_cast<GluKind>(code), interleaved, a, b};
+  TORCH_CHECK(glu.gated() || !interleaved, "interleaved gate/up needs a GLU");
+  const bool clamped = glu.kind == GluKind::kClamped || glu.kind == GluKind::kClampedAfter;
+  TORCH_CHECK(!clamped || (std::isfinite(a) && a > 0 && std::isfinite(b)),
+              "a clamped GLU needs a finite limit > 0 and a finite up offset, got ", a, ", ", b);
+  TORCH_CHECK(glu.kind != GluKind::kSoftcapped || (std::isfinite(a) && a > 0 && std::isfinite(b) && b > 0),
+              "a softcapped GLU needs finite caps > 0, got ", a, ", ", b);
+  return glu;
+}
+
+namespace {
+
+// The gate and up columns of [M, 2H] rows (views): halves, or every other column.
+std::pair<at::Tensor, at::Tensor> gate_and_up(const at::Tensor& t, const Glu& glu) {
+  const int64_t h1 = t.size(1), h = h1 / 2;
+  if (glu.interleaved) return {t.slice(1, 0, h1, 2), t.slice(1, 1, h1, 2)};
+  return {t.narrow(1, 0, h), t.narrow(1, h, h)};
+}
+
+// A GLU other than the plain halves, on opmath gate and up [M, H]: reference.apply_glu's formulas.
+// Returns (hidden [M, H], d loss / d gate, d loss / d up), the gradients only when grad (d loss / d hidden)
+// is given. A clamp passes the gradient strictly inside its limits (lo < x < hi) and zeroes it elsewhere,
+// at the limits too: torch.clamp's backward, which eager transformers differentiates.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> glu_variant(const at::Tensor& gate, const at::Tensor& up,
+                                                           const at::Tensor* grad, Activation act, const Glu& glu) {
+  at::Tensor out, grad_gate, grad_up;
+  if (glu.kind == GluKind::kPlain) {  // interleaved plain GLU
+    const at::Tensor gate_act = act_forward(gate, act);
+    out = gate_act * up;
+    if (grad) grad_gate = act_backward(*grad * up, gate, act), grad_up = *grad * gate_act;
+  } else if (glu.kind == GluKind::kSoftcapped) {
+    const at::Tensor tanh_gate = at::tanh(gate / glu.a), sig = at::sigmoid(gate);
+    const at::Tensor tanh_up = at::tanh(up / glu.b), up_capped = tanh_up * glu.b;
+    const at::Tensor factor = tanh_gate * glu.a * sig;
+    out = factor * up_capped;
+    if (grad) {
+      // d/dgate [a tanh(gate / a) sigmoid(gate)] and d/dup [b tanh(up / b)]
+      grad_gate = *grad * up_capped * ((1 - tanh_gate * tanh_gate) * sig + factor * (1 - sig));
+      grad_up = *grad * factor * (1 - tanh_up * tanh_up);
+    }
+  } else {
+    const double limit = glu.a;
+    const at::Tensor up_term = at::clamp(up, -limit, limit) + glu.b;
+    const bool before = glu.kind == GluKind::kClamped;
+    const at::Tensor gate_in = before ? at::clamp_max(gate, limit) : gate;
+    const at::Tensor gate_act = act_forward(gate_in, act);
+    const at::Tensor factor = before ? gate_act : at::clamp_max(gate_act, limit);
+    out = factor * up_term;
+    if (grad) {
+      const at::Tensor gate_passes = before ? gate < limit : gate_act < limit;
+      grad_gate = at::where(gate_passes, act_backward(*grad * up_term, gate_in, act), 0);
+      grad_up = at::where(at::logical_and(up > -limit, up < limit), *grad * factor, 0);
+    }
+  }
+  return {out, grad_gate, grad_up};
+}
+
+}  // namespace
+
 std::pair<at::Tensor, at::Tensor> activation_backward(const at::Tensor& hidden, const at::Tensor& grad_out,
-                                                      Activation act, bool glu) {
-  if (!glu) return {act_forward(hidden, act), act_backward(grad_out, hidden, act)};
+                                                      Activation act, const Glu& glu) {
+  if (!glu.gated()) return {act_forward(hidden, act), act_backward(grad_out, hidden, act)};
+  if (!glu.plain()) {
+    const auto [gate, up] = gate_and_up(hidden, glu);
+    auto [out, grad_gate, grad_up] = glu_variant(gate, up, &grad_out, act, glu);
+    at::Tensor grad_hidden = at::empty_like(hidden);
+    auto [grad_gate_cols, grad_up_cols] = gate_and_up(grad_hidden, glu);
+    grad_gate_cols.copy_(grad_gate);
+    grad_up_cols.copy_(grad_up);
+    return {out, grad_hidden};
+  }
   const int64_t h = hidden.size(1) / 2;
   const at::Tensor gate = hidden.narrow(1, 0, h);
   const at::Tensor up = hidden.narrow(1, h, h);
@@ -86,14 +160,15 @@ std::pair<at::Tensor, at::Tensor> activation_backward(const at::Tensor& hidden, 
   return {gate_act * up, grad_hidden};
 }
 
-void activation_forward_rows(const at::Tensor& hidden, Activation act, bool glu, at::Tensor& act_out) {
+void activation_forward_rows(const at::Tensor& hidden, Activation act, const Glu& glu, at::Tensor& act_out) {
   const int64_t m = hidden.size(0), h1 = hidden.size(1);
   if (m == 0) return;
   const auto dtype = hidden.scalar_type();
   const auto acc_dtype = dtype == at::kDouble ? at::kDouble : at::kFloat;
   // Without GLU and with a native ATen kernel the input dtype goes straight in (its math is opmath);
   // otherwise the tile is widened once and the result rounded once.
-  const bool widen = dtype != acc_dtype && (glu || act == Activation::kQuickGelu);
+  const bool widen =
+      dtype != acc_dtype && (glu.gated() || act == Activation::kQuickGelu || act == Activation::kRelu2);
   const int64_t tile_rows = tile_rows_for(h1, kForwardTileElements);
   const int64_t tiles = (m + tile_rows - 1) / tile_rows;
   const at::ThreadLocalState caller_state;
@@ -103,21 +178,28 @@ void activation_forward_rows(const at::Tensor& hidden, Activation act, bool glu,
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t r0 = t * tile_rows, rows = std::min(tile_rows, m - r0);
       const at::Tensor h = hidden.narrow(0, r0, rows);
-      const int64_t cols = glu ? h1 / 2 : h1;
-      const at::Tensor gate = glu ? h.narrow(1, 0, cols) : h;
       at::Tensor out = act_out.narrow(0, r0, rows);
+      if (glu.gated() && !glu.plain()) {  // the variants: widened once, their formula, rounded once
+        const at::Tensor wide = h.to(acc_dtype);
+        const auto [gate, up] = gate_and_up(wide, glu);
+        out.copy_(std::get<0>(glu_variant(gate, up, nullptr, act, glu)));
+        continue;
+      }
+      const bool gated = glu.gated();
+      const int64_t cols = gated ? h1 / 2 : h1;
+      const at::Tensor gate = gated ? h.narrow(1, 0, cols) : h;
       // Opmath result: straight into act_out, or in place in a widened tile that is rounded once into it
       // (the GLU product widens up as it multiplies).
       at::Tensor a = widen ? gate.to(acc_dtype) : out;
       act_forward_out(a, widen ? a : gate, act);
-      if (glu) a.mul_(h.narrow(1, cols, cols));
+      if (gated) a.mul_(h.narrow(1, cols, cols));
       if (widen) out.copy_(a);
     }
   });
 }
 
 void activation_backward_rows(const at::Tensor& hidden, const at::Tensor& grad_act, const at::Tensor& row_scale,
-                              Activation act, bool glu, at::Tensor& act_out, at::Tensor& grad_hidden,
+                              Activation act, const Glu& glu, at::Tensor& act_out, at::Tensor& grad_hidden,
                               at::Tensor& d_scale, at::Tensor& grad_bias) {
   const int64_t m = hidden.size(0), h1 = hidden.size(1);
   if (m == 0) return;

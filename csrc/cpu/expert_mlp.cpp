@@ -1,6 +1,6 @@
 // Sparse expert MLP on CPU, forward and backward, for a given routing.
 //
-// T tokens, D input features, H1 first-layer rows (H, or 2H with GLU: gate rows then up rows),
+// T tokens, D input features, H1 first-layer rows (H, or 2H with GLU: gate and up rows, see activation.h),
 // H hidden, O output features, E experts, K = top_k, N = T*K rows in expert-sorted order.
 //
 // Forward, per expert e owning rows [r0, r1) of the routing plan:
@@ -190,7 +190,7 @@ bool small_path_applies(int64_t m, const at::Tensor& w1, const std::optional<at:
 // call per expert: at a few rows per expert the per-call costs would rival the weight reads.
 template <typename T>
 void small_expert_forward(const Problem& p, const T* x, const int64_t* slots, int64_t m, const T* w1, int64_t ldw1,
-                          const T* b1, const T* w2, int64_t ldw2, const T* b2, Activation act, bool glu,
+                          const T* b1, const T* w2, int64_t ldw2, const T* b2, Activation act, const Glu& glu,
                           T* hidden_rows, T* out_rows) {
   const T* rows[kSmallGemmMaxRows];
   for (int64_t i = 0; i < m; ++i) rows[i] = x + (slots[i] / p.top_k) * p.d_in;
@@ -204,9 +204,13 @@ void small_expert_forward(const Problem& p, const T* x, const int64_t* slots, in
   for (int64_t i = 0; i < m; ++i) {
     const float* hi = h.data() + i * p.h1;
     T* ai = a.data() + i * p.hidden;
-    for (int64_t c = 0; c < p.hidden; ++c) {
-      const float v = activation_scalar(hi[c], act);
-      ai[c] = static_cast<T>(glu ? v * hi[p.hidden + c] : v);
+    if (!glu.gated()) {
+      for (int64_t c = 0; c < p.hidden; ++c) ai[c] = static_cast<T>(activation_scalar(hi[c], act));
+    } else if (glu.plain()) {
+      for (int64_t c = 0; c < p.hidden; ++c) ai[c] = static_cast<T>(activation_scalar(hi[c], act) * hi[p.hidden + c]);
+    } else {
+      for (int64_t c = 0; c < p.hidden; ++c)
+        ai[c] = static_cast<T>(glu_scalar(hi[glu.gate_col(c)], hi[glu.up_col(c, p.hidden)], act, glu));
     }
     a_rows[i] = ai;
   }
@@ -251,11 +255,13 @@ Problem check_problem(const at::Tensor& x, const at::Tensor& top_k_weights, cons
 std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
     const at::Tensor& x_in, const at::Tensor& top_k_weights, const at::Tensor& top_k_idx, const at::Tensor& w1_in,
     const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in, const std::optional<at::Tensor>& b2_in,
-    c10::string_view activation, bool glu, bool save_hidden) {
+    c10::string_view activation, int64_t glu_code, bool glu_interleaved, double glu_a, double glu_b,
+    bool save_hidden) {
   // Detached views: nothing inside needs autograd, whatever dispatch state a worker thread has.
   const at::Tensor w1 = w1_in.detach(), w2 = w2_in.detach();
   const std::optional<at::Tensor> b1 = detached(b1_in), b2 = detached(b2_in);
-  const Problem p = check_problem(x_in, top_k_weights, top_k_idx, w1, b1, w2, b2, glu);
+  const Glu glu = parse_glu(glu_code, glu_interleaved, glu_a, glu_b);
+  const Problem p = check_problem(x_in, top_k_weights, top_k_idx, w1, b1, w2, b2, glu.gated());
   const Activation act = parse_activation(activation);
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   const at::Tensor x = x_in.detach().contiguous();
@@ -316,11 +322,12 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_mlp_backward(
     const at::Tensor& grad_y, const at::Tensor& x_in, const at::Tensor& top_k_weights, const at::Tensor& top_k_idx,
     const at::Tensor& w1_in, const std::optional<at::Tensor>& b1_in, const at::Tensor& w2_in,
-    const std::optional<at::Tensor>& b2_in, const at::Tensor& hidden_in, c10::string_view activation, bool glu,
-    bool grad_input, bool grad_params) {
+    const std::optional<at::Tensor>& b2_in, const at::Tensor& hidden_in, c10::string_view activation,
+    int64_t glu_code, bool glu_interleaved, double glu_a, double glu_b, bool grad_input, bool grad_params) {
   const at::Tensor w1 = w1_in.detach(), w2 = w2_in.detach(), hidden = hidden_in.detach().contiguous();
   const std::optional<at::Tensor> b1 = detached(b1_in), b2 = detached(b2_in);
-  const Problem p = check_problem(x_in, top_k_weights, top_k_idx, w1, b1, w2, b2, glu);
+  const Glu glu = parse_glu(glu_code, glu_interleaved, glu_a, glu_b);
+  const Problem p = check_problem(x_in, top_k_weights, top_k_idx, w1, b1, w2, b2, glu.gated());
   const Activation act = parse_activation(activation);
   const int64_t n = p.tokens * p.top_k;
   TORCH_CHECK(grad_y.sizes() == at::IntArrayRef({p.tokens, p.d_out}), "grad_y must be [T, O], got ", grad_y.sizes());
@@ -421,10 +428,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 TORCH_LIBRARY_FRAGMENT(cumo, m) {
   m.def(
       "expert_mlp_forward(Tensor x, Tensor top_k_weights, Tensor top_k_idx, Tensor w1, Tensor? b1, Tensor w2, "
-      "Tensor? b2, str activation, bool glu, bool save_hidden) -> (Tensor, Tensor)");
+      "Tensor? b2, str activation, int glu, bool glu_interleaved, float glu_a, float glu_b, bool save_hidden) -> "
+      "(Tensor, Tensor)");
   m.def(
       "expert_mlp_backward(Tensor grad_y, Tensor x, Tensor top_k_weights, Tensor top_k_idx, Tensor w1, Tensor? b1, "
-      "Tensor w2, Tensor? b2, Tensor hidden, str activation, bool glu, bool grad_input, bool grad_params) -> "
+      "Tensor w2, Tensor? b2, Tensor hidden, str activation, int glu, bool glu_interleaved, float glu_a, "
+      "float glu_b, bool grad_input, bool grad_params) -> "
       "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from moe_kernels.contract import check_expert_mlp_args, double_backward_error
-from moe_kernels.reference import ACTIVATIONS
+from moe_kernels.reference import ACTIVATIONS, GluSpec, as_glu, glu_code, glu_from_code
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton import runtime
 from moe_kernels.triton.routing import routing_plan_from_ids
@@ -42,19 +42,22 @@ EPILOGUE_PLAIN, EPILOGUE_ACTIVATION, EPILOGUE_ACTIVATION_GRAD = 0, 1, 2
 def _grouped_gemm(a: Tensor, weight: Tensor, b_strides: tuple[int, int], plan: RoutingPlan, out: Tensor,
                   num_cols: int, interpret: bool, *, gather: bool, bias: Tensor | None = None,
                   row_scale: Tensor | None = None, aux: Tensor | None = None,
-                  epilogue: int = EPILOGUE_PLAIN, glu: bool = False, activation: str = "gelu",
+                  epilogue: int = EPILOGUE_PLAIN, glu: GluSpec | None = None, activation: str = "gelu",
                   store_aux: bool = False) -> None:
     """out rows of expert e = epilogue(A rows @ B[e] (+ bias[e]) (* row_scale)), B[e][k, n] read
-    at weight[e] + k * b_strides[0] + n * b_strides[1]; K = a.shape[1]; N = num_cols."""
+    at weight[e] + k * b_strides[0] + n * b_strides[1]; K = a.shape[1]; N = num_cols; glu: fc1's
+    GLU variant (the activation epilogues)."""
     num_rows = plan.sorted_slots.numel()
     num_experts = weight.shape[0]
     reduce_dim = a.shape[1]
     dummy = out
     aux_t = aux if aux is not None else out
+    glu_kind, interleaved, glu_a, glu_b = glu_code(glu)  # kind 0: no GLU; the kernel's GLU_KIND counts from plain
     meta = dict(TOP_K=plan.top_k, GATHER_A=gather, HAS_BIAS=bias is not None, SCALE_ROWS=row_scale is not None,
-                EPILOGUE=epilogue, GLU=glu, ACTIVATION=ACTIVATION_CODES[activation], STORE_AUX=store_aux,
+                EPILOGUE=epilogue, GLU=glu is not None, ACTIVATION=ACTIVATION_CODES[activation], STORE_AUX=store_aux,
+                GLU_KIND=max(glu_kind - 1, 0), INTERLEAVED=interleaved, GLU_A=glu_a, GLU_B=glu_b,
                 BLOCK_E=next_power_of_2(num_experts), **dot_options(a.dtype, interpret))
-    meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, a.dtype, glu))
+    meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, a.dtype, glu is not None))
 
     def grid(m):
         return ((cdiv(num_rows, m["BLOCK_M"]) + num_experts) * cdiv(num_cols, m["BLOCK_N"]),)
@@ -130,18 +133,27 @@ def _check_saved_rows(grad_out: Tensor, x: Tensor, top_k_idx: Tensor, w1: Tensor
 # the caller from requires_grad (save_pre, keep_rows): a custom op does not see autograd state. The
 # backward rebuilds the routing plan (three small launches) instead of taking one: the raw op is
 # callable directly, and a plan it trusted could send a kernel outside every buffer.
+# A custom op's schema takes no GluSpec: the ops take it as reference.glu_code's four scalars
+# (glu, glu_interleaved, glu_a, glu_b) and rebuild it with _spec.
+def _spec(glu: int, interleaved: bool, glu_a: float, glu_b: float) -> GluSpec | bool:
+    return glu_from_code(glu, interleaved, glu_a, glu_b) or False
+
+
 @torch.library.custom_op("cumo_triton::expert_mlp_forward", mutates_args=())
 def _expert_mlp_forward_op(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
-                           w2: Tensor, b2: Tensor | None, activation: str, glu: bool, save_pre: bool,
+                           w2: Tensor, b2: Tensor | None, activation: str, glu: int, glu_interleaved: bool,
+                           glu_a: float, glu_b: float, save_pre: bool,
                            keep_rows: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
-    return _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_pre, keep_rows)
+    spec = _spec(glu, glu_interleaved, glu_a, glu_b)
+    check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, spec)
+    return _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, spec, save_pre, keep_rows)
 
 
 def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
-                        w2: Tensor, b2: Tensor | None, activation: str, glu: bool, save_pre: bool,
+                        w2: Tensor, b2: Tensor | None, activation: str, glu: bool | GluSpec, save_pre: bool,
                         keep_rows: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward launcher, arguments already checked against the contract."""
+    glu = as_glu(glu)
     check_triton_dtype(x)
     interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
     num_tokens, top_k = top_k_idx.shape
@@ -173,8 +185,10 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
 
 
 @_expert_mlp_forward_op.register_fake
-def _(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_pre, keep_rows):
-    check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, allow_meta=True)
+def _(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, glu_interleaved, glu_a, glu_b, save_pre,
+      keep_rows):
+    check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation,
+                          _spec(glu, glu_interleaved, glu_a, glu_b), allow_meta=True)
     num_rows = top_k_idx.shape[0] * top_k_idx.shape[1]
     hidden1, out_features, hidden = w1.shape[1], w2.shape[1], w2.shape[2]
     return (x.new_empty(x.shape[0], out_features), x.new_empty(num_rows if save_pre else 0, hidden1),
@@ -184,10 +198,13 @@ def _(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_pre, ke
 # Gradients that are not wanted come back as [0] tensors (a custom op returns tensors, not None).
 @torch.library.custom_op("cumo_triton::expert_mlp_backward", mutates_args=())
 def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor,
-                            w2: Tensor, pre: Tensor, hidden_rows: Tensor, rows: Tensor, activation: str, glu: bool,
+                            w2: Tensor, pre: Tensor, hidden_rows: Tensor, rows: Tensor, activation: str, glu: int,
+                            glu_interleaved: bool, glu_a: float, glu_b: float,
                             need_x: bool, need_weights: bool, need_w1: bool, need_b1: bool, need_w2: bool,
                             need_b2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, None, w2, None, activation, glu)
+    spec = _spec(glu, glu_interleaved, glu_a, glu_b)
+    check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, None, w2, None, activation, spec)
+    spec = as_glu(spec)
     check_triton_dtype(x)
     _check_saved_rows(grad_out, x, top_k_idx, w1, w2, pre, hidden_rows, rows, need_x or need_w1 or need_b1,
                       need_weights)
@@ -236,7 +253,7 @@ def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, 
                 # d pre = act'(pre) * (w * dy[token]) @ W2[e]; B[e][o, h] = w2[e, o, h].
                 _grouped_gemm(grad_out, w2, (w2.stride(1), w2.stride(2)), plan, grad_pre, hidden, interpret,
                               gather=True, row_scale=weights, aux=pre, epilogue=EPILOGUE_ACTIVATION_GRAD,
-                              glu=glu, activation=activation)
+                              glu=spec, activation=activation)
             if grad_w1_t is not None:
                 if num_rows > 0:
                     _weight_grad(grad_pre, x, plan, grad_w1_t, grad_b1_t, interpret, gather_a=False, gather_b=True)
@@ -258,8 +275,8 @@ def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, 
 
 
 @_expert_mlp_backward_op.register_fake
-def _(grad_out, x, top_k_weights, top_k_idx, w1, w2, pre, hidden_rows, rows, activation, glu, need_x, need_weights,
-      need_w1, need_b1, need_w2, need_b2):
+def _(grad_out, x, top_k_weights, top_k_idx, w1, w2, pre, hidden_rows, rows, activation, glu, glu_interleaved, glu_a,
+      glu_b, need_x, need_weights, need_w1, need_b1, need_w2, need_b2):
     def shaped(wanted, *shape, dtype=None):
         return x.new_empty(*shape, dtype=dtype or x.dtype) if wanted else x.new_empty(0)
 
@@ -270,7 +287,7 @@ def _(grad_out, x, top_k_weights, top_k_idx, w1, w2, pre, hidden_rows, rows, act
 
 
 def _expert_mlp_setup(ctx, inputs, output):
-    x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, _save_pre, _keep_rows = inputs
+    x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, *glu, _save_pre, _keep_rows = inputs
     _, pre, hidden_rows, rows = output
     ctx.save_for_backward(x, top_k_weights, top_k_idx, w1, w2, pre, hidden_rows, rows)
     ctx.activation, ctx.glu = activation, glu
@@ -281,22 +298,22 @@ def _expert_mlp_setup(ctx, inputs, output):
 
 def _expert_mlp_backward(ctx, grad_out, *_unused):
     if grad_out is None:
-        return (None,) * 11
+        return (None,) * 14
     if torch.is_grad_enabled():  # backward(create_graph=True): this backward is not differentiable
         raise RuntimeError(double_backward_error("triton"))
     needs = ctx.needs_input_grad
-    grads = _expert_mlp_backward_op(grad_out, *ctx.saved_tensors, ctx.activation, ctx.glu,
+    grads = _expert_mlp_backward_op(grad_out, *ctx.saved_tensors, ctx.activation, *ctx.glu,
                                     needs[0], needs[1], needs[3], needs[4], needs[5], needs[6])
     grad_x, grad_weights, grad_w1, grad_b1, grad_w2, grad_b2 = (g if need else None for g, need in
                                                                 zip(grads, [needs[i] for i in (0, 1, 3, 4, 5, 6)]))
-    return grad_x, grad_weights, None, grad_w1, grad_b1, grad_w2, grad_b2, None, None, None, None
+    return grad_x, grad_weights, None, grad_w1, grad_b1, grad_w2, grad_b2, *(None,) * 7
 
 
 _expert_mlp_forward_op.register_autograd(_expert_mlp_backward, setup_context=_expert_mlp_setup)
 
 
 def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
-               w2: Tensor, b2: Tensor | None, activation: str = "gelu", glu: bool = False) -> Tensor:
+               w2: Tensor, b2: Tensor | None, activation: str = "gelu", glu: bool | GluSpec = False) -> Tensor:
     """The Triton expert MLP (contract: ``moe_kernels.ops.expert_mlp``); float32/float16/bfloat16."""
     grad_enabled = torch.is_grad_enabled()
 
@@ -307,5 +324,5 @@ def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, 
     keep_rows = needs_grad(top_k_weights)  # the top-k weight gradient reads the unweighted expert rows
     if eager_without_grad(x, top_k_weights, w1, b1, w2, b2):
         return _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, False, False)[0]
-    return _expert_mlp_forward_op(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, save_pre,
+    return _expert_mlp_forward_op(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, *glu_code(glu), save_pre,
                                   keep_rows)[0]

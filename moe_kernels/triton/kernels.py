@@ -1,7 +1,7 @@
 """Triton kernels of the sparse MoE MLP: router, routing metadata, grouped GEMMs, combine, backward.
 
 T tokens, K top_k slots per token, E experts, D input features, H expert hidden size
-(H1 = H, or 2*H with GLU: gate rows then up rows), O output features, R = T*K rows.
+(H1 = H, or 2*H with GLU: gate rows then up rows, or interleaved), O output features, R = T*K rows.
 A *slot* is ``t * K + k``; a *row* is a position in expert-sorted order (see moe_kernels.routing):
 expert e owns rows ``[offsets[e], offsets[e+1])``, dropped slots sit in ``[offsets[E], R)`` and are
 never computed. Row tiles of the grouped GEMMs never straddle two experts: expert e has
@@ -18,7 +18,9 @@ import triton
 import triton.language as tl
 
 # Activation codes (constexpr): positions in moe_kernels.reference.ACTIVATIONS (experts.py maps names to them).
-GELU, GELU_TANH, QUICK_GELU, SILU, RELU = 0, 1, 2, 3, 4
+GELU, GELU_TANH, QUICK_GELU, SILU, RELU, RELU2 = 0, 1, 2, 3, 4, 5
+# GLU variant codes (constexpr GLU_KIND): positions in moe_kernels.reference.GLU_KINDS.
+GLU_PLAIN, GLU_CLAMPED, GLU_CLAMPED_AFTER, GLU_SOFTCAPPED = 0, 1, 2, 3
 
 
 @triton.jit
@@ -38,8 +40,10 @@ def _activation(x, ACTIVATION: tl.constexpr):
         y = x * _sigmoid(1.702 * x)
     elif ACTIVATION == 3:  # silu
         y = x * _sigmoid(x)
-    else:  # relu
+    elif ACTIVATION == 4:  # relu
         y = tl.maximum(x, 0.0)
+    else:  # relu2
+        y = tl.maximum(x, 0.0) * tl.maximum(x, 0.0)
     return y
 
 
@@ -59,9 +63,64 @@ def _activation_grad(x, ACTIVATION: tl.constexpr):
     elif ACTIVATION == 3:
         s = _sigmoid(x)
         d = s * (1.0 + x * (1.0 - s))
-    else:
+    elif ACTIVATION == 4:
         d = tl.where(x > 0.0, 1.0, 0.0)
+    else:
+        d = 2.0 * tl.maximum(x, 0.0)
     return d
+
+
+@triton.jit
+def _tanh(x):
+    return 2.0 * _sigmoid(2.0 * x) - 1.0
+
+
+@triton.jit
+def _clamp(x, LIMIT: tl.constexpr):
+    return tl.minimum(tl.maximum(x, -LIMIT), LIMIT)
+
+
+@triton.jit
+def _glu(gate, up, ACTIVATION: tl.constexpr, GLU_KIND: tl.constexpr, GLU_A: tl.constexpr, GLU_B: tl.constexpr):
+    """fp32 hidden value from fp32 gate and up: the formulas of moe_kernels.reference.apply_glu
+    (GLU_A, GLU_B: limit and up offset of the clamped kinds, gate and up caps of softcapped)."""
+    if GLU_KIND == 0:  # plain
+        y = _activation(gate, ACTIVATION) * up
+    elif GLU_KIND == 1:  # clamped
+        y = _activation(tl.minimum(gate, GLU_A), ACTIVATION) * (_clamp(up, GLU_A) + GLU_B)
+    elif GLU_KIND == 2:  # clamped_after
+        y = tl.minimum(_activation(gate, ACTIVATION), GLU_A) * (_clamp(up, GLU_A) + GLU_B)
+    else:  # softcapped
+        y = _tanh(gate / GLU_A) * GLU_A * _sigmoid(gate) * (_tanh(up / GLU_B) * GLU_B)
+    return y
+
+
+@triton.jit
+def _glu_grad(grad, gate, up, ACTIVATION: tl.constexpr, GLU_KIND: tl.constexpr, GLU_A: tl.constexpr,
+              GLU_B: tl.constexpr):
+    """fp32 (d gate, d up) for d hidden = grad. A clamp passes the gradient strictly inside its limits
+    (lo < x < hi) and zeroes it elsewhere, at the limits too (torch.clamp's backward)."""
+    if GLU_KIND == 0:
+        d_gate = grad * up * _activation_grad(gate, ACTIVATION)
+        d_up = grad * _activation(gate, ACTIVATION)
+    elif GLU_KIND == 1:
+        clamped_gate = tl.minimum(gate, GLU_A)
+        d_gate = tl.where(gate < GLU_A,
+                          grad * (_clamp(up, GLU_A) + GLU_B) * _activation_grad(clamped_gate, ACTIVATION), 0.0)
+        d_up = tl.where((up > -GLU_A) & (up < GLU_A), grad * _activation(clamped_gate, ACTIVATION), 0.0)
+    elif GLU_KIND == 2:
+        gate_act = _activation(gate, ACTIVATION)
+        d_gate = tl.where(gate_act < GLU_A,
+                          grad * (_clamp(up, GLU_A) + GLU_B) * _activation_grad(gate, ACTIVATION), 0.0)
+        d_up = tl.where((up > -GLU_A) & (up < GLU_A), grad * tl.minimum(gate_act, GLU_A), 0.0)
+    else:
+        tanh_gate = _tanh(gate / GLU_A)
+        sig = _sigmoid(gate)
+        factor = tanh_gate * GLU_A * sig
+        tanh_up = _tanh(up / GLU_B)
+        d_gate = grad * (tanh_up * GLU_B) * ((1.0 - tanh_gate * tanh_gate) * sig + factor * (1.0 - sig))
+        d_up = grad * factor * (1.0 - tanh_up * tanh_up)
+    return d_gate, d_up
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +347,7 @@ def grouped_gemm_kernel(
     stride_auxm, stride_auxn, stride_om, stride_on,
     TOP_K: tl.constexpr, GATHER_A: tl.constexpr, HAS_BIAS: tl.constexpr, SCALE_ROWS: tl.constexpr,
     EPILOGUE: tl.constexpr, GLU: tl.constexpr, ACTIVATION: tl.constexpr, STORE_AUX: tl.constexpr,
+    GLU_KIND: tl.constexpr, INTERLEAVED: tl.constexpr, GLU_A: tl.constexpr, GLU_B: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_E: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -297,11 +357,12 @@ def grouped_gemm_kernel(
     A rows: a(r) = sorted_slots[r] // TOP_K (token rows gathered in-kernel, no permuted copy) if
     GATHER_A, else r. B is read through strides, so W [E, N, K] (nn.Linear) and W^T both work.
     EPILOGUE 0: out = acc.
-    EPILOGUE 1 (fc1): out = act(acc) [R, N]; with GLU a second accumulator reads B columns N + n
-                     (the up rows) and out = act(gate) * up; STORE_AUX keeps the pre-activation
-                     [R, N or 2N] in aux for the backward.
+    EPILOGUE 1 (fc1): out = act(acc) [R, N]; with GLU acc reads the gate columns of B and a second
+                     accumulator the up columns (n and N + n, or 2n and 2n + 1 if INTERLEAVED: the
+                     weights are read in place, never reordered) and out = _glu(gate, up) (GLU_KIND,
+                     GLU_A, GLU_B); STORE_AUX keeps the pre-activation [R, N or 2N] in aux for the backward.
     EPILOGUE 2 (fc2 backward into fc1's output): acc is d act; aux holds the pre-activation;
-                     out = d pre-activation [R, N or 2N] (gate then up with GLU).
+                     out = d pre-activation [R, N or 2N] (gate and up in aux's columns with GLU).
     Grid: ((cdiv(R, BLOCK_M) + E) * cdiv(N, BLOCK_N),), grouped GROUP_M row tiles at a time.
     """
     pid = tl.program_id(0)
@@ -329,8 +390,19 @@ def grouped_gemm_kernel(
     ks = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + a_rows[:, None] * stride_am + ks[None, :] * stride_ak
     cols64 = cols.to(tl.int64)
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols64[None, :] * stride_bn
-    b_up_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + (cols64 + N)[None, :] * stride_bn
+    # Columns of hidden value n's gate and up in fc1's [R, 2N] output (and in B, aux, and EPILOGUE 2's out).
+    if INTERLEAVED:
+        gate_cols = 2 * cols64
+        up_cols = gate_cols + 1
+    else:
+        gate_cols = cols64
+        up_cols = cols64 + N
+    if EPILOGUE == 1:
+        b_cols = gate_cols
+    else:
+        b_cols = cols64
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + b_cols[None, :] * stride_bn
+    b_up_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + up_cols[None, :] * stride_bn
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -353,19 +425,20 @@ def grouped_gemm_kernel(
         b_ptrs += BLOCK_K * stride_bk
 
     if HAS_BIAS:
-        bias_ptrs = bias_ptr + expert.to(tl.int64) * stride_bias_e + cols
-        acc += tl.load(bias_ptrs, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        bias_row = bias_ptr + expert.to(tl.int64) * stride_bias_e
+        acc += tl.load(bias_row + b_cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         if GLU and EPILOGUE == 1:
-            acc_up += tl.load(bias_ptrs + N, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(bias_row + up_cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     if SCALE_ROWS:
         acc = acc * tl.load(row_scale_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
 
     mask = row_mask[:, None] & col_mask[None, :]
     out_ptrs = out_ptr + rows[:, None] * stride_om + cols64[None, :] * stride_on
-    out_up_ptrs = out_ptr + rows[:, None] * stride_om + (cols64 + N)[None, :] * stride_on
+    out_gate_ptrs = out_ptr + rows[:, None] * stride_om + gate_cols[None, :] * stride_on
+    out_up_ptrs = out_ptr + rows[:, None] * stride_om + up_cols[None, :] * stride_on
     out_ty = out_ptr.dtype.element_ty
-    aux_ptrs = aux_ptr + rows[:, None] * stride_auxm + cols64[None, :] * stride_auxn
-    aux_up_ptrs = aux_ptr + rows[:, None] * stride_auxm + (cols64 + N)[None, :] * stride_auxn
+    aux_ptrs = aux_ptr + rows[:, None] * stride_auxm + gate_cols[None, :] * stride_auxn
+    aux_up_ptrs = aux_ptr + rows[:, None] * stride_auxm + up_cols[None, :] * stride_auxn
     if EPILOGUE == 0:
         tl.store(out_ptrs, acc.to(out_ty), mask=mask)
     elif EPILOGUE == 1:
@@ -373,16 +446,18 @@ def grouped_gemm_kernel(
             tl.store(aux_ptrs, acc.to(aux_ptr.dtype.element_ty), mask=mask)
             if GLU:
                 tl.store(aux_up_ptrs, acc_up.to(aux_ptr.dtype.element_ty), mask=mask)
-        hidden = _activation(acc, ACTIVATION)
         if GLU:
-            hidden = hidden * acc_up
+            hidden = _glu(acc, acc_up, ACTIVATION, GLU_KIND, GLU_A, GLU_B)
+        else:
+            hidden = _activation(acc, ACTIVATION)
         tl.store(out_ptrs, hidden.to(out_ty), mask=mask)
     else:
         pre = tl.load(aux_ptrs, mask=mask, other=0.0).to(tl.float32)
         if GLU:
             up = tl.load(aux_up_ptrs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(out_ptrs, (acc * up * _activation_grad(pre, ACTIVATION)).to(out_ty), mask=mask)
-            tl.store(out_up_ptrs, (acc * _activation(pre, ACTIVATION)).to(out_ty), mask=mask)
+            d_gate, d_up = _glu_grad(acc, pre, up, ACTIVATION, GLU_KIND, GLU_A, GLU_B)
+            tl.store(out_gate_ptrs, d_gate.to(out_ty), mask=mask)
+            tl.store(out_up_ptrs, d_up.to(out_ty), mask=mask)
         else:
             tl.store(out_ptrs, (acc * _activation_grad(pre, ACTIVATION)).to(out_ty), mask=mask)
 

@@ -11,6 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from cumo_layers import SparseMoEMLP
 from moe_kernels import ops
+from moe_kernels.reference import glu_code
 
 pytest.importorskip("triton")
 
@@ -106,7 +107,7 @@ def test_no_zero_fill_inside_the_expert_op(interpreter):
     weights, idx = layer.router(x)[:2]
     body = triton_ops._expert_mlp_forward_op._init_fn  # the op's Python body, so the mode sees inside
     with torch.no_grad(), OpLog() as log:
-        out = body(x, weights, idx, layer.w1, None, layer.w2, None, "silu", True, False, False)[0]
+        out = body(x, weights, idx, layer.w1, None, layer.w2, None, "silu", *glu_code(True), False, False)[0]
     assert not [op for op in log.ops if op.endswith(("fill_", "zero_", "zeros", "zeros_like"))], log.ops
     torch.testing.assert_close(out, ops.expert_mlp(x, weights, idx, layer.w1, None, layer.w2, None, "silu", True,
                                                    backend="torch"), rtol=1e-5, atol=1e-6)

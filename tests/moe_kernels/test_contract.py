@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from moe_kernels import ops, reference
+from moe_kernels.reference import glu_code
 from tests.helpers import Shape, random_problem
 
 # Backends that run on this machine's CPU (triton through its interpreter).
@@ -125,13 +126,14 @@ def test_raw_cpu_backward_takes_no_plan_from_outside():
     x, w, idx, w1, b1, w2, b2 = _problem()
     schema = str(torch.ops.cumo.expert_mlp_backward.default._schema)
     assert "slot_rows" not in schema and "expert_offsets" not in schema
-    _, hidden = torch.ops.cumo.expert_mlp_forward(x, w, idx, w1, b1, w2, b2, "gelu", False, True)
+    no_glu = glu_code(False)
+    _, hidden = torch.ops.cumo.expert_mlp_forward(x, w, idx, w1, b1, w2, b2, "gelu", *no_glu, True)
     with pytest.raises(RuntimeError, match="hidden must be"):
         torch.ops.cumo.expert_mlp_backward(torch.randn(6, 10), x, w, idx, w1, b1, w2, b2, hidden[:3], "gelu",
-                                           False, True, True)
+                                           *no_glu, True, True)
     with pytest.raises(RuntimeError, match="grad_y must be"):
         torch.ops.cumo.expert_mlp_backward(torch.randn(5, 10), x, w, idx, w1, b1, w2, b2, hidden, "gelu",
-                                           False, True, True)
+                                           *no_glu, True, True)
 
 
 def test_raw_cpu_op_with_a_meta_bias_raises():
@@ -140,7 +142,7 @@ def test_raw_cpu_op_with_a_meta_bias_raises():
         pytest.skip("the cpu extension is not built")
     x, w, idx, w1, b1, w2, b2 = _problem()
     with pytest.raises(ValueError, match="one device"):
-        torch.ops.cumo.expert_mlp_forward(x, w, idx, w1, b1.to("meta"), w2, b2, "gelu", False, False)
+        torch.ops.cumo.expert_mlp_forward(x, w, idx, w1, b1.to("meta"), w2, b2, "gelu", *glu_code(False), False)
 
 
 def test_cpu_gating_cost_is_bounded_for_huge_top_k():

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from moe_kernels import cpu, ops, reference
+from moe_kernels.reference import glu_code
 from moe_kernels.routing import build_routing_plan
 from tests.helpers import (
     LOW_PRECISION,
@@ -302,12 +303,12 @@ def test_independent_of_thread_count(dtype):
 def test_inference_saves_nothing():
     """Without grad the forward skips the [T*K, H1] hidden buffer; with grad it keeps it."""
     x, w, idx, w1, b1, w2, b2 = random_problem(Shape(9, 8, 4, 8, 4, 2))
-    args = (x, w, idx, w1, b1, w2, b2, "gelu", False)
-    assert torch.ops.cumo.expert_mlp_forward(*args, False)[1].shape == (0, 4)
-    assert torch.ops.cumo.expert_mlp_forward(*args, True)[1].shape == (18, 4)
+    args = (x, w, idx, w1, b1, w2, b2, "gelu")
+    assert torch.ops.cumo.expert_mlp_forward(*args, *glu_code(False), False)[1].shape == (0, 4)
+    assert torch.ops.cumo.expert_mlp_forward(*args, *glu_code(False), True)[1].shape == (18, 4)
     with torch.no_grad():
         w1.requires_grad_()
-        y = cpu.expert_mlp(*args)
+        y = cpu.expert_mlp(*args, False)
     assert not y.requires_grad
 
 
@@ -325,7 +326,7 @@ def test_backward_recomputes_unsaved_hidden():
     grad_out = torch.randn(37, 12)
 
     def unsaved(*args):
-        return torch.ops.cumo.expert_mlp_forward(*args, False)[0]
+        return torch.ops.cumo.expert_mlp_forward(*args[:-1], *glu_code(args[-1]), False)[0]
 
     y, grads = run(unsaved, problem, "gelu_tanh", True, grad_out)
     y_ref, grads_ref = run(reference.expert_mlp, problem, "gelu_tanh", True, grad_out)
@@ -359,13 +360,14 @@ def test_opcheck():
     x, w, idx, w1, b1, w2, b2 = random_problem(Shape(11, 8, 4, 6, 4, 2), glu=True)
     for t in (x, w, w1, b1, w2, b2):
         t.requires_grad_()
-    torch.library.opcheck(torch.ops.cumo.expert_mlp_forward, (x, w, idx, w1, b1, w2, b2, "silu", True, True))
-    torch.library.opcheck(torch.ops.cumo.expert_mlp_forward, (x, w, idx, w1, None, w2, None, "relu", True, False))
+    glu = glu_code(True)
+    torch.library.opcheck(torch.ops.cumo.expert_mlp_forward, (x, w, idx, w1, b1, w2, b2, "silu", *glu, True))
+    torch.library.opcheck(torch.ops.cumo.expert_mlp_forward, (x, w, idx, w1, None, w2, None, "relu", *glu, False))
     torch.library.opcheck(torch.ops.cumo.routing_plan, (idx, 4))
-    _, hidden = torch.ops.cumo.expert_mlp_forward(x, w, idx, w1, b1, w2, b2, "silu", True, True)
+    _, hidden = torch.ops.cumo.expert_mlp_forward(x, w, idx, w1, b1, w2, b2, "silu", *glu, True)
     grad_y = torch.randn(11, 6)
     backward_args = (grad_y, x.detach(), w.detach(), idx, w1.detach(), b1.detach(), w2.detach(), b2.detach(),
-                     hidden, "silu", True)
+                     hidden, "silu", *glu)
     for flags in [(True, True), (False, True), (True, False)]:
         torch.library.opcheck(torch.ops.cumo.expert_mlp_backward, (*backward_args, *flags))
 

@@ -406,8 +406,10 @@ def test_custom_ops_pass_opcheck():
 
     shape = Shape(9, 12, 8, 10, 4, 2)
     x, w, idx, w1, b1, w2, b2 = differentiable(random_problem(shape, glu=True))
-    torch.library.opcheck(triton_expert_mlp._expert_mlp_forward_op, (x, w, idx, w1, b1, w2, b2, "silu", True, True, True),
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for glu in (True, reference.GluSpec("clamped", interleaved=True, limit=0.5, up_offset=1.0)):
+        torch.library.opcheck(triton_expert_mlp._expert_mlp_forward_op,
+                              (x, w, idx, w1, b1, w2, b2, "silu", *reference.glu_code(glu), True, True),
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
     logits = torch.randn(9, 4, requires_grad=True)
     torch.library.opcheck(triton_gating._topk_gating_op, (logits, 2, True),
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
