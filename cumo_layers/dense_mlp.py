@@ -47,6 +47,7 @@ ACTIVATION_CLASSES: dict[tuple[str, str], str] = {
     ("transformers", "FastGELUActivation"): "gelu_tanh",
     ("transformers", "AccurateGELUActivation"): "gelu_tanh",
     ("transformers", "SiLUActivation"): "silu",
+    ("transformers", "ReLUSquaredActivation"): "relu2",
     ("timm", "GELU"): "gelu",
     ("timm", "GELUTanh"): "gelu_tanh",
     ("timm", "QuickGELU"): "quick_gelu",

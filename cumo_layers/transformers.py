@@ -6,38 +6,50 @@ After ``register_transformers()``, ``model.set_experts_implementation("cumo")`` 
 ``top_k_weights``): the compiled CPU backend on CPU tensors, Triton on CUDA.
 
 How the experts module's parameters map onto the op (views only: no expert weight is copied per call):
-  gate_up_proj [E, 2I, D] (gate rows, then up rows)  ->  w1, GLU    (up_proj [E, I, D] when has_gate=False)
-  down_proj    [E, D, I]                             ->  w2
-  is_transposed ([E, D, 2I] and [E, I, D])           ->  w1, w2 = transposed views (the op takes strided weights)
-  *_bias [E, 2I] / [E, D]                            ->  b1, b2
+  gate_up_proj [E, 2I, D]                 ->  w1, with GLU     (up_proj [E, I, D] when has_gate=False: no GLU)
+  down_proj    [E, D, I]                  ->  w2
+  is_transposed ([E, D, 2I] and [E, I, D]) ->  w1, w2 = transposed views (the op takes strided weights)
+  *_bias [E, 2I] / [E, D]                 ->  b1, b2
+  _apply_gate                             ->  the op's activation and GLU variant (``GATES``), e.g. gpt-oss:
+                                              quick_gelu, GluSpec("clamped", interleaved=True, limit, up_offset=1)
   ids >= num_experts (transformers' expert-parallel sentinels) are dropped by the op itself.
 
-What does not run on this backend, and raises ``UnsupportedExpertsError`` (never a silent fallback):
-  - interleaved gate/up (``is_concatenated=False``, gpt-oss): the op's GLU pairs column j with column
-    j + I; interleaved rows would need a copy of gate_up_proj on every call;
-  - a custom ``_apply_gate`` (gpt-oss, openai-privacy-filter, minimax-m3-vl: clamped SwiGLU with ``up + 1``;
-    deepseek-v4, hy-v4(-vl), glm5-next: clamped up/gate; inkling2: a two-input act_fn): the op's GLU
-    is ``act(gate) * up``; a clamp of ``up`` is outside what an activation of the gate can express;
-  - ``has_post_expert_norm`` (muse-spark): a norm between each expert and the weighted sum, which the op fuses;
-  - an activation the op does not have (e.g. nemotron-h's relu2).
+Families that run (transformers 5.24): every experts class with the default gate (Mixtral, Qwen2/3-MoE,
+OLMoE, DeepSeek-V3, ...), beam (the same gate, upcast to fp32), gpt-oss (interleaved gate/up, clamped
+SwiGLU with ``up + 1``), openai-privacy-filter and minimax-m3-vl (the same, gate/up halves),
+deepseek-v4, hy-v4(-vl), glm5-next (SiLU of the clamped gate times the clamped up), inkling2(-loop)
+(softcapped SwiGLU), nemotron-h (relu2, no GLU). A custom gate is checked once per class and setting
+against the op's formula on a probe (``_check_gate``), so a gate that transformers changes refuses
+instead of computing something else. step3p7's experts (activation, then clamp) map too, but its
+model calls them directly, never through the experts interface.
+
+What does not run, and raises ``UnsupportedExpertsError`` (never a silent fallback):
+  - ``has_post_expert_norm`` (muse-spark): an RMSNorm of each expert's output before the weighted sum;
+    the op folds the routing weight and the sum over k into its second GEMM and combine, so no
+    per-expert output row exists to normalise;
+  - a gate the op has no variant for, or an activation it does not have;
+  - a SwiGLU ``alpha`` other than 1.702 (quick_gelu) or 1.0 (silu).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from cumo_layers.dense_mlp import UpcycleError, activation_name
 from moe_kernels import ops
+from moe_kernels.reference import GluSpec, apply_activation
 
 IMPLEMENTATION_NAME = "cumo"
 # The op's backend per device type: named, so a backend that cannot run raises instead of falling back.
 BACKEND_BY_DEVICE = {"cpu": "cpu", "cuda": "triton"}
-# Custom _apply_gate methods that compute exactly act(gate) * up on gate-then-up halves
-# (beam's upcasts to fp32 and rounds once, which is what the op's activation does).
-EQUIVALENT_GATES = {"BeamExperts._apply_gate"}
+# The activations of x * sigmoid(alpha * x), by alpha (gpt-oss's swiglu_alpha).
+SIGMOID_GATED_BY_ALPHA = {1.702: "quick_gelu", 1.0: "silu"}
+PROBE_WIDTH, PROBE_RTOL = 32, 1e-5  # the gate probe: [16, PROBE_WIDTH] fp32 gate/up columns
 
 
 class UnsupportedExpertsError(NotImplementedError):
@@ -53,50 +65,121 @@ class ExpertsWeights:
     w2: Tensor  # [E, D, H]
     b2: Tensor | None  # [E, D]
     activation: str
-    glu: bool
+    glu: bool | GluSpec
 
 
-def _gate_is_plain(experts: nn.Module) -> bool:
+def _sigmoid_gated(alpha: float) -> str:
+    if float(alpha) not in SIGMOID_GATED_BY_ALPHA:
+        raise UnsupportedExpertsError(
+            f"a SwiGLU alpha of {alpha}: the op computes gate * sigmoid(alpha * gate) for alpha "
+            f"{sorted(SIGMOID_GATED_BY_ALPHA)} only ({', '.join(SIGMOID_GATED_BY_ALPHA.values())})"
+        )
+    return SIGMOID_GATED_BY_ALPHA[float(alpha)]
+
+
+def _gpt_oss_gate(alpha: float, limit: float, interleaved: bool) -> tuple[str, GluSpec]:
+    """clamp(gate, max=limit) * sigmoid(alpha * ...) * (clamp(up, -limit, limit) + 1)."""
+    return _sigmoid_gated(alpha), GluSpec("clamped", interleaved, limit=float(limit), up_offset=1.0)
+
+
+def _clamped(activation: str, limit: float, kind: str = "clamped") -> tuple[str, GluSpec]:
+    """act(clamp(gate, max=limit)) * clamp(up, -limit, limit) (an infinite limit clamps nothing)."""
+    if math.isinf(limit) and limit > 0:
+        return activation, GluSpec()
+    return activation, GluSpec(kind, limit=float(limit))
+
+
+def _softcapped(act_fn: nn.Module) -> tuple[str, GluSpec]:
+    """softcap(gate) * sigmoid(gate) * softcap(up), the caps of the act_fn's two Softcap modules."""
+    return "silu", GluSpec("softcapped", gate_cap=float(act_fn.gate_softcap.softcap),
+                           up_cap=float(act_fn.up_softcap.softcap))
+
+
+# Custom _apply_gate methods (by qualified name) -> the op's (activation, glu) for a module of that class.
+# _check_gate verifies each against the method itself before it is trusted.
+GATES: dict[str, Callable[[nn.Module], tuple[str, bool | GluSpec]]] = {
+    "BeamExperts._apply_gate": lambda m: (activation_name(m.act_fn), True),  # fp32 inside, rounded once
+    "GptOssExperts._apply_gate": lambda m: _gpt_oss_gate(m.alpha, m.limit, interleaved=True),
+    "OpenAIPrivacyFilterExperts._apply_gate": lambda m: _gpt_oss_gate(m.alpha, m.limit, interleaved=False),
+    "MiniMaxM3VLExperts._apply_gate": lambda m: _gpt_oss_gate(m.swiglu_alpha, m.swiglu_limit, interleaved=False),
+    "DeepseekV4Experts._apply_gate": lambda m: _clamped(activation_name(m.act_fn), m.limit),
+    "HYV4Experts._apply_gate": lambda m: _clamped("silu", m.swiglu_limit),
+    "HYV4VLExperts._apply_gate": lambda m: _clamped("silu", m.swiglu_limit),
+    "Glm5NextTextExperts._apply_gate": lambda m: _clamped("silu", m.swiglu_limit),
+    "Step3p7Experts._apply_gate": lambda m: _clamped(activation_name(m.act_fn), m.limit, "clamped_after"),
+    "Inkling2Experts._apply_gate": lambda m: _softcapped(m.act_fn),
+    "Inkling2LoopExperts._apply_gate": lambda m: _softcapped(m.act_fn),
+}
+
+# (experts class, activation, glu) whose custom gate matched the op's formula on the probe.
+_CHECKED_GATES: set[tuple[type, str, bool | GluSpec]] = set()
+
+
+def _check_gate(experts: nn.Module, activation: str, glu: bool | GluSpec) -> None:
+    """Run the class's own _apply_gate on a probe (fp32, values past every clamp and cap) and compare it
+    with the op's formula; raise UnsupportedExpertsError if they differ. Once per class and setting."""
+    key = (type(experts), activation, glu)
+    if key in _CHECKED_GATES or torch.compiler.is_compiling():
+        return
+    generator = torch.Generator().manual_seed(0)
+    limit = getattr(glu, "limit", math.inf)
+    probe = torch.randn(16, PROBE_WIDTH, generator=generator) * (2 * limit if math.isfinite(limit) else 4.0)
+    with torch.no_grad():
+        theirs = type(experts)._apply_gate(experts, probe.clone()).float()
+        ours = apply_activation(probe, activation, glu)
+    error = float((theirs - ours).abs().max() / ours.abs().max().clamp_min(1e-12))
+    if theirs.shape != ours.shape or not error <= PROBE_RTOL:
+        raise UnsupportedExpertsError(
+            f"its _apply_gate ({type(experts)._apply_gate.__qualname__}) does not compute the op's "
+            f"{activation!r} with {glu} (relative difference {error:.3g} on a probe)"
+        )
+    _CHECKED_GATES.add(key)
+
+
+def _gate(experts: nn.Module) -> tuple[str, bool | GluSpec]:
+    """The op's (activation, glu) for the module's gate; raises UnsupportedExpertsError."""
     from transformers.integrations.moe import _default_apply_gate
 
+    if not getattr(experts, "has_gate", True):
+        return activation_name(experts.act_fn), False
     gate = getattr(type(experts), "_apply_gate", None)
-    return gate is _default_apply_gate or getattr(gate, "__qualname__", None) in EQUIVALENT_GATES
+    if gate is _default_apply_gate:  # act(gate) * up on halves, whatever is_concatenated says
+        return activation_name(experts.act_fn), True
+    name = getattr(gate, "__qualname__", repr(gate))
+    if name not in GATES:
+        raise UnsupportedExpertsError(f"its _apply_gate ({name}) is not a GLU variant the op has")
+    activation, glu = GATES[name](experts)
+    _check_gate(experts, activation, glu)
+    return activation, glu
 
 
 def experts_weights(experts: nn.Module) -> ExpertsWeights:
     """Map a transformers experts module onto the op's operands, or raise UnsupportedExpertsError saying why.
 
     experts: a module of a class decorated with ``@use_experts_implementation`` (has_gate, has_bias,
-    is_transposed, is_concatenated, act_fn, gate_up_proj or up_proj, down_proj, optional *_bias).
+    is_transposed, act_fn, gate_up_proj or up_proj, down_proj, optional *_bias, _apply_gate).
     """
     kind = type(experts).__name__
-    problems = []
-    if getattr(experts, "has_post_expert_norm", False):
-        problems.append("has_post_expert_norm: a norm runs between each expert and the weighted sum")
-    has_gate = getattr(experts, "has_gate", True)
-    if has_gate and not getattr(experts, "is_concatenated", True):
-        problems.append("interleaved gate/up rows (is_concatenated=False) would need a copy of gate_up_proj per call")
-    if has_gate and not _gate_is_plain(experts):
-        problems.append(f"its _apply_gate ({type(experts)._apply_gate.__qualname__}) is not act(gate) * up")
-    activation = None
-    if not problems:  # a custom gate may not have an act_fn at all
-        try:
-            activation = activation_name(experts.act_fn)
-        except UpcycleError as exc:
-            problems.append(str(exc))
-    if problems:
+    try:
+        if getattr(experts, "has_post_expert_norm", False):
+            raise UnsupportedExpertsError(
+                "has_post_expert_norm: a norm of each expert's output runs before the weighted sum, which the op "
+                "fuses into its second GEMM and combine"
+            )
+        activation, glu = _gate(experts)
+    except (UnsupportedExpertsError, UpcycleError) as exc:
         raise UnsupportedExpertsError(
-            f'experts_implementation="{IMPLEMENTATION_NAME}" cannot run {kind}: ' + "; ".join(problems)
-            + '. Use "eager" or "grouped_mm" for this model.'
-        )
-    prefix = "gate_up_proj" if has_gate else "up_proj"
+            f'experts_implementation="{IMPLEMENTATION_NAME}" cannot run {kind}: {exc}. '
+            'Use "eager" or "grouped_mm" for this model.'
+        ) from None
+    prefix = "gate_up_proj" if glu is not False else "up_proj"
     w1, w2 = getattr(experts, prefix), experts.down_proj
     if getattr(experts, "is_transposed", False):
         w1, w2 = w1.transpose(1, 2), w2.transpose(1, 2)
     has_bias = getattr(experts, "has_bias", False)
     b1 = getattr(experts, f"{prefix}_bias") if has_bias else None
     b2 = experts.down_proj_bias if has_bias else None
-    return ExpertsWeights(w1, b1, w2, b2, activation, has_gate)
+    return ExpertsWeights(w1, b1, w2, b2, activation, glu)
 
 
 def cumo_experts_forward(

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 pytest.importorskip("transformers.integrations.moe")
 
 from cumo_layers import register_transformers  # noqa: E402
-from cumo_layers.transformers import UnsupportedExpertsError, experts_weights  # noqa: E402
+from cumo_layers.transformers import UnsupportedExpertsError, cumo_experts_forward, experts_weights  # noqa: E402
+from moe_kernels.reference import GluSpec  # noqa: E402
 
 FP32_RTOL = 1e-5
 HIDDEN, INTERMEDIATE, EXPERTS, TOP_K = 32, 24, 4, 2
@@ -26,18 +27,11 @@ SMALL_FIELDS = dict(
 )
 # Families whose experts the op cannot compute (transformers.py says why); they must refuse loudly.
 UNSUPPORTED = {
-    "gpt_oss": "interleaved",
-    "openai_privacy_filter": "_apply_gate",
-    "minimax_m3_vl": "_apply_gate",
-    "deepseek_v4": "_apply_gate",
-    "hy_v4": "_apply_gate",
-    "hy_v4_vl": "_apply_gate",
-    "glm5_next": "_apply_gate",
-    "inkling2": "_apply_gate",
-    "inkling2_loop": "_apply_gate",
     "muse_spark": "has_post_expert_norm",
-    "nemotron_h": "unsupported activation",
 }
+# Config values that make the clamps and caps bite on this test's small random pre-activations
+# (the defaults, 7 to 25, would leave every clamp idle and test nothing of it).
+TIGHT_LIMITS = dict(swiglu_limit=0.5, mlp_gate_softcap=0.7, mlp_up_softcap=1.5)
 
 
 def experts_families() -> list[tuple[str, str, str]]:
@@ -77,7 +71,7 @@ def tiny_experts(family: str, module_name: str, class_name: str) -> torch.nn.Mod
     for config_class in candidates:
         try:
             config = config_class()
-            for field, value in SMALL_FIELDS.items():
+            for field, value in {**SMALL_FIELDS, **TIGHT_LIMITS}.items():
                 if hasattr(config, field):
                     current = getattr(config, field)
                     setattr(config, field, [value] * len(current) if isinstance(current, list) else value)
@@ -195,8 +189,8 @@ def tiny_config(family: str):
         return transformers.Qwen3MoeConfig(num_experts=EXPERTS, moe_intermediate_size=INTERMEDIATE, head_dim=8, **common)
     if family == "olmoe":
         return transformers.OlmoeConfig(num_experts=EXPERTS, **common)
-    if family == "gpt_oss":
-        return transformers.GptOssConfig(num_local_experts=EXPERTS, head_dim=8, **common)
+    if family == "gpt_oss":  # a small limit: the clamps bite on these activations
+        return transformers.GptOssConfig(num_local_experts=EXPERTS, head_dim=8, swiglu_limit=0.5, **common)
     raise KeyError(family)
 
 
@@ -207,7 +201,7 @@ def logits_and_grads(model, input_ids):
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"])
 def test_from_pretrained_matches_eager(family, tmp_path):
     """The real loading path: save_pretrained, then from_pretrained with experts_implementation="cumo",
     and set_experts_implementation on a model loaded eager."""
@@ -228,9 +222,118 @@ def test_from_pretrained_matches_eager(family, tmp_path):
         assert_close(eager(input_ids=input_ids).logits, expected_logits, "logits after set_experts_implementation")
 
 
-def test_gpt_oss_refuses_loudly(tmp_path):
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(tiny_config("gpt_oss")).save_pretrained(tmp_path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, experts_implementation="cumo")
-    with pytest.raises(UnsupportedExpertsError, match="GptOssExperts.*interleaved.*_apply_gate"):
-        model(input_ids=torch.zeros(1, 4, dtype=torch.long))
+def test_gpt_oss_weights_are_read_in_place():
+    """Interleaved, transposed gate/up: the op gets a view of gate_up_proj and the GLU spec says how to read it."""
+    experts = tiny_experts("gpt_oss", "modeling_gpt_oss", "GptOssExperts")
+    weights = experts_weights(experts)
+    assert weights.w1.data_ptr() == experts.gate_up_proj.data_ptr()
+    assert weights.w2.data_ptr() == experts.down_proj.data_ptr()
+    assert weights.b1.data_ptr() == experts.gate_up_proj_bias.data_ptr()
+    assert weights.activation == "quick_gelu"
+    assert weights.glu == GluSpec("clamped", interleaved=True, limit=0.5, up_offset=1.0)
+
+
+def test_step3p7_experts_match_their_own_forward():
+    """step3p7's experts class is not on the experts interface (its forward is its own), but its gate
+    (activation, then clamp) maps onto the op: the op on its weights equals its forward."""
+    from transformers.models.step3p7 import modeling_step3p7
+
+    config = transformers.Step3p7TextConfig(hidden_size=HIDDEN, moe_intermediate_size=INTERMEDIATE,
+                                            num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    experts = modeling_step3p7.Step3p7Experts(config, swiglu_limit=0.3)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(7)) * 0.2)
+    assert experts_weights(experts).glu == GluSpec("clamped_after", limit=0.3)
+    x = torch.randn(11, HIDDEN, generator=torch.Generator().manual_seed(8))
+    index, weights = routing(11, EXPERTS, seed=9)
+    expected = experts(x, index, weights)
+    actual = cumo_experts_forward(experts, x, index, weights)
+    assert_close(actual.detach(), expected.detach(), "output")
+
+
+def test_unsupported_alpha_refuses_naming_it():
+    experts = tiny_experts("gpt_oss", "modeling_gpt_oss", "GptOssExperts")
+    experts.alpha = 1.5
+    with pytest.raises(UnsupportedExpertsError, match="GptOssExperts.*alpha of 1.5"):
+        experts_weights(experts)
+
+
+def test_a_gate_that_changed_refuses():
+    """A gate known by name is checked against the op's formula before it is trusted."""
+    from transformers.models.hy_v4 import modeling_hy_v4
+
+    class ChangedGate(modeling_hy_v4.HYV4Experts):
+        def _apply_gate(self, gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate.clamp(max=self.swiglu_limit)) * up  # up no longer clamped
+
+    ChangedGate._apply_gate.__qualname__ = "HYV4Experts._apply_gate"
+    experts = ChangedGate(transformers.HYV4Config(hidden_size=HIDDEN, moe_intermediate_size=INTERMEDIATE,
+                                                  n_routed_experts=EXPERTS, swiglu_limit=0.5))
+    with pytest.raises(UnsupportedExpertsError, match="does not compute the op's 'silu'"):
+        experts_weights(experts)
+
+
+# The families whose gate the op runs as a GLU variant (or relu2), each as a whole tiny model.
+VARIANT_FAMILIES = ["openai_privacy_filter", "minimax_m3_vl", "deepseek_v4", "hy_v4", "hy_v4_vl",
+                    # ~1 min: its linear attention's PyTorch fallback; its experts' gate is hy-v4's
+                    pytest.param("glm5_next", marks=pytest.mark.slow),
+                    "inkling2", "inkling2_loop", "nemotron_h"]
+MODEL_FIELDS = dict(SMALL_FIELDS, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
+                    vocab_size=64, pad_token_id=0, max_position_embeddings=64, **TIGHT_LIMITS)
+
+
+def tiny_family_model(family: str, path) -> None:
+    """The family's text model on a small config (per-layer lists cut to its 2 layers), weights of
+    unit-order scale (the default init leaves gradients of 1e-12 that say nothing), saved to path."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING_NAMES
+
+    key = f"{family}_text" if f"{family}_text" in MODEL_MAPPING_NAMES else family
+    default = CONFIG_MAPPING[key]()
+    fields = {name: [value] * len(getattr(default, name)) if isinstance(getattr(default, name), list) else value
+              for name, value in MODEL_FIELDS.items() if hasattr(default, name)}
+    for name, value in default.to_dict().items():
+        if isinstance(value, list) and len(value) == default.num_hidden_layers and name not in fields:
+            fields[name] = value[:2]
+    if family == "glm5_next":  # its first layers are dense
+        fields["mlp_layer_types"] = ["dense", "sparse"]
+    model = transformers.AutoModel.from_config(CONFIG_MAPPING[key](**fields))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            param.copy_(1 + 0.1 * noise if param.dim() == 1 else 0.2 * noise)
+    model.save_pretrained(path)
+
+
+def hidden_and_grads(path, implementation, dtype=torch.float32):
+    model = transformers.AutoModel.from_pretrained(path, experts_implementation=implementation, dtype=dtype)
+    input_ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(6))
+    hidden = model(input_ids=input_ids, use_cache=False).last_hidden_state
+    hidden.float().pow(2).mean().backward()
+    return hidden.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("family", VARIANT_FAMILIES)
+def test_variant_family_from_pretrained_matches_eager(family, tmp_path):
+    """save_pretrained, then from_pretrained with experts_implementation="cumo", forward and every
+    gradient against eager in fp32. Where eager's own fp32 gradient is rounding noise (deepseek-v4's
+    layer-0 router weight: exactly 0 in fp64, 1e-11 in fp32, against 1e-3 elsewhere), the low-precision
+    rule against eager in fp64 applies instead, in units of the model's largest gradient: cumo's error
+    at most 2x eager's own plus 1e-5."""
+    tiny_family_model(family, tmp_path)
+    expected_hidden, expected = hidden_and_grads(tmp_path, "eager")
+    actual_hidden, actual = hidden_and_grads(tmp_path, "cumo")
+    assert_close(actual_hidden, expected_hidden, "hidden states")
+    assert set(actual) == set(expected) and any(".experts." in name for name in actual)
+    exact = None
+    for name, grad in expected.items():
+        try:
+            assert_close(actual[name], grad, f"grad of {name}")
+        except AssertionError:
+            exact = exact or hidden_and_grads(tmp_path, "eager", torch.float64)[1]
+            scale = max(float(g.abs().max()) for g in exact.values())
+            error, eager_error = ((g.double() - exact[name]).abs().max() / scale for g in (actual[name], grad))
+            assert error <= 2 * eager_error + FP32_RTOL, f"grad of {name}: {error:.3g} > 2 x eager's {eager_error:.3g}"
