@@ -248,6 +248,39 @@ def layer_host_time(log: Log, backends: tuple[str, ...] = ("triton", "cuda")) ->
     return result
 
 
+def kernel_breakdown(log: Log) -> dict:
+    """GPU time per kernel of one training step (forward + backward, bf16, triton) from torch.profiler:
+    says whether a step is bound by its kernels or by the host, and by which kernels."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.common import MODES_BY_NAME, PEERS_BY_NAME, REGIMES, make_problem, make_step
+
+    result = {}
+    for regime in (r for r in REGIMES if r.name in ("cumo-clip", "fine-grained")):
+        problem = make_problem(regime, MODES_BY_NAME["train-bf16"], torch.device("cuda"))
+        step = make_step(PEERS_BY_NAME["cumo-triton"].build(problem), problem)
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                step()
+            torch.cuda.synchronize()
+        kernels = {}  # each event's own GPU time: kernels (and memsets/copies), never the CPU ops around them
+        for event in prof.key_averages():
+            device_us = getattr(event, "self_device_time_total", 0)
+            if device_us > 0:
+                kernels[event.key[:90]] = round(device_us / 5, 1)
+        top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:14])
+        result[regime.name] = {"kernel_us_per_step": top, "total_us_per_step": round(sum(kernels.values()), 1)}
+        log(f"\nkernels of one {regime.name} train-bf16 step (triton), us: total {result[regime.name]['total_us_per_step']}")
+        for name, us in top.items():
+            log(f"  {us:9.1f}  {name}")
+        del problem
+    return result
+
+
 def save(out: Path, report: dict) -> None:
     """After every phase: a run cut short still leaves what it measured."""
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
@@ -286,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         report["layer_decode"] = layer_host_time(log, ("triton",) if quick else ("triton", "cuda"))
         peers = [p for p in TIMED_PEERS if not (quick and p == "cumo-cuda")]
         report["timings"] = timings(log, start + (QUICK_TIMING_S if quick else TIMING_S), peers=peers)
+        report["kernels"] = kernel_breakdown(log)
     except Exception as exc:
         log(f"timing failed: {type(exc).__name__}: {exc}")
         report["timing_error"] = str(exc)

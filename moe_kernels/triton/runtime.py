@@ -191,6 +191,8 @@ class BoundKernels:
     def __init__(self, driver=None) -> None:
         self._bound: dict[tuple, tuple] = {}
         self._driver = driver
+        # Triton's launch hooks (profilers add to these chains; Triton 3.6 through 3.8 keep one of each).
+        self._enter_hook, self._exit_hook = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         self.enabled = os.environ.get("CUMO_TRITON_BIND", "1").strip().lower() not in ("0", "false", "no", "off")
 
     def __len__(self) -> int:
@@ -208,16 +210,16 @@ class BoundKernels:
         return self._driver
 
     def launch(self, name: str, grid: tuple, args: tuple, kwargs: dict) -> None:
+        driver = self._driver or self.driver
         if not self.enabled:
             self.launch_through_triton(name, grid, args, kwargs)
             return
-        driver = self.driver
         device = driver.get_current_device()
         key = (name, device, *kwargs.items(), *[
             arg if type(arg) is int else (arg.dtype, not arg.data_ptr() & 15) if isinstance(arg, Tensor)
             else type(arg) for arg in args])
         bound = self._bound.get(key)
-        if bound is None or _launch_hooked():
+        if bound is None or self._enter_hook.calls or self._exit_hook.calls:
             compiled = self.launch_through_triton(name, grid, args, kwargs)
             if bound is None:
                 if len(self._bound) >= self.MAX_BOUND:
@@ -242,12 +244,6 @@ class BoundKernels:
             raise TypeError(f"{name}: pass every runtime argument positionally, got {num_args}")
         constexprs = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)
         return compiled.run, compiled.function, compiled.packed_metadata, constexprs
-
-
-def _launch_hooked() -> bool:
-    """True while a Triton launch hook (a profiler) is installed."""
-    return any(getattr(hook, "calls", hook) for hook in (knobs.runtime.launch_enter_hook,
-                                                          knobs.runtime.launch_exit_hook))
 
 
 BOUND_KERNELS = BoundKernels()
