@@ -201,3 +201,16 @@ def assert_matches_reference(fn, problem, activation: str = "gelu", glu: bool = 
         else:
             # The top-k weights' gradient is float32 whatever the expert dtype.
             assert_close(got, want, dtype if got.dtype == dtype else torch.float32, what)
+
+
+def require_compiled_kernels(monkeypatch) -> None:
+    """Skip unless Triton kernels compile for CUDA tensors here (not under the interpreter), and make
+    sure TRITON_INTERPRET does not send them to it."""
+    import pytest
+
+    pytest.importorskip("triton")
+    from moe_kernels.triton import runtime
+
+    if runtime._library_is_interpreted():
+        pytest.skip("triton was imported under TRITON_INTERPRET=1: CUDA tensors would run interpreted")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)

@@ -12,7 +12,14 @@ import torch
 
 from moe_kernels import cpu, cuda, ops, reference
 from moe_kernels.reference import GluSpec
-from tests.helpers import ODD_SHAPES, Shape, assert_matches_reference, output_and_grads, random_problem
+from tests.helpers import (
+    ODD_SHAPES,
+    Shape,
+    assert_matches_reference,
+    output_and_grads,
+    random_problem,
+    require_compiled_kernels,
+)
 
 # (activation, spec): limits and caps small enough that the random pre-activations (about N(0, 1))
 # fall on both sides of every clamp and deep into the tanh's curve.
@@ -162,3 +169,18 @@ def test_bad_spec_raises_the_same_error_on_every_backend(backend, spec, error, m
     problem = random_problem(Shape(3, 8, 4, 8, 2, 1), glu=True)
     with pytest.raises(error, match=message):
         ops.expert_mlp(*problem, activation="gelu", glu=spec, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variant_compiled_triton_on_gpu(variant, dtype, monkeypatch):
+    """The compiled kernels (not the interpreter) on a GPU, bf16 included, against the reference:
+    tiles wide enough for the tensor-core paths, some experts without tokens, biases on."""
+    require_compiled_kernels(monkeypatch)
+    import moe_kernels.triton as triton_backend
+
+    activation, spec = VARIANTS[variant]
+    problem = random_problem(Shape(300, 256, 192, 128, 8, 2), dtype=dtype, device="cuda", glu=True,
+                             routing="skip_experts")
+    assert_matches_reference(triton_backend.expert_mlp, problem, activation, spec)

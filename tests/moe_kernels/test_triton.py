@@ -26,6 +26,7 @@ from tests.helpers import (  # noqa: E402
     assert_lowp_close,
     assert_matches_reference,
     random_problem,
+    require_compiled_kernels,
 )
 
 ACTIVATIONS = list(reference.ACTIVATIONS)
@@ -434,14 +435,6 @@ def test_expert_mlp_fp32_larger(shape, activation, glu):
 
 # ----------------------------------------------------------------------------------------------
 # Compiled kernels on a GPU
-
-
-def require_compiled_kernels(monkeypatch):
-    from moe_kernels.triton import runtime
-
-    if runtime._library_is_interpreted():
-        pytest.skip("triton was imported under TRITON_INTERPRET=1: CUDA tensors would run interpreted")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
 
 
 @pytest.mark.gpu
