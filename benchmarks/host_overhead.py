@@ -96,6 +96,22 @@ def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) ->
                 "topk_gating": per_call_us(lambda: ops.topk_gating(x @ layer.router.weight.t(), top_k,
                                                                    backend="triton")),
             }
+        # Training: forward + backward of expert_mlp with x and the top-k weights trained (the weight
+        # gradients would add CPU work of their size: an allocation and an accumulation), on the
+        # eager path and through the torch.library custom op (what torch.compile runs).
+        from moe_kernels.reference import glu_code
+
+        xg, wg = x.detach().requires_grad_(), weights.detach().requires_grad_()
+        w1, w2 = layer.w1.detach(), layer.w2.detach()
+        grad = torch.randn(tokens, d_model)
+
+        def custom_op():
+            return torch.ops.cumo_triton.expert_mlp_forward(xg, wg, idx, w1, None, w2, None, "silu",
+                                                            *glu_code(True), True, True)[0]
+
+        results["expert_mlp train"] = per_call_us(lambda: ops.expert_mlp(
+            xg, wg, idx, w1, None, w2, None, "silu", True, backend="triton").backward(grad))
+        results["  custom op"] = per_call_us(lambda: custom_op().backward(grad))
     return results
 
 
@@ -110,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         unit = result["torch.add"]
         print(f"\n{name}; kernels stubbed, host time only")
         for key, value in result.items():
-            print(f"  {key:12s} {value:8.1f} us  = {value / unit:6.1f} x torch.add")
+            print(f"  {key:16s} {value:8.1f} us  = {value / unit:6.1f} x torch.add")
     return 0
 
 

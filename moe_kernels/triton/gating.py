@@ -14,7 +14,7 @@ from moe_kernels.triton.runtime import (
     cdiv,
     check_device,
     device_guard,
-    eager_without_grad,
+    eager,
     next_power_of_2,
 )
 
@@ -56,6 +56,11 @@ def _(logits, top_k, normalize):
 @torch.library.custom_op("cumo_triton::topk_gating_backward", mutates_args=())
 def _topk_gating_backward_op(logits: Tensor, ids: Tensor, grad_weights: Tensor, top_k: int,
                              normalize: bool) -> Tensor:
+    return _topk_gating_backward(logits, ids, grad_weights, top_k, normalize)
+
+
+def _topk_gating_backward(logits: Tensor, ids: Tensor, grad_weights: Tensor, top_k: int, normalize: bool) -> Tensor:
+    """The gating backward launcher: d logits from d weights (the softmax is recomputed)."""
     interpret = check_device(logits, ids, grad_weights)
     num_tokens, num_experts = logits.shape
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
@@ -83,18 +88,40 @@ def _topk_gating_setup(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _topk_gating_backward(ctx, grad_weights, _grad_ids):
+def _topk_gating_grads(ctx, grad_weights: Tensor | None, direct: bool) -> tuple:
     if grad_weights is None:
         return None, None, None
     logits, ids = ctx.saved_tensors
-    return _topk_gating_backward_op(logits, ids, grad_weights, ctx.top_k, ctx.normalize), None, None
+    backward = _topk_gating_backward if direct else _topk_gating_backward_op
+    return backward(logits, ids, grad_weights, ctx.top_k, ctx.normalize), None, None
 
 
-_topk_gating_op.register_autograd(_topk_gating_backward, setup_context=_topk_gating_setup)
+def _topk_gating_op_backward(ctx, grad_weights, _grad_ids):
+    return _topk_gating_grads(ctx, grad_weights, direct=False)
+
+
+_topk_gating_op.register_autograd(_topk_gating_op_backward, setup_context=_topk_gating_setup)
+
+
+class _EagerTopKGating(torch.autograd.Function):
+    """Eager training: the custom op's launchers and context without its dispatch (see
+    experts._EagerExpertMLP)."""
+
+    @staticmethod
+    def forward(logits, top_k, normalize):
+        return _topk_gating(logits, top_k, normalize)
+
+    setup_context = staticmethod(_topk_gating_setup)
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_ids):
+        return _topk_gating_grads(ctx, grad_weights, direct=True)
 
 
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
     """The fused Triton router (contract: ``moe_kernels.ops.topk_gating``, checked by moe_kernels/ops.py)."""
-    if eager_without_grad(logits):
+    if eager(logits):
+        if torch.is_grad_enabled() and logits.requires_grad:
+            return _EagerTopKGating.apply(logits, top_k, normalize)
         return _topk_gating(logits, top_k, normalize)
     return _topk_gating_op(logits, top_k, normalize)

@@ -281,10 +281,16 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
-def eager_without_grad(*tensors: Tensor | None) -> bool:
-    """Eager inference (no gradient wanted, not tracing): the public functions then call the launchers
-    directly. The custom op's dispatch (autograd wrapper, redispatch, argument boxing) costs tens of
-    microseconds per call, as much as the kernels of a decode step; moe_kernels/ops.py has checked the arguments."""
+_PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+
+
+def eager(*tensors: Tensor | None) -> bool:
+    """Plain eager execution: not tracing, and every tensor a plain tensor or Parameter. Then the
+    public functions skip the custom ops' dispatch (autograd wrapper, redispatch, argument boxing:
+    tens of microseconds per call, as much as the kernels of a decode step) and call the launchers,
+    with a torch.autograd.Function when a gradient is wanted; moe_kernels/ops.py has checked the
+    arguments. Tracing, fake tensors and other subclasses (DTensor, ...) take the custom ops, whose
+    fake kernels and dispatch they need."""
     if torch.compiler.is_compiling():
         return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
+    return all(t is None or type(t) in _PLAIN_TENSOR_TYPES for t in tensors)

@@ -16,6 +16,7 @@ pytest.importorskip("triton")
 
 import moe_kernels.triton as triton_backend  # noqa: E402
 from moe_kernels import ops, reference  # noqa: E402
+from moe_kernels.reference import GluSpec, glu_code  # noqa: E402
 from moe_kernels.routing import build_routing_plan  # noqa: E402
 from tests.helpers import (  # noqa: E402
     ODD_SHAPES,
@@ -30,9 +31,9 @@ from tests.helpers import (  # noqa: E402
 )
 
 ACTIVATIONS = list(reference.ACTIVATIONS)
-# Forward: the routing plan, fc1 and fc2, the combine. Backward with every input requiring grad: the
-# routing plan rebuilt (the backward op takes none from its caller), top-k weight grad, dW2 and dW1,
-# d pre-activation and dX rows, the dX gather-sum.
+# Forward: the routing plan, fc1 and fc2, the combine. Backward with every input requiring grad: top-k
+# weight grad, dW2 and dW1, d pre-activation and dX rows, the dX gather-sum; eager, it reuses the
+# forward's routing plan (the backward custom op, which a caller can hand any plan, rebuilds it).
 EXPERT_FORWARD_KERNELS = {"grouped_gemm_kernel": 2, "combine_kernel": 1}
 EXPERT_BACKWARD_KERNELS = {"topk_weight_grad_kernel": 1, "grouped_weight_grad_kernel": 2, "grouped_gemm_kernel": 2,
                            "combine_kernel": 1}
@@ -53,8 +54,8 @@ def forward_kernels(shape) -> dict:
     return {**routing_kernels(shape), **EXPERT_FORWARD_KERNELS}
 
 
-def backward_kernels(shape) -> dict:
-    return {**routing_kernels(shape), **EXPERT_BACKWARD_KERNELS}
+def backward_kernels(shape, custom_op: bool = False) -> dict:
+    return {**(routing_kernels(shape) if custom_op else {}), **EXPERT_BACKWARD_KERNELS}
 
 
 @pytest.fixture(autouse=True)
@@ -236,6 +237,58 @@ def test_expert_mlp_fp32(shape, routing):
         assert backward == backward_kernels(shape)
 
 
+def custom_op_expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation="gelu", glu=False):
+    """The expert MLP through its torch.library custom op (what torch.compile and tensor subclasses use)."""
+    return torch.ops.cumo_triton.expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation,
+                                                    *glu_code(glu), True, True)[0]
+
+
+@pytest.mark.parametrize("glu", [False, True, GluSpec("clamped", interleaved=True, limit=0.6, up_offset=1.0)])
+def test_custom_op_path_matches_reference(glu):
+    """The eager path calls the launchers through a torch.autograd.Function; the custom op it skips runs
+    the same launchers and must agree, routing plan rebuilt in its backward."""
+    shape = Shape(21, 24, 20, 20, 4, 2)
+    problem = random_problem(shape, glu=bool(glu), routing="skip_experts")
+    activation = "quick_gelu" if isinstance(glu, GluSpec) else "silu"
+    launches()
+    out = custom_op_expert_mlp(*differentiable(problem), activation, glu)
+    assert launches() == forward_kernels(shape)
+    out.backward(torch.randn_like(out))
+    assert launches() == backward_kernels(shape, custom_op=True)
+    assert_matches_reference(custom_op_expert_mlp, problem, activation, glu)
+
+
+def test_eager_path_skips_the_custom_ops_and_tracing_takes_them():
+    """Plain eager tensors run the launchers without the custom ops' dispatch; a fake tensor (what
+    torch.compile traces with) goes through the custom op and its fake kernel."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.namespace)
+            return func(*args, **(kwargs or {}))
+
+    shape = Shape(9, 24, 20, 20, 4, 2)
+    x, weights, idx, w1, b1, w2, b2 = differentiable(random_problem(shape, glu=True))
+    with OpLog() as log:
+        out = triton_backend.expert_mlp(x, weights, idx, w1, b1, w2, b2, "silu", True)
+        out.backward(torch.ones_like(out))
+        logits = torch.randn(9, 4, requires_grad=True)
+        triton_backend.topk_gating(logits, 2)[0].sum().backward()
+    assert "cumo_triton" not in log.ops and launches()["grouped_weight_grad_kernel"] == 2
+    plain = [t.detach() for t in (x, weights, idx, w1, b1, w2, b2)]
+    mode = FakeTensorMode()
+    fake = [mode.from_tensor(t) for t in plain]
+    with mode:
+        out = triton_backend.expert_mlp(*fake, "silu", True)
+    assert out.shape == (9, 20) and launches() == {}
+
+
 @pytest.mark.parametrize("glu", [False, True])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_expert_mlp_activations(activation, glu):
@@ -295,9 +348,8 @@ def test_expert_mlp_partial_grads():
     want = torch.autograd.grad(ref_out, (ref_x, ref_w1), grad_out)
     for name, g, w in zip(("d x", "d w1"), got, want):
         assert_close(g, w, torch.float32, name)
-    routing_twice = {name: 2 * count for name, count in routing_kernels(shape).items()}
-    assert launches() == {**routing_twice, "grouped_gemm_kernel": 4, "grouped_weight_grad_kernel": 1,
-                          "combine_kernel": 2}
+    assert launches() == {**routing_kernels(shape), "grouped_gemm_kernel": 4, "grouped_weight_grad_kernel": 1,
+                          "combine_kernel": 2}  # routed once: the backward reuses the forward's plan
 
 
 def test_expert_mlp_inference():
