@@ -23,10 +23,14 @@ against the op's formula on a probe (``_check_gate``), so a gate that transforme
 instead of computing something else. step3p7's experts (activation, then clamp) map too, but its
 model calls them directly, never through the experts interface.
 
+``has_post_expert_norm`` (muse-spark: the module's ``post_expert_norm`` of each expert's output before
+the weighted sum) runs unfused: the op folds the routing weight and the sum over k into its second GEMM
+and combine, so it is called on the T*K (token, slot) rows with weight 1 and one slot each (x's rows
+gathered K times), which gives every expert's output row; the norm, the routing weights and the sum
+over k follow in PyTorch. Slower than the fused path (a [T*K, D] copy of x and an unfused combine),
+exact all the same.
+
 What does not run, and raises ``UnsupportedExpertsError`` (never a silent fallback):
-  - ``has_post_expert_norm`` (muse-spark): an RMSNorm of each expert's output before the weighted sum;
-    the op folds the routing weight and the sum over k into its second GEMM and combine, so no
-    per-expert output row exists to normalise;
   - a gate the op has no variant for, or an activation it does not have;
   - a SwiGLU ``alpha`` other than 1.702 (quick_gelu) or 1.0 (silu).
 """
@@ -34,7 +38,7 @@ What does not run, and raises ``UnsupportedExpertsError`` (never a silent fallba
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -66,6 +70,7 @@ class ExpertsWeights:
     b2: Tensor | None  # [E, D]
     activation: str
     glu: bool | GluSpec
+    post_norm: nn.Module | None = None  # has_post_expert_norm: applied to each expert's output row
 
 
 def _sigmoid_gated(alpha: float) -> str:
@@ -161,11 +166,11 @@ def experts_weights(experts: nn.Module) -> ExpertsWeights:
     """
     kind = type(experts).__name__
     try:
+        post_norm = None
         if getattr(experts, "has_post_expert_norm", False):
-            raise UnsupportedExpertsError(
-                "has_post_expert_norm: a norm of each expert's output runs before the weighted sum, which the op "
-                "fuses into its second GEMM and combine"
-            )
+            post_norm = getattr(experts, "post_expert_norm", None)
+            if not isinstance(post_norm, nn.Module):
+                raise UnsupportedExpertsError("has_post_expert_norm but no post_expert_norm module")
         activation, glu = _gate(experts)
     except (UnsupportedExpertsError, UpcycleError) as exc:
         raise UnsupportedExpertsError(
@@ -179,7 +184,7 @@ def experts_weights(experts: nn.Module) -> ExpertsWeights:
     has_bias = getattr(experts, "has_bias", False)
     b1 = getattr(experts, f"{prefix}_bias") if has_bias else None
     b2 = experts.down_proj_bias if has_bias else None
-    return ExpertsWeights(w1, b1, w2, b2, activation, glu)
+    return ExpertsWeights(w1, b1, w2, b2, activation, glu, post_norm)
 
 
 def cumo_experts_forward(
@@ -192,7 +197,6 @@ def cumo_experts_forward(
     top_k_weights and the experts' parameters.
     """
     weights = experts_weights(self)
-    w1, b1, w2, b2 = weights.w1, weights.b1, weights.w2, weights.b2
     device_type = hidden_states.device.type
     if device_type not in BACKEND_BY_DEVICE:
         raise UnsupportedExpertsError(f'experts_implementation="{IMPLEMENTATION_NAME}" has no backend for {device_type}')
@@ -200,12 +204,32 @@ def cumo_experts_forward(
     if torch.is_autocast_enabled(device_type):  # the op takes one dtype; eager's F.linear would autocast
         dtype = torch.get_autocast_dtype(device_type)
         x = x.to(dtype)
-        w1, b1, w2, b2 = (None if p is None else p.to(dtype) for p in (w1, b1, w2, b2))
+        weights = replace(weights, **{name: None if p is None else p.to(dtype) for name, p in
+                                      (("w1", weights.w1), ("b1", weights.b1), ("w2", weights.w2), ("b2", weights.b2))})
+    backend = BACKEND_BY_DEVICE[device_type]
+    if weights.post_norm is not None:
+        return _experts_with_post_norm(x, top_k_index, top_k_weights, weights, backend).to(hidden_states.dtype)
     out = ops.expert_mlp(
-        x, top_k_weights.float(), top_k_index.long(), w1, b1, w2, b2,
-        activation=weights.activation, glu=weights.glu, backend=BACKEND_BY_DEVICE[device_type],
+        x, top_k_weights.float(), top_k_index.long(), weights.w1, weights.b1, weights.w2, weights.b2,
+        activation=weights.activation, glu=weights.glu, backend=backend,
     )
     return out.to(hidden_states.dtype)
+
+
+def _experts_with_post_norm(x: Tensor, top_k_index: Tensor, top_k_weights: Tensor, weights: ExpertsWeights,
+                            backend: str) -> Tensor:
+    """sum_k w[t, k] * norm(expert_{idx[t, k]}(x[t])): the op on the T*K slot rows (one slot each,
+    weight 1: every expert's unweighted output row; a dropped id gives a zero row, which the norm
+    keeps at zero), then the norm, the weights and the sum over k."""
+    num_tokens, top_k = top_k_index.shape
+    slot_rows = x.repeat_interleave(top_k, dim=0)
+    ones = torch.ones(num_tokens * top_k, 1, dtype=torch.float32, device=x.device)
+    rows = ops.expert_mlp(
+        slot_rows, ones, top_k_index.reshape(-1, 1).long(), weights.w1, weights.b1, weights.w2, weights.b2,
+        activation=weights.activation, glu=weights.glu, backend=backend,
+    )
+    rows = weights.post_norm(rows).view(num_tokens, top_k, -1)
+    return (rows * top_k_weights.to(rows.dtype).unsqueeze(-1)).sum(dim=1)
 
 
 def register_transformers() -> None:

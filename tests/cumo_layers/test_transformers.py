@@ -25,10 +25,6 @@ SMALL_FIELDS = dict(
     num_local_experts=EXPERTS, num_experts=EXPERTS, n_routed_experts=EXPERTS, num_experts_per_tok=TOP_K,
     moe_num_experts=EXPERTS, moe_k=TOP_K,
 )
-# Families whose experts the op cannot compute (transformers.py says why); they must refuse loudly.
-UNSUPPORTED = {
-    "muse_spark": "has_post_expert_norm",
-}
 # Config values that make the clamps and caps bite on this test's small random pre-activations
 # (the defaults, 7 to 25, would leave every clamp idle and test nothing of it).
 TIGHT_LIMITS = dict(swiglu_limit=0.5, mlp_gate_softcap=0.7, mlp_up_softcap=1.5)
@@ -130,13 +126,6 @@ def test_experts_match_eager(family, module_name, class_name):
     experts = tiny_experts(family, module_name, class_name)
     x = torch.randn(11, input_size(experts), generator=torch.Generator().manual_seed(2))  # T=11: ragged per expert
     index, weights = routing(11, experts.num_experts, seed=3)
-    if family in UNSUPPORTED:
-        with pytest.raises(UnsupportedExpertsError, match=UNSUPPORTED[family]):
-            experts_weights(experts)
-        experts.config._experts_implementation = "cumo"
-        with pytest.raises(UnsupportedExpertsError, match=class_name):
-            experts(x, index, weights)
-        return
     expected = run_experts(experts, "eager", x, index, weights)
     actual = run_experts(experts, "cumo", x, index, weights)
     assert_close(actual[0], expected[0], "output")
@@ -279,7 +268,7 @@ def test_a_gate_that_changed_refuses():
 VARIANT_FAMILIES = ["openai_privacy_filter", "minimax_m3_vl", "deepseek_v4", "hy_v4", "hy_v4_vl",
                     # ~1 min: its linear attention's PyTorch fallback; its experts' gate is hy-v4's
                     pytest.param("glm5_next", marks=pytest.mark.slow),
-                    "inkling2", "inkling2_loop", "nemotron_h"]
+                    "inkling2", "inkling2_loop", "nemotron_h", "muse_spark"]
 MODEL_FIELDS = dict(SMALL_FIELDS, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
                     vocab_size=64, pad_token_id=0, max_position_embeddings=64, **TIGHT_LIMITS)
 
