@@ -341,7 +341,8 @@ class _EagerExpertMLP(torch.autograd.Function):
     ops of a training step spent about 1.5 ms of host time there, twice the step's GPU time. Routed
     once: the backward reuses the forward's routing plan, which this path built itself (the raw
     backward op rebuilds it, since a caller could hand it any plan). Tracing and tensor subclasses
-    take the custom op (``runtime.eager``)."""
+    take the custom op (``runtime.eager``). forward takes ctx (no separate setup_context): Function.apply
+    binds the arguments of a forward without it through inspect.signature on every call."""
 
     @staticmethod
     def forward(ctx, x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, glu_interleaved, glu_a, glu_b,

@@ -107,11 +107,13 @@ class _EagerTopKGating(torch.autograd.Function):
     """Eager training: the custom op's launchers and context without its dispatch (see
     experts._EagerExpertMLP)."""
 
+    # forward(ctx, ...), not a separate setup_context: Function.apply binds the arguments of a forward
+    # without ctx through inspect.signature on every call (~10 us).
     @staticmethod
-    def forward(logits, top_k, normalize):
-        return _topk_gating(logits, top_k, normalize)
-
-    setup_context = staticmethod(_topk_gating_setup)
+    def forward(ctx, logits, top_k, normalize):
+        output = _topk_gating(logits, top_k, normalize)
+        _topk_gating_setup(ctx, (logits, top_k, normalize), output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_weights, _grad_ids):
