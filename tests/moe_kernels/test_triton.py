@@ -552,3 +552,27 @@ def test_activation_codes_follow_the_reference_table():
     for name, code in triton_ops.ACTIVATION_CODES.items():
         assert getattr(module, name.upper()) == code, name
     assert list(triton_ops.ACTIVATION_CODES) == list(reference.ACTIVATIONS)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_matches_plain_backward(reentrant):
+    """torch.utils.checkpoint recomputes the layer in backward: the eager autograd path (whose backward
+    reuses the forward's routing plan) must give the plain backward's gradients, with either checkpoint.
+    The reentrant one runs the first forward without grad, so a loss the layer leaves as an attribute
+    (last_aux_loss) has no graph there: that case trains the output alone."""
+    from torch.utils.checkpoint import checkpoint
+
+    from cumo_layers import SparseMoEMLP
+
+    torch.manual_seed(0)
+    layer = SparseMoEMLP(24, 16, num_experts=4, top_k=2, activation="silu", glu=True, backend="triton")
+    x = torch.randn(9, 24, requires_grad=True)
+    results = []
+    for checkpointed in (False, True):
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        out = checkpoint(layer, x, use_reentrant=reentrant) if checkpointed else layer(x)
+        (out.square().mean() + (0 if reentrant else layer.last_aux_loss)).backward()
+        results.append({"x": x.grad.clone(), **{n: p.grad.clone() for n, p in layer.named_parameters()}})
+    for name, grad in results[0].items():
+        assert_close(results[1][name], grad, torch.float32, name)
