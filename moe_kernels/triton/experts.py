@@ -1,7 +1,7 @@
 """Triton expert MLP: launchers and torch.library custom ops (with fakes and autograd).
 
 T tokens, K top_k, E experts, D input features, H hidden (H1 = H or 2*H with GLU), O output
-features, R = T*K rows. The kernels live in kernels.py, how they launch in runtime.py; this file
+features, R = T*K rows. The kernels live in expert_kernels.py, how they launch in runtime.py; this file
 sizes buffers, picks block sizes, launches, and wires the backward.
 """
 
@@ -30,7 +30,7 @@ from moe_kernels.triton.runtime import (
 )
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The kernels' constexpr activation codes: positions in the reference's table (kernels.py spells the order).
+# The kernels' constexpr activation codes: positions in the reference's table (expert_kernels.py spells the order).
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 EPILOGUE_PLAIN, EPILOGUE_ACTIVATION, EPILOGUE_ACTIVATION_GRAD = 0, 1, 2
 

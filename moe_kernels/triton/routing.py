@@ -1,6 +1,6 @@
 """Triton routing plan: a stable counting sort of the T*K assignments by expert, on device.
 
-T tokens, K top_k, E experts, R = T*K slots. Kernels in kernels.py (routing_*_kernel); no host sync.
+T tokens, K top_k, E experts, R = T*K slots. Kernels in routing_kernels.py; no host sync.
 """
 
 from __future__ import annotations

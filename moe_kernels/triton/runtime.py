@@ -3,11 +3,12 @@ the host-side helpers every launcher shares (grid arithmetic, the eager fast-pat
 
 Under the interpreter (CPU tensors with TRITON_INTERPRET=1), two Triton facts are worked around:
 whether a @triton.jit function is interpreted is fixed when it is *defined*, for Triton's own
-library (tl.sum, tl.cumsum, ...) when ``triton`` is first imported. So kernels.py is loaded once per
-mode, and an interpreted launch swaps Triton's compiled library functions for interpreted twins
-for its duration. The mode therefore does not depend on when TRITON_INTERPRET was set relative to
-the first ``import triton`` (timm, for one, imports triton). CUDA tensors run compiled kernels with
-tiles from a static table (``gemm_config``); under the interpreter tiles are fixed and small.
+library (tl.sum, tl.cumsum, ...) when ``triton`` is first imported. So the kernel files
+(``*_kernels.py``) are loaded once per mode, and an interpreted launch swaps Triton's compiled library
+functions for interpreted twins for its duration. The mode therefore does not depend on when
+TRITON_INTERPRET was set relative to the first ``import triton`` (timm, for one, imports triton).
+CUDA tensors run compiled kernels with tiles from a static table (``gemm_config``); under the
+interpreter tiles are fixed and small.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import os
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 from torch import Tensor
@@ -35,8 +36,9 @@ INTERPRET_WEIGHT_GRAD = dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_R=32)
 # fallback to PyTorch cannot pass.
 LAUNCHES: Counter = Counter()
 
-_KERNEL_FILE = Path(__file__).with_name("kernels.py")
-_kernel_modules: dict[bool, ModuleType] = {}
+# The @triton.jit kernels, one file per launcher module (gating.py, routing.py, experts.py).
+_KERNEL_FILES = ("gating_kernels.py", "routing_kernels.py", "expert_kernels.py")
+_kernel_namespaces: dict[bool, SimpleNamespace] = {}
 
 
 def interpreter_enabled() -> bool:
@@ -72,17 +74,23 @@ def check_device(*tensors: Tensor | None) -> bool:
     return device.type == "cpu" or _library_is_interpreted()
 
 
-def kernels(interpret: bool) -> ModuleType:
-    """kernels.py with its @triton.jit functions defined in the requested mode."""
-    if interpret not in _kernel_modules:
-        name = f"moe_kernels.triton._kernels_{'interpreted' if interpret else 'compiled'}"
-        spec = importlib.util.spec_from_file_location(name, _KERNEL_FILE)
-        module = importlib.util.module_from_spec(spec)
-        with knobs.runtime.scope():
-            knobs.runtime.interpret = interpret
-            spec.loader.exec_module(module)
-        _kernel_modules[interpret] = module
-    return _kernel_modules[interpret]
+def kernels(interpret: bool) -> SimpleNamespace:
+    """The public names of the _KERNEL_FILES (kernels and constexpr codes), with their @triton.jit
+    functions defined in the requested mode (each file loaded once per mode, as its own module)."""
+    if interpret not in _kernel_namespaces:
+        merged = {}
+        for file_name in _KERNEL_FILES:
+            stem = file_name.removesuffix(".py")
+            name = f"moe_kernels.triton._{stem}_{'interpreted' if interpret else 'compiled'}"
+            spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name(file_name))
+            module = importlib.util.module_from_spec(spec)
+            with knobs.runtime.scope():
+                knobs.runtime.interpret = interpret
+                spec.loader.exec_module(module)
+            merged.update({key: value for key, value in vars(module).items()
+                           if not key.startswith("_") and not isinstance(value, ModuleType)})
+        _kernel_namespaces[interpret] = SimpleNamespace(**merged)
+    return _kernel_namespaces[interpret]
 
 
 # Grouped GEMM tiles on H100/H200-class GPUs, chosen from a static table (no autotuning on the hot
@@ -150,7 +158,8 @@ def _interpreted_library():
 
 
 def launch(name: str, interpret: bool, grid, *args, **kwargs) -> None:
-    """Launch kernels.py's ``name`` on ``grid`` (a tuple, or a callable of the launch keywords).
+    """Launch kernel ``name`` (of the ``*_kernels.py`` files) on ``grid`` (a tuple, or a callable of the
+    launch keywords).
 
     Positional arguments are the kernel's runtime arguments, keywords its constexprs and launch options.
     Compiled launches go through ``BOUND_KERNELS`` (below): Triton's own launch path once per

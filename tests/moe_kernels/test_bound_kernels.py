@@ -41,7 +41,7 @@ class Recording(runtime.BoundKernels):
 
 
 def combine_args(rows: torch.Tensor, num_tokens: int = 3) -> tuple[tuple, dict]:
-    """Arguments of kernels.py's combine_kernel, as experts._combine passes them."""
+    """Arguments of expert_kernels.py's combine_kernel, as experts._combine passes them."""
     ids = torch.zeros(num_tokens * 2, dtype=torch.int64)
     out = torch.empty(num_tokens, rows.shape[1])
     args = (rows, ids, ids, rows, out, num_tokens, rows.shape[1], 4, rows.stride(0), rows.stride(1),
