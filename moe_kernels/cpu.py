@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_kernels import gating_ops
 from moe_kernels.contract import check_expert_mlp_args, double_backward_error
 from moe_kernels.reference import GluSpec, glu_code, glu_from_code
 from moe_kernels.routing import RoutingPlan
@@ -97,13 +98,6 @@ def expert_mlp(
 def _register() -> None:
     """Fake kernels and autograd for the ops of moe_kernels._C."""
 
-    @torch.library.register_fake("cumo::routing_plan")
-    def _routing_plan_fake(top_k_idx, num_experts):
-        n = top_k_idx.numel()
-        new = top_k_idx.new_empty
-        return (new(num_experts, dtype=torch.int64), new(num_experts + 1, dtype=torch.int64),
-                new(n, dtype=torch.int64), new(n, dtype=torch.int64))
-
     @torch.library.register_fake("cumo::expert_mlp_forward")
     def _forward_fake(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, interleaved, glu_a, glu_b,
                       save_hidden):
@@ -156,9 +150,9 @@ def _register() -> None:
 
     torch.library.register_autograd("cumo::expert_mlp_forward", _backward, setup_context=_setup_context)
 
-    if hasattr(torch.ops.cumo, "topk_gating"):  # csrc/cpu/gating.cpp: its backward and fake live in gating_ops
-        from moe_kernels import gating_ops
-
+    # The gating and routing ops' fakes (and the gating backward) are shared with the cuda extension.
+    gating_ops.register_routing_plan("cumo::routing_plan")
+    if hasattr(torch.ops.cumo, "topk_gating"):  # csrc/cpu/gating.cpp
         gating_ops.register_topk_gating("cumo::topk_gating")
 
 

@@ -2,7 +2,8 @@
 
 The C++ ops ``cumo::topk_gating`` (CPU) and ``cumo_cuda::topk_gating`` (CUDA) only run forward;
 this file gives them a backward and a fake implementation, so they are differentiable in the
-logits and traceable by torch.compile. ``cumo_cuda::routing_plan`` gets a fake implementation.
+logits and traceable by torch.compile. ``cumo::routing_plan`` and ``cumo_cuda::routing_plan`` get a
+fake implementation.
 Call the ``register_*`` functions after the extension that defines the op is loaded; they are
 idempotent.
 
