@@ -18,7 +18,7 @@ pytest.importorskip("triton")
 # Ops that only relabel memory: they launch nothing on a GPU.
 METADATA_OPS = {"view", "_unsafe_view", "t", "transpose", "expand", "detach", "alias", "reshape", "unsqueeze",
                 "squeeze", "as_strided", "slice", "select", "permute", "_reshape_alias", "empty", "new_empty",
-                "empty_strided"}
+                "empty_strided", "promote_types"}
 
 
 class OpLog(TorchDispatchMode):
@@ -83,6 +83,18 @@ def test_inference_forward_runs_at_most_two_aten_ops_besides_the_kernels(stubbed
         layer(x)
     assert len(log.compute_ops()) <= 2, log.ops  # the router's GEMM; no casts, fills or copies
     assert stubbed_launches.LAUNCHES["grouped_gemm_kernel"] == 2
+
+
+def test_training_forward_aten_ops(stubbed_launches):
+    """A training forward besides its kernels: the router's GEMM, the expert load (clamp, shift, two
+    fills, one scatter) and the losses (softmax, the balance loss as one dot product, the z-loss,
+    their weighted sum). Each aten op costs ~10-20 us of host time on a GPU host: a guard against
+    the loss code growing back (it was 21 ops)."""
+    layer = _decode_layer()
+    x = torch.randn(4, 32, requires_grad=True)
+    with OpLog() as log:
+        layer.train()(x)
+    assert len(log.compute_ops()) <= 16, log.compute_ops()
 
 
 def test_training_step_launch_counts(interpreter):
