@@ -131,8 +131,9 @@ def _check_saved_rows(grad_out: Tensor, x: Tensor, top_k_idx: Tensor, w1: Tensor
 # x, w1 or b1 need a gradient; [0, H1] otherwise), the activated rows and the unweighted expert output
 # rows (when the top-k weights need a gradient; [0, O] otherwise). Which ones it keeps is decided by
 # the caller from requires_grad (save_pre, keep_rows): a custom op does not see autograd state. The
-# backward rebuilds the routing plan (three small launches) instead of taking one: the raw op is
-# callable directly, and a plan it trusted could send a kernel outside every buffer.
+# backward op rebuilds the routing plan (one to three small launches) instead of taking one: the raw op
+# is callable directly, and a plan it trusted could send a kernel outside every buffer. (The eager
+# path, _EagerExpertMLP, keeps the plan it built itself.)
 # A custom op's schema takes no GluSpec: the ops take it as reference.glu_code's four scalars
 # (glu, glu_interleaved, glu_a, glu_b) and rebuild it with _spec.
 def _spec(glu: int, interleaved: bool, glu_a: float, glu_b: float) -> GluSpec | bool:
