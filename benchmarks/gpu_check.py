@@ -6,11 +6,13 @@ On a bare GPU machine with a preinstalled torch and no internet, in this order, 
   2. the host time of the whole ``SparseMoEMLP`` layer at decode (router included), and every regime
      timed against the dense-equivalent MLP, plain ``torch._grouped_mm`` and transformers' experts:
      device time (CUDA events), host time per call (calls issued without a sync, so a host-bound
-     path shows its Python cost), and CUDA-graph replay time (inference);
+     path shows its Python cost), and CUDA-graph replay time (inference); the GPU time per kernel of
+     a training step, a cProfile of the host path and a timeline of training steps;
   3. the GPU tests (``pytest -m gpu -n 4``, fixed tile tables, no autotuning), each result in the log;
   4. every backend validated against the reference (``benchmarks.gpu --validate-only``).
-Writes ``gpu_check.log`` (everything printed) and ``gpu_check.json`` to ``$OUT`` if set, else
-``benchmarks/out/``. Exit status 1 if a build, test or validation failed.
+Writes ``gpu_check.log`` (everything printed), ``gpu_check.json``, ``host_profile.txt`` and
+``trace_fine_grained_train.json`` to ``$OUT`` if set, else ``benchmarks/out/``. Exit status 1 if a
+build, test or validation failed.
 
 ``--quick`` (under 3 minutes, for a check in the middle of a change): no CUDA build, so no ``cuda``
 backend; the timings and the GPU tests of everything else; no validation phase.
@@ -96,11 +98,14 @@ def error_path(log: Log, python: str, build_env: dict) -> dict:
     result = {"default": run_phase(log, "error path", [python, "-X", "faulthandler", "-c", ERROR_PATH_PROBE], 60)}
     if result["default"]["status"] == "ok":
         return result
-    run_phase(log, "toolchain", ["bash", "-c", f"which -a g++ c++; g++ --version | head -1; {python} -c \"{TOOLCHAIN_PROBE}\""], 30)
+    toolchain = f"which -a g++ c++; g++ --version | head -1; {python} -c \"{TOOLCHAIN_PROBE}\""
+    run_phase(log, "toolchain", ["bash", "-c", toolchain], 30)
     if Path("/usr/bin/g++").exists():
         env = {**build_env, "CXX": "/usr/bin/g++", "CC": "/usr/bin/gcc"}
-        result["rebuild"] = run_phase(log, "rebuild with /usr/bin/g++", [python, "setup.py", "build_ext", "--inplace", "--force"], BUILD_S, env=env)
-        result["system_gxx"] = run_phase(log, "error path (system g++)", [python, "-X", "faulthandler", "-c", ERROR_PATH_PROBE], 60)
+        result["rebuild"] = run_phase(log, "rebuild with /usr/bin/g++",
+                                      [python, "setup.py", "build_ext", "--inplace", "--force"], BUILD_S, env=env)
+        result["system_gxx"] = run_phase(log, "error path (system g++)",
+                                         [python, "-X", "faulthandler", "-c", ERROR_PATH_PROBE], 60)
     return result
 
 
@@ -274,11 +279,43 @@ def kernel_breakdown(log: Log) -> dict:
                 kernels[event.key[:90]] = round(device_us / 5, 1)
         top = dict(sorted(kernels.items(), key=lambda kv: -kv[1])[:14])
         result[regime.name] = {"kernel_us_per_step": top, "total_us_per_step": round(sum(kernels.values()), 1)}
-        log(f"\nkernels of one {regime.name} train-bf16 step (triton), us: total {result[regime.name]['total_us_per_step']}")
+        total = result[regime.name]["total_us_per_step"]
+        log(f"\nkernels of one {regime.name} train-bf16 step (triton), us: total {total}")
         for name, us in top.items():
             log(f"  {us:9.1f}  {name}")
         del problem
     return result
+
+
+def host_profiles(log: Log, out: Path) -> dict:
+    """For the next change of the host path, written beside the log: cProfile of the Triton host path
+    (``benchmarks.host_profile``: a decode forward and a fine-grained training step) and a torch.profiler
+    timeline (CPU ops, CUDA runtime calls, kernels) of five fine-grained training steps of the layer."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.host_profile import CASES, profile_case
+    from cumo_layers import SparseMoEMLP
+
+    text = [f"=== {name}\n{profile_case(*case, device='cuda', top=40)}" for name, case in CASES.items()]
+    (out / "host_profile.txt").write_text("\n".join(text))
+    layer = SparseMoEMLP(1024, 512, num_experts=64, top_k=8, activation="silu", glu=True, bias=False,
+                         backend="triton", device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2048, 1024, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def step():
+        (layer(x).float().pow(2).mean() + layer.last_aux_loss).backward()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    prof.export_chrome_trace(str(out / "trace_fine_grained_train.json"))
+    log("host profiles: host_profile.txt, trace_fine_grained_train.json")
+    return {"files": ["host_profile.txt", "trace_fine_grained_train.json"]}
 
 
 def save(out: Path, report: dict) -> None:
@@ -323,6 +360,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         log(f"timing failed: {type(exc).__name__}: {exc}")
         report["timing_error"] = str(exc)
+    try:
+        report["host_profiles"] = host_profiles(log, out)
+    except Exception as exc:  # reported, never hidden; the tests still run
+        log(f"host profiles failed: {type(exc).__name__}: {exc}")
+        report["host_profiles"] = {"failed": str(exc)}
     log(f"=== timing: {time.perf_counter() - start:.0f} s")
     save(out, report)
     # xdist replaces a crashed worker and goes on, so one fatal test cannot hide the rest.
