@@ -60,6 +60,7 @@ setup(
     version="0.1.0",
     description="Sparse Mixture-of-Experts kernels and layers for PyTorch (CuMo-style co-upcycling)",
     packages=find_packages(include=["moe_kernels", "moe_kernels.*", "cumo_layers", "cumo_layers.*"]),
+    package_data={"moe_kernels.triton": ["tuned/*.json"]},  # tile tables tuned per GPU model
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "safetensors"],
     ext_modules=ext_modules,

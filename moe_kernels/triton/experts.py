@@ -17,17 +17,14 @@ from moe_kernels.triton import runtime
 from moe_kernels.triton.routing import routing_plan_from_ids
 from moe_kernels.triton.runtime import (
     ELEMENTWISE_TILE,
-    INTERPRET_GEMM,
-    INTERPRET_WEIGHT_GRAD,
     cdiv,
     check_device,
     device_guard,
     dot_options,
     eager,
-    gemm_config,
     next_power_of_2,
-    weight_grad_config,
 )
+from moe_kernels.triton.tiles import INTERPRET_GEMM, INTERPRET_WEIGHT_GRAD, gemm_config, weight_grad_config
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The kernels' constexpr activation codes: positions in the reference's table (expert_kernels.py spells the order).
@@ -57,7 +54,8 @@ def _grouped_gemm(a: Tensor, weight: Tensor, b_strides: tuple[int, int], plan: R
                 EPILOGUE=epilogue, GLU=glu is not None, ACTIVATION=ACTIVATION_CODES[activation], STORE_AUX=store_aux,
                 GLU_KIND=max(glu_kind - 1, 0), INTERLEAVED=interleaved, GLU_A=glu_a, GLU_B=glu_b,
                 BLOCK_E=next_power_of_2(num_experts), **dot_options(a.dtype, interpret))
-    meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, a.dtype, glu is not None))
+    meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, a.dtype, glu is not None,
+                                                             a.get_device()))
 
     def grid(m):
         return ((cdiv(num_rows, m["BLOCK_M"]) + num_experts) * cdiv(num_cols, m["BLOCK_N"]),)
@@ -78,7 +76,7 @@ def _weight_grad(a: Tensor, b: Tensor, plan: RoutingPlan, grad_w: Tensor, grad_b
     meta = dict(TOP_K=plan.top_k, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=row_scale is not None,
                 HAS_BIAS=grad_bias is not None, **dot_options(a.dtype, interpret))
     rows_per_expert = plan.sorted_slots.numel() / num_experts
-    meta.update(INTERPRET_WEIGHT_GRAD if interpret else weight_grad_config(rows_per_expert, a.dtype))
+    meta.update(INTERPRET_WEIGHT_GRAD if interpret else weight_grad_config(rows_per_expert, a.dtype, a.get_device()))
 
     def grid(m):
         return (cdiv(p_dim, m["BLOCK_P"]) * cdiv(q_dim, m["BLOCK_Q"]), num_experts)

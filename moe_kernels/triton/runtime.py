@@ -7,8 +7,8 @@ library (tl.sum, tl.cumsum, ...) when ``triton`` is first imported. So the kerne
 (``*_kernels.py``) are loaded once per mode, and an interpreted launch swaps Triton's compiled library
 functions for interpreted twins for its duration. The mode therefore does not depend on when
 TRITON_INTERPRET was set relative to the first ``import triton`` (timm, for one, imports triton).
-CUDA tensors run compiled kernels with tiles from a static table (``gemm_config``); under the
-interpreter tiles are fixed and small.
+CUDA tensors run compiled kernels with tiles from tiles.py's tables; under the interpreter tiles
+are fixed and small.
 """
 
 from __future__ import annotations
@@ -27,10 +27,6 @@ import triton.language as tl
 from triton import knobs
 from triton.runtime.interpreter import InterpretedFunction
 from triton.runtime.jit import JITFunction
-
-# Fixed tiles under the interpreter: small, so that tests cross tile edges on tiny shapes.
-INTERPRET_GEMM = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
-INTERPRET_WEIGHT_GRAD = dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_R=32)
 
 # Number of launches per kernel name since the last reset: tests read it so that a silent
 # fallback to PyTorch cannot pass.
@@ -91,45 +87,6 @@ def kernels(interpret: bool) -> SimpleNamespace:
                            if not key.startswith("_") and not isinstance(value, ModuleType)})
         _kernel_namespaces[interpret] = SimpleNamespace(**merged)
     return _kernel_namespaces[interpret]
-
-
-# Grouped GEMM tiles on H100/H200-class GPUs, chosen from a static table (no autotuning on the hot
-# path: a first call never benchmarks, a new shape never stalls). The key is the mean rows per expert
-# (T*K/E, known from shapes without a sync): thin M tiles when experts see few rows (decode, small
-# batch), wide ones when they see many, the choice vLLM's tuned H200 table makes (BLOCK_M 16 at M=1,
-# 32 up to M=2048, 64 at 4096 for E=128). Entries: (max rows per expert, BLOCK_M, BLOCK_N, BLOCK_K,
-# warps, stages) for 16-bit operands; fp32 (no tensor-core fast path here) halves BLOCK_K.
-GEMM_TABLE = [
-    (16, 16, 64, 128, 4, 4),
-    (64, 32, 64, 128, 4, 4),
-    (256, 64, 128, 64, 4, 4),
-    (float("inf"), 128, 128, 64, 8, 3),
-]
-# Weight gradients reduce over an expert's rows: (max rows per expert, BLOCK_P, BLOCK_Q, BLOCK_R, warps, stages).
-WEIGHT_GRAD_TABLE = [
-    (64, 64, 64, 32, 4, 2),
-    (float("inf"), 128, 128, 64, 8, 3),
-]
-GROUP_M = 8
-
-
-def gemm_config(rows_per_expert: float, dtype: torch.dtype, glu: bool) -> dict:
-    """Launch settings of grouped_gemm_kernel from the static table."""
-    _, block_m, block_n, block_k, warps, stages = next(row for row in GEMM_TABLE if rows_per_expert <= row[0])
-    if glu and block_n > 64:  # two accumulators (gate and up) per tile
-        block_n = 64
-    if dtype == torch.float32:
-        block_k, stages = max(32, block_k // 2), min(stages, 3)
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, num_warps=warps,
-                num_stages=stages)
-
-
-def weight_grad_config(rows_per_expert: float, dtype: torch.dtype) -> dict:
-    """Launch settings of grouped_weight_grad_kernel from the static table."""
-    _, block_p, block_q, block_r, warps, stages = next(row for row in WEIGHT_GRAD_TABLE if rows_per_expert <= row[0])
-    if dtype == torch.float32:
-        block_p, block_q, block_r, warps, stages = 64, 64, 32, 4, 2
-    return dict(BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_R=block_r, num_warps=warps, num_stages=stages)
 
 
 def _library_is_interpreted() -> bool:

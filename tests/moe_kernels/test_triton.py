@@ -531,16 +531,16 @@ def test_expert_mlp_cuda_64bit_offsets(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("glu", [False, True])
 def test_tile_table_covers_every_row_count(rows_per_expert, dtype, glu):
-    from moe_kernels.triton import runtime
+    from moe_kernels.triton import runtime, tiles
 
-    gemm = runtime.gemm_config(rows_per_expert, dtype, glu)
-    grad = runtime.weight_grad_config(rows_per_expert, dtype)
+    gemm = tiles.gemm_config(rows_per_expert, dtype, glu)
+    grad = tiles.weight_grad_config(rows_per_expert, dtype)
     for config in (gemm, grad):
         for name, value in config.items():
             if name.startswith("BLOCK"):
                 assert value >= 16 and value & (value - 1) == 0, (name, value)  # tl.dot needs >= 16
     assert (gemm["BLOCK_M"] <= 32) == (rows_per_expert <= 64)  # thin tiles exactly where experts see few rows
-    assert "autotune" not in Path(runtime.__file__).read_text()
+    assert not any("autotune" in Path(module.__file__).read_text() for module in (runtime, tiles))
 
 
 def test_activation_codes_follow_the_reference_table():

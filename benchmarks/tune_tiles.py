@@ -1,0 +1,189 @@
+"""``python3 -m benchmarks.tune_tiles``: tune the Triton expert kernels' tile tables on this GPU, offline.
+
+For each row-count bucket of moe_kernels/triton/tiles.py (mean rows per expert up to 16, 64, 256, and
+above), it times candidate tiles on the problems whose mean rows per expert fall in the bucket (bf16):
+the forward's two grouped GEMMs (fc1 with its gather and activation epilogue, fc2) for the GEMM table,
+the two weight gradients for the other. A bucket keeps the static table's tiles unless a candidate is
+faster by more than ``MARGIN`` over all of its problems. Times are medians of CUDA-event timings. Writes
+``tuned_<model>.json`` to ``$OUT`` (or benchmarks/out); copy it to moe_kernels/triton/tuned/<model>.json
+to ship it: from then on that GPU model launches with it (tests/moe_kernels/test_tiles.py checks every
+shipped table). Each candidate compiles once (about a second); ``--budget-s`` bounds the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+MARGIN = 0.03
+BOUNDS = [16, 64, 256, math.inf]  # the buckets of tiles.GEMM_TABLE; WEIGHT_GRAD_TABLE splits at 64
+# (T, D, H, O, E, K, GLU), bf16, SiLU: decode, small batch, and the benchmark regimes' sizes in between.
+PROBLEMS = [
+    (1, 2048, 1024, 2048, 64, 8, True),
+    (16, 1024, 512, 1024, 64, 8, True),
+    (128, 2048, 1024, 2048, 64, 8, True),
+    (512, 1024, 512, 1024, 64, 8, True),
+    (2048, 1024, 512, 1024, 64, 8, True),
+    (2304, 1024, 4096, 1024, 4, 2, False),
+    (8192, 2048, 768, 2048, 128, 8, True),
+]
+
+
+def bucket_of(rows_per_expert: float, bounds: list[float] = BOUNDS) -> float:
+    return next(bound for bound in bounds if rows_per_expert <= bound)
+
+
+def gemm_candidates(bound: float) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages) tried for a GEMM bucket: thin M tiles for few rows."""
+    block_ms = {16: [16], 64: [16, 32], 256: [32, 64]}.get(bound, [64, 128])
+    block_ns = [64, 128] if bound <= 256 else [128, 256]
+    block_ks = [64, 128] if bound <= 64 else [64]
+    schedules = [(4, 3), (4, 4)] + ([(8, 3), (8, 4)] if bound > 64 else [(4, 5)])
+    return [(m, n, k, w, s) for m, n, k, (w, s) in itertools.product(block_ms, block_ns, block_ks, schedules)]
+
+
+def weight_grad_candidates(bound: float) -> list[tuple[int, int, int, int, int]]:
+    """(BLOCK_P, BLOCK_Q, BLOCK_R, warps, stages) tried for a weight-gradient bucket."""
+    blocks = [64, 128]
+    block_rs = [32, 64] if bound <= 64 else [64]
+    schedules = [(4, 2), (4, 3), (8, 3)] if bound <= 64 else [(4, 3), (8, 3), (8, 4)]
+    return [(p, q, r, w, s) for p, q, r, (w, s) in itertools.product(blocks, blocks, block_rs, schedules)]
+
+
+def choose(times: dict[tuple, float], static: tuple, margin: float = MARGIN) -> tuple[tuple, float]:
+    """(chosen tiles, static time / chosen time): the fastest candidate if it beats the static tiles by
+    more than ``margin``, else the static tiles. Candidates that failed have no entry in ``times``."""
+    best = min(times, key=times.get)
+    if static in times and times[best] * (1 + margin) >= times[static]:
+        return static, 1.0
+    return best, (times[static] / times[best]) if static in times else math.nan
+
+
+def median_ms(fn, reps: int = 10) -> float:
+    for _ in range(3):
+        fn()
+    samples = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        samples.append(start.elapsed_time(end))
+    return sorted(samples)[len(samples) // 2]
+
+
+def make_case(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", dtype=torch.bfloat16,
+              interpret=False):
+    """Operands of one problem and the two launch sequences timed: the forward GEMMs and the weight grads
+    (device, dtype, interpret: a CPU run under Triton's interpreter checks the plumbing in tests)."""
+    from moe_kernels.reference import PLAIN_GLU
+    from moe_kernels.triton import experts as ex
+    from moe_kernels.triton.routing import routing_plan_from_ids
+
+    gen = torch.Generator(device=device).manual_seed(0)
+    kw = dict(device=device, dtype=dtype)
+    hidden1 = 2 * hidden if glu else hidden
+    x = torch.randn(tokens, d_in, generator=gen, **kw)
+    w1 = torch.randn(experts, hidden1, d_in, generator=gen, **kw) * d_in ** -0.5
+    w2 = torch.randn(experts, d_out, hidden, generator=gen, **kw) * hidden ** -0.5
+    ids = torch.rand(tokens, experts, generator=gen, device=device).argsort(dim=1)[:, :top_k].reshape(-1)
+    weights = torch.rand(tokens * top_k, generator=gen, device=device)
+    plan = routing_plan_from_ids(ids.contiguous(), experts, top_k, interpret)
+    rows = tokens * top_k
+    pre = torch.empty(rows, hidden1, **kw)
+    hidden_rows = torch.empty(rows, hidden, **kw)
+    out_rows = torch.empty(rows, d_out, **kw)
+    grad_out = torch.randn(tokens, d_out, generator=gen, **kw)
+    grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
+    spec = PLAIN_GLU if glu else None
+
+    def forward():
+        ex._grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret, gather=True,
+                         aux=pre, epilogue=ex.EPILOGUE_ACTIVATION, glu=spec, activation="silu", store_aux=True)
+        ex._grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, out_rows, d_out, interpret,
+                         gather=False, row_scale=weights)
+
+    def weight_grads():
+        ex._weight_grad(grad_out, hidden_rows, plan, grad_w2, None, interpret, gather_a=True, gather_b=False,
+                        row_scale=weights)
+        ex._weight_grad(pre, x, plan, grad_w1, None, interpret, gather_a=False, gather_b=True)
+
+    forward()  # the saved rows the weight gradients read hold real values
+    return forward, weight_grads
+
+
+def tune(kind: str, cases: dict, deadline: float, log) -> tuple[list, dict]:
+    """The tuned table of one kernel family ("gemm" or "weight_grad") and its speed-up per bucket."""
+    from moe_kernels.triton import tiles
+
+    static_table = tiles.GEMM_TABLE if kind == "gemm" else tiles.WEIGHT_GRAD_TABLE
+    bounds = [row[0] for row in static_table]
+    candidates = gemm_candidates if kind == "gemm" else weight_grad_candidates
+    table, speedups = [], {}
+    for static_row in static_table:
+        bound, static = static_row[0], tuple(static_row[1:])
+        problems = [p for p in cases if bucket_of(p[0] * p[5] / p[4], bounds) == bound]  # T*K/E
+        times: dict[tuple, float] = {}
+        for tiles_ in [static] + [c for c in candidates(bound) if c != static]:
+            if time.perf_counter() > deadline:
+                log(f"  {kind} <= {bound}: out of time after {len(times)} candidates")
+                break
+            row = (math.inf, *tiles_)
+            override = ([row], tiles.WEIGHT_GRAD_TABLE) if kind == "gemm" else (tiles.GEMM_TABLE, [row])
+            tiles.tables_for.cache_clear()
+            real = tiles.tables_for
+            tiles.tables_for = lambda device, override=override: override
+            try:
+                times[tiles_] = sum(median_ms(cases[p][0 if kind == "gemm" else 1]) for p in problems)
+            except Exception as exc:  # a tile that does not compile or fit: reported, skipped
+                log(f"  {kind} <= {bound} {tiles_}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
+            finally:
+                tiles.tables_for = real
+        chosen, speedup = choose(times, static) if times else (static, math.nan)
+        table.append([None if bound == math.inf else bound, *chosen])
+        speedups[str(bound)] = round(speedup, 3)
+        log(f"  {kind} <= {bound}: {len(problems)} problems, {len(times)} tiles timed, chose {chosen} "
+            f"({speedup:.2f}x the static {static})")
+    tiles.tables_for.cache_clear()
+    return table, speedups
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.tune_tiles", description=__doc__.splitlines()[0])
+    parser.add_argument("--budget-s", type=float, default=240.0, help="stop trying candidates after this long")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune_tiles: no CUDA device; tile tables are tuned on the GPU they are for")
+        return 2
+    import triton
+
+    from moe_kernels.triton import tiles
+
+    out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "out")
+    out.mkdir(parents=True, exist_ok=True)
+    device = torch.cuda.get_device_name()
+    deadline = time.perf_counter() + args.budget_s
+    cases = {problem: make_case(*problem) for problem in PROBLEMS}
+    print(f"tuning tiles on {device}; Triton {triton.__version__}, torch {torch.__version__}")
+    result = {"device": device, "triton": triton.__version__, "torch": torch.__version__,
+              "date": time.strftime("%Y-%m-%d", time.gmtime()), "problems": PROBLEMS}
+    for kind in ("gemm", "weight_grad"):
+        result[kind], result[f"{kind}_speedup_vs_static"] = tune(kind, cases, deadline, print)
+    tiles.check_table(result["gemm"], "gemm")
+    tiles.check_table(result["weight_grad"], "weight_grad")
+    path = out / f"tuned_{tiles.tuned_name(device)}.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}; ship it as moe_kernels/triton/tuned/{tiles.tuned_name(device)}.json")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,79 @@
+"""Tile tables of the Triton kernels (moe_kernels/triton/tiles.py): the static default, tuned tables per
+GPU model, and the checks a tuned table must pass before any launch reads it."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from moe_kernels.triton import tiles
+
+GOOD = {
+    "device": "Fake GPU 9000",
+    "gemm": [[32, 32, 128, 64, 4, 3], [None, 128, 256, 64, 8, 3]],
+    "weight_grad": [[None, 64, 128, 64, 8, 4]],
+}
+
+
+@pytest.fixture
+def tuned_dir(tmp_path, monkeypatch):
+    """A tuned/ directory of our own, a GPU model name for device 0, and no cached tables."""
+    monkeypatch.setattr(tiles, "TUNED_DIR", tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 9000")
+    tiles.tables_for.cache_clear()
+    yield tmp_path
+    tiles.tables_for.cache_clear()
+
+
+def test_a_tuned_table_replaces_the_static_one_for_its_gpu_model(tuned_dir):
+    (tuned_dir / "fake_gpu_9000.json").write_text(json.dumps(GOOD))
+    assert tiles.tuned_name("Fake GPU 9000") == "fake_gpu_9000"
+    config = tiles.gemm_config(20, torch.bfloat16, glu=False, device=0)
+    assert (config["BLOCK_M"], config["BLOCK_N"], config["num_warps"]) == (32, 128, 4)
+    config = tiles.gemm_config(1000, torch.bfloat16, glu=True, device=0)
+    assert (config["BLOCK_M"], config["BLOCK_N"]) == (128, 64)  # GLU keeps two accumulators: N capped at 64
+    assert tiles.weight_grad_config(5, torch.bfloat16, device=0)["BLOCK_Q"] == 128
+    # No GPU (device -1) or a model without a table: the static table.
+    assert tiles.gemm_config(1000, torch.bfloat16, glu=False) == tiles.gemm_config(1000, torch.bfloat16, False, -1)
+    assert tiles.gemm_config(1000, torch.bfloat16, glu=False)["BLOCK_N"] == tiles.GEMM_TABLE[-1][2]
+
+
+def test_without_a_tuned_table_the_static_one_applies(tuned_dir):
+    assert tiles.tables_for(0) == (tiles.GEMM_TABLE, tiles.WEIGHT_GRAD_TABLE)
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda t: t.pop("gemm"), "gemm"),
+    (lambda t: t.update(gemm=[[64, 32, 128, 64, 4, 3], [32, 64, 128, 64, 4, 3], [None, 64, 64, 64, 4, 3]]),
+     "must increase"),
+    (lambda t: t.update(gemm=[[32, 32, 128, 64, 4, 3]]), "last row must have no bound"),
+    (lambda t: t.update(gemm=[[None, 48, 128, 64, 4, 3]]), "powers of two"),
+    (lambda t: t.update(gemm=[[None, 8, 128, 64, 4, 3]]), "powers of two"),
+    (lambda t: t.update(gemm=[[None, 32, 128, 64, 3, 3]]), "warps"),
+    (lambda t: t.update(gemm=[[None, 32, 128, 64, 4]]), "expected"),
+    (lambda t: t.update(weight_grad=[[None, 64.0, 128, 64, 8, 4]]), "must be ints"),
+    (lambda t: t.update(weight_grad=[]), "non-empty"),
+])
+def test_a_malformed_tuned_table_is_refused_naming_file_and_entry(tuned_dir, change, message):
+    table = json.loads(json.dumps(GOOD))
+    change(table)
+    path = tuned_dir / "fake_gpu_9000.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=message) as info:
+        tiles.gemm_config(20, torch.bfloat16, glu=False, device=0)
+    assert str(path) in str(info.value)
+
+
+def test_a_file_that_is_not_json_is_refused(tuned_dir):
+    (tuned_dir / "fake_gpu_9000.json").write_text("{not json")
+    with pytest.raises(ValueError, match="fake_gpu_9000.json"):
+        tiles.tables_for(0)
+
+
+def test_every_shipped_tuned_table_loads():
+    for path in sorted(tiles.TUNED_DIR.glob("*.json")):
+        gemm, weight_grad = tiles.load_tables(path)
+        assert gemm[-1][0] == math.inf and weight_grad[-1][0] == math.inf, path

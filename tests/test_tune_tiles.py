@@ -1,0 +1,75 @@
+"""The offline tile tuner's choices (benchmarks/tune_tiles.py), without a GPU: buckets, candidates, and
+when a candidate replaces the static tiles."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from benchmarks import tune_tiles
+from moe_kernels.triton import tiles
+
+
+def test_buckets_are_the_static_tables():
+    assert tune_tiles.BOUNDS == [row[0] for row in tiles.GEMM_TABLE]
+    assert [tune_tiles.bucket_of(r) for r in (0.125, 16, 17, 64, 256, 257, 1e6)] == [16, 16, 64, 64, 256, math.inf,
+                                                                                       math.inf]
+    assert {tune_tiles.bucket_of(t * k / e) for t, _, _, _, e, k, _ in tune_tiles.PROBLEMS} == set(tune_tiles.BOUNDS)
+
+
+def test_candidates_are_valid_table_rows():
+    for bound in tune_tiles.BOUNDS:
+        for kind, candidates in (("gemm", tune_tiles.gemm_candidates(bound)),
+                                 ("weight_grad", tune_tiles.weight_grad_candidates(bound))):
+            assert candidates and len(set(candidates)) == len(candidates)
+            for c in candidates:  # each one passes the loader's checks
+                tiles.check_table([[None, *c]], kind)
+    assert all(c[0] == 16 for c in tune_tiles.gemm_candidates(16))  # thin tiles for decode-like buckets
+
+
+def test_choose_keeps_the_static_tiles_unless_clearly_beaten():
+    static, other = (16, 64, 128, 4, 4), (16, 128, 64, 4, 3)
+    assert tune_tiles.choose({static: 1.0, other: 0.99}, static) == (static, 1.0)  # within the margin
+    chosen, speedup = tune_tiles.choose({static: 1.0, other: 0.8}, static)
+    assert chosen == other and abs(speedup - 1.25) < 1e-9
+    chosen, speedup = tune_tiles.choose({other: 0.8}, static)  # the static tiles failed to run
+    assert chosen == other and math.isnan(speedup)
+
+
+def test_tune_times_each_candidate_through_the_tables_the_launchers_read(monkeypatch):
+    """With stand-in problems whose 'time' depends on the tiles the launchers would read: the bucket
+    where a candidate is clearly faster takes it, every other bucket keeps the static tiles, and the
+    tables are the real ones again afterwards."""
+    favourite = (16, 128, 64, 4, 3)
+
+    def launch_cost(problem):
+        config = tiles.gemm_config(1.0, torch.bfloat16, False, device=0)
+        chosen = (config["BLOCK_M"], config["BLOCK_N"], config["BLOCK_K"], config["num_warps"], config["num_stages"])
+        tokens, _, _, _, experts, top_k, _ = problem
+        return 0.5 if chosen == favourite and tokens * top_k / experts <= 16 else 1.0
+
+    monkeypatch.setattr(tune_tiles, "median_ms", lambda fn: fn())
+    cases = {problem: (lambda p=problem: launch_cost(p), lambda: 1.0) for problem in tune_tiles.PROBLEMS}
+    table, speedups = tune_tiles.tune("gemm", cases, deadline=math.inf, log=lambda *a: None)
+    assert table[0] == [16, *favourite] and speedups["16"] == 2.0
+    assert table[1:] == [[None if b == math.inf else b, *rest] for b, *rest in tiles.GEMM_TABLE[1:]]
+    tiles.check_table(table, "gemm")
+    assert tiles.tables_for(-1) == (tiles.GEMM_TABLE, tiles.WEIGHT_GRAD_TABLE)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the tuner would run")
+def test_without_a_gpu_it_says_so():
+    assert tune_tiles.main([]) == 2
+
+
+def test_a_case_runs_under_the_interpreter(monkeypatch):
+    """The launch sequences the tuner times, run once on CPU tensors through Triton's interpreter (fp32):
+    every argument reaches its kernel (a GPU run is too scarce to find a wrong call)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    forward, weight_grads = tune_tiles.make_case(6, 16, 8, 12, 4, 2, True, device="cpu", dtype=torch.float32,
+                                                 interpret=True)
+    forward()
+    weight_grads()
