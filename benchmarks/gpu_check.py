@@ -15,7 +15,9 @@ Writes ``gpu_check.log`` (everything printed), ``gpu_check.json``, ``host_profil
 build, test or validation failed.
 
 ``--quick`` (under 3 minutes, for a check in the middle of a change): no CUDA build, so no ``cuda``
-backend; the timings and the GPU tests of everything else; no validation phase.
+backend; the timings and the GPU tests of everything else; no validation phase. ``--tune-s 150``
+first tunes the tile tables for this GPU (``benchmarks.tune_tiles``) and measures with them; the table
+comes back as ``tuned_<model>.json``.
 """
 
 from __future__ import annotations
@@ -318,6 +320,26 @@ def host_profiles(log: Log, out: Path) -> dict:
     return {"files": ["host_profile.txt", "trace_fine_grained_train.json"]}
 
 
+def tune_tiles(log: Log, python: str, out: Path, budget_s: float) -> dict:
+    """benchmarks.tune_tiles as a phase, its table installed in this checkout's moe_kernels/triton/tuned/
+    so that every later phase launches with it (the file in $OUT is the one to commit)."""
+    import torch
+
+    from moe_kernels.triton import tiles
+
+    result = run_phase(log, "tune tiles", [python, "-m", "benchmarks.tune_tiles", "--budget-s", str(budget_s)],
+                       budget_s + 120, env={"OUT": str(out)})
+    name = tiles.tuned_name(torch.cuda.get_device_name())
+    table = out / f"tuned_{name}.json"
+    if result["status"] == "ok" and table.exists():
+        tiles.load_tables(table)  # refuses a malformed table before anything launches with it
+        tiles.TUNED_DIR.mkdir(exist_ok=True)
+        (tiles.TUNED_DIR / f"{name}.json").write_text(table.read_text())
+        tiles.tables_for.cache_clear()
+        log(f"tuned table installed: {tiles.TUNED_DIR / (name + '.json')}")
+    return result
+
+
 def save(out: Path, report: dict) -> None:
     """After every phase: a run cut short still leaves what it measured."""
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
@@ -326,7 +348,11 @@ def save(out: Path, report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python3 -m benchmarks.gpu_check", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="no CUDA build and no validation (about 3 minutes)")
-    quick = parser.parse_args(argv).quick
+    parser.add_argument("--tune-s", type=float, default=0.0,
+                        help="first tune the tile tables for this GPU for up to this many seconds "
+                             "(benchmarks.tune_tiles) and measure with them; the table comes back beside the log")
+    args = parser.parse_args(argv)
+    quick = args.quick
     out = out_dir()
     log = Log(out / "gpu_check.log")
     report: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "quick": quick}
@@ -349,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         report["build"] = run_phase(log, "build", [python, "setup.py", "build_ext", "--inplace"], BUILD_S,
                                     env=build_env)
         report["error_path"] = error_path(log, python, build_env)
+        save(out, report)
+    if args.tune_s > 0:
+        report["tune"] = tune_tiles(log, python, out, args.tune_s)
         save(out, report)
     log("\n=== timing")
     start = time.perf_counter()
