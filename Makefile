@@ -46,8 +46,9 @@ report: $(EXT_STAMP)
 
 # On a GPU machine, with its own python3 and torch (no venv, no internet): build the CUDA extension for
 # the local GPU, run the GPU tests, validate, time; writes gpu_check.{log,json} ($OUT or benchmarks/out).
+# GPU_CHECK_ARGS: e.g. --quick, or --tune-s 150 (tune the tile tables first and measure with them).
 gpu-check:
-	$(PYTHON) -m benchmarks.gpu_check
+	$(PYTHON) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build moe_kernels/*.so $(STAMP) $(EXT_STAMP)
