@@ -62,7 +62,11 @@ REGIMES = [
     Regime("decode", 1, 2048, 1024, 2048, 64, 8, "silu", True, False, memory_bound=True,
            note="one token, SwiGLU"),
 ]
-REGIMES_BY_NAME = {regime.name: regime for regime in REGIMES}
+# GPU runs add issue 16's large batch (too big for a CPU run: 131072 expert rows).
+GPU_REGIMES = REGIMES + [
+    Regime("large", 16384, 2048, 768, 2048, 128, 8, "silu", True, True, note="T=16384, 128 experts, SwiGLU"),
+]
+REGIMES_BY_NAME = {regime.name: regime for regime in GPU_REGIMES}
 
 
 class Mode(NamedTuple):

@@ -164,12 +164,12 @@ def time_graph(step, iters: int) -> float | None:
 def timings(log: Log, deadline: float, device: str = "cuda", peers: list[str] = TIMED_PEERS) -> list[dict]:
     import torch
 
-    from benchmarks.common import MODES_BY_NAME, PEERS_BY_NAME, REGIMES, PeerSkipped, make_problem, make_step
+    from benchmarks.common import GPU_REGIMES, MODES_BY_NAME, PEERS_BY_NAME, PeerSkipped, make_problem, make_step
 
     rows = []
     for mode_name in ("infer-bf16", "train-bf16"):
         mode = MODES_BY_NAME[mode_name]
-        for regime in REGIMES:
+        for regime in GPU_REGIMES:
             if mode.training and not regime.train:
                 continue
             if time.perf_counter() > deadline:
