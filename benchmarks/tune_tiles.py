@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.gpu_check import time_device
+
 MARGIN = 0.03
+REPS = 10  # CUDA-event timings per candidate and problem (their median counts)
 BOUNDS = [16, 64, 256, math.inf]  # the buckets of tiles.GEMM_TABLE; WEIGHT_GRAD_TABLE splits at 64
 # (T, D, H, O, E, K, GLU), bf16, SiLU: decode, small batch, and the benchmark regimes' sizes in between.
 PROBLEMS = [
@@ -64,20 +67,6 @@ def choose(times: dict[tuple, float], static: tuple, margin: float = MARGIN) -> 
     if static in times and times[best] * (1 + margin) >= times[static]:
         return static, 1.0
     return best, (times[static] / times[best]) if static in times else math.nan
-
-
-def median_ms(fn, reps: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    samples = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        samples.append(start.elapsed_time(end))
-    return sorted(samples)[len(samples) // 2]
 
 
 def make_case(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", dtype=torch.bfloat16,
@@ -142,7 +131,7 @@ def tune(kind: str, cases: dict, deadline: float, log) -> tuple[list, dict]:
             real = tiles.tables_for
             tiles.tables_for = lambda device, override=override: override
             try:
-                times[tiles_] = sum(median_ms(cases[p][0 if kind == "gemm" else 1]) for p in problems)
+                times[tiles_] = sum(time_device(cases[p][0 if kind == "gemm" else 1], REPS) for p in problems)
             except Exception as exc:  # a tile that does not compile or fit: reported, skipped
                 log(f"  {kind} <= {bound} {tiles_}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
             finally:

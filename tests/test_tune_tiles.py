@@ -50,7 +50,7 @@ def test_tune_times_each_candidate_through_the_tables_the_launchers_read(monkeyp
         tokens, _, _, _, experts, top_k, _ = problem
         return 0.5 if chosen == favourite and tokens * top_k / experts <= 16 else 1.0
 
-    monkeypatch.setattr(tune_tiles, "median_ms", lambda fn: fn())
+    monkeypatch.setattr(tune_tiles, "time_device", lambda fn, iters: fn())
     cases = {problem: (lambda p=problem: launch_cost(p), lambda: 1.0) for problem in tune_tiles.PROBLEMS}
     table, speedups = tune_tiles.tune("gemm", cases, deadline=math.inf, log=lambda *a: None)
     assert table[0] == [16, *favourite] and speedups["16"] == 2.0
