@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -77,3 +78,20 @@ def test_every_shipped_tuned_table_loads():
     for path in sorted(tiles.TUNED_DIR.glob("*.json")):
         gemm, weight_grad = tiles.load_tables(path)
         assert gemm[-1][0] == math.inf and weight_grad[-1][0] == math.inf, path
+
+
+@pytest.mark.parametrize("rows_per_expert", [0.1, 1, 16, 17, 64, 65, 4096, 10**6])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("glu", [False, True])
+def test_tile_table_covers_every_row_count(rows_per_expert, dtype, glu):
+    pytest.importorskip("triton")
+    from moe_kernels.triton import runtime
+
+    gemm = tiles.gemm_config(rows_per_expert, dtype, glu)
+    grad = tiles.weight_grad_config(rows_per_expert, dtype)
+    for config in (gemm, grad):
+        for name, value in config.items():
+            if name.startswith("BLOCK"):
+                assert value >= 16 and value & (value - 1) == 0, (name, value)  # tl.dot needs >= 16
+    assert (gemm["BLOCK_M"] <= 32) == (rows_per_expert <= 64)  # thin tiles exactly where experts see few rows
+    assert not any("autotune" in Path(module.__file__).read_text() for module in (runtime, tiles))

@@ -7,8 +7,6 @@ kernels, bf16, 64-bit offsets) are marked and skip without CUDA.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -16,7 +14,6 @@ pytest.importorskip("triton")
 
 import moe_kernels.triton as triton_backend  # noqa: E402
 from moe_kernels import ops, reference  # noqa: E402
-from moe_kernels.reference import GluSpec, glu_code  # noqa: E402
 from moe_kernels.routing import build_routing_plan  # noqa: E402
 from tests.helpers import (  # noqa: E402
     ODD_SHAPES,
@@ -29,33 +26,15 @@ from tests.helpers import (  # noqa: E402
     random_problem,
     require_compiled_kernels,
 )
+from tests.moe_kernels.triton_launches import (  # noqa: E402
+    backward_kernels,
+    differentiable,
+    forward_kernels,
+    launches,
+    routing_kernels,
+)
 
 ACTIVATIONS = list(reference.ACTIVATIONS)
-# Forward: the routing plan, fc1 and fc2, the combine. Backward with every input requiring grad: top-k
-# weight grad, dW2 and dW1, d pre-activation and dX rows, the dX gather-sum; eager, it reuses the
-# forward's routing plan (the backward custom op, which a caller can hand any plan, rebuilds it).
-EXPERT_FORWARD_KERNELS = {"grouped_gemm_kernel": 2, "combine_kernel": 1}
-EXPERT_BACKWARD_KERNELS = {"topk_weight_grad_kernel": 1, "grouped_weight_grad_kernel": 2, "grouped_gemm_kernel": 2,
-                           "combine_kernel": 1}
-
-
-def routing_kernels(shape) -> dict:
-    """One launch when the T*K slots fit one routing block (decode, small batch), else three."""
-    from moe_kernels.triton.routing import routing_blocks
-
-    if shape.tokens * shape.top_k == 0:
-        return {}
-    if routing_blocks(shape.tokens * shape.top_k, shape.experts)[2] == 1:
-        return {"routing_one_block_kernel": 1}
-    return {"routing_histogram_kernel": 1, "routing_scan_kernel": 1, "routing_scatter_kernel": 1}
-
-
-def forward_kernels(shape) -> dict:
-    return {**routing_kernels(shape), **EXPERT_FORWARD_KERNELS}
-
-
-def backward_kernels(shape, custom_op: bool = False) -> dict:
-    return {**(routing_kernels(shape) if custom_op else {}), **EXPERT_BACKWARD_KERNELS}
 
 
 @pytest.fixture(autouse=True)
@@ -72,17 +51,6 @@ def lower_id_topk(logits: torch.Tensor, top_k: int) -> torch.Tensor:
     stable sort of the same fp32 probabilities."""
     probs = torch.softmax(logits.detach().float(), dim=-1)
     return probs.sort(dim=-1, descending=True, stable=True).indices[:, :top_k]
-
-
-def launches() -> dict[str, int]:
-    counts = dict(triton_backend.LAUNCHES)
-    triton_backend.reset_launch_counts()
-    return counts
-
-
-def differentiable(args):
-    """Mark the float tensors of an expert_mlp problem as requiring grad (ids stay as they are)."""
-    return [a.detach().clone().requires_grad_() if a is not None and a.is_floating_point() else a for a in args]
 
 
 def grads(out, inputs, grad_out):
@@ -235,58 +203,6 @@ def test_expert_mlp_fp32(shape, routing):
     else:
         assert forward == forward_kernels(shape)
         assert backward == backward_kernels(shape)
-
-
-def custom_op_expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation="gelu", glu=False):
-    """The expert MLP through its torch.library custom op (what torch.compile and tensor subclasses use)."""
-    return torch.ops.cumo_triton.expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation,
-                                                    *glu_code(glu), True, True)[0]
-
-
-@pytest.mark.parametrize("glu", [False, True, GluSpec("clamped", interleaved=True, limit=0.6, up_offset=1.0)])
-def test_custom_op_path_matches_reference(glu):
-    """The eager path calls the launchers through a torch.autograd.Function; the custom op it skips runs
-    the same launchers and must agree, routing plan rebuilt in its backward."""
-    shape = Shape(21, 24, 20, 20, 4, 2)
-    problem = random_problem(shape, glu=bool(glu), routing="skip_experts")
-    activation = "quick_gelu" if isinstance(glu, GluSpec) else "silu"
-    launches()
-    out = custom_op_expert_mlp(*differentiable(problem), activation, glu)
-    assert launches() == forward_kernels(shape)
-    out.backward(torch.randn_like(out))
-    assert launches() == backward_kernels(shape, custom_op=True)
-    assert_matches_reference(custom_op_expert_mlp, problem, activation, glu)
-
-
-def test_eager_path_skips_the_custom_ops_and_tracing_takes_them():
-    """Plain eager tensors run the launchers without the custom ops' dispatch; a fake tensor (what
-    torch.compile traces with) goes through the custom op and its fake kernel."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class OpLog(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.namespace)
-            return func(*args, **(kwargs or {}))
-
-    shape = Shape(9, 24, 20, 20, 4, 2)
-    x, weights, idx, w1, b1, w2, b2 = differentiable(random_problem(shape, glu=True))
-    with OpLog() as log:
-        out = triton_backend.expert_mlp(x, weights, idx, w1, b1, w2, b2, "silu", True)
-        out.backward(torch.ones_like(out))
-        logits = torch.randn(9, 4, requires_grad=True)
-        triton_backend.topk_gating(logits, 2)[0].sum().backward()
-    assert "cumo_triton" not in log.ops and launches()["grouped_weight_grad_kernel"] == 2
-    plain = [t.detach() for t in (x, weights, idx, w1, b1, w2, b2)]
-    mode = FakeTensorMode()
-    fake = [mode.from_tensor(t) for t in plain]
-    with mode:
-        out = triton_backend.expert_mlp(*fake, "silu", True)
-    assert out.shape == (9, 20) and launches() == {}
 
 
 @pytest.mark.parametrize("glu", [False, True])
@@ -523,26 +439,6 @@ def test_expert_mlp_cuda_64bit_offsets(monkeypatch):
     assert_lowp_close(grad_x[tail], lowp_grad, exact_grad, "d x past 2**31")
 
 
-# ----------------------------------------------------------------------------------------------
-# The static tile table (compiled launches read it; there is no autotuner)
-
-
-@pytest.mark.parametrize("rows_per_expert", [0.1, 1, 16, 17, 64, 65, 4096, 10**6])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("glu", [False, True])
-def test_tile_table_covers_every_row_count(rows_per_expert, dtype, glu):
-    from moe_kernels.triton import runtime, tiles
-
-    gemm = tiles.gemm_config(rows_per_expert, dtype, glu)
-    grad = tiles.weight_grad_config(rows_per_expert, dtype)
-    for config in (gemm, grad):
-        for name, value in config.items():
-            if name.startswith("BLOCK"):
-                assert value >= 16 and value & (value - 1) == 0, (name, value)  # tl.dot needs >= 16
-    assert (gemm["BLOCK_M"] <= 32) == (rows_per_expert <= 64)  # thin tiles exactly where experts see few rows
-    assert not any("autotune" in Path(module.__file__).read_text() for module in (runtime, tiles))
-
-
 def test_activation_codes_follow_the_reference_table():
     """The kernels' constexpr codes and the reference's activation table name the same functions."""
     from moe_kernels.triton import experts as triton_ops
@@ -552,27 +448,3 @@ def test_activation_codes_follow_the_reference_table():
     for name, code in triton_ops.ACTIVATION_CODES.items():
         assert getattr(module, name.upper()) == code, name
     assert list(triton_ops.ACTIVATION_CODES) == list(reference.ACTIVATIONS)
-
-
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_activation_checkpointing_matches_plain_backward(reentrant):
-    """torch.utils.checkpoint recomputes the layer in backward: the eager autograd path (whose backward
-    reuses the forward's routing plan) must give the plain backward's gradients, with either checkpoint.
-    The reentrant one runs the first forward without grad, so a loss the layer leaves as an attribute
-    (last_aux_loss) has no graph there: that case trains the output alone."""
-    from torch.utils.checkpoint import checkpoint
-
-    from cumo_layers import SparseMoEMLP
-
-    torch.manual_seed(0)
-    layer = SparseMoEMLP(24, 16, num_experts=4, top_k=2, activation="silu", glu=True, backend="triton")
-    x = torch.randn(9, 24, requires_grad=True)
-    results = []
-    for checkpointed in (False, True):
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        out = checkpoint(layer, x, use_reentrant=reentrant) if checkpointed else layer(x)
-        (out.square().mean() + (0 if reentrant else layer.last_aux_loss)).backward()
-        results.append({"x": x.grad.clone(), **{n: p.grad.clone() for n, p in layer.named_parameters()}})
-    for name, grad in results[0].items():
-        assert_close(results[1][name], grad, torch.float32, name)

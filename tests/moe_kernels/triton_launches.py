@@ -1,0 +1,43 @@
+"""What the Triton tests count: the kernel launches each part of the expert MLP makes (so a silent
+fallback to PyTorch cannot pass), and the small helpers every Triton test file shares."""
+
+from __future__ import annotations
+
+import moe_kernels.triton as triton_backend
+
+# Forward: the routing plan, fc1 and fc2, the combine. Backward with every input requiring grad: top-k
+# weight grad, dW2 and dW1, d pre-activation and dX rows, the dX gather-sum; eager, it reuses the
+# forward's routing plan (the backward custom op, which a caller can hand any plan, rebuilds it).
+EXPERT_FORWARD_KERNELS = {"grouped_gemm_kernel": 2, "combine_kernel": 1}
+EXPERT_BACKWARD_KERNELS = {"topk_weight_grad_kernel": 1, "grouped_weight_grad_kernel": 2, "grouped_gemm_kernel": 2,
+                           "combine_kernel": 1}
+
+
+def routing_kernels(shape) -> dict:
+    """One launch when the T*K slots fit one routing block (decode, small batch), else three."""
+    from moe_kernels.triton.routing import routing_blocks
+
+    if shape.tokens * shape.top_k == 0:
+        return {}
+    if routing_blocks(shape.tokens * shape.top_k, shape.experts)[2] == 1:
+        return {"routing_one_block_kernel": 1}
+    return {"routing_histogram_kernel": 1, "routing_scan_kernel": 1, "routing_scatter_kernel": 1}
+
+
+def forward_kernels(shape) -> dict:
+    return {**routing_kernels(shape), **EXPERT_FORWARD_KERNELS}
+
+
+def backward_kernels(shape, custom_op: bool = False) -> dict:
+    return {**(routing_kernels(shape) if custom_op else {}), **EXPERT_BACKWARD_KERNELS}
+
+
+def launches() -> dict[str, int]:
+    counts = dict(triton_backend.LAUNCHES)
+    triton_backend.reset_launch_counts()
+    return counts
+
+
+def differentiable(args):
+    """Mark the float tensors of an expert_mlp problem as requiring grad (ids stay as they are)."""
+    return [a.detach().clone().requires_grad_() if a is not None and a.is_floating_point() else a for a in args]
