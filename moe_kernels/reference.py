@@ -105,6 +105,8 @@ def glu_from_code(code: int, interleaved: bool, a: float, b: float) -> GluSpec |
     """The inverse of ``glu_code`` (the compiled ops' fakes and checks rebuild the spec from it)."""
     if code == 0:
         return None
+    if code == 1 and not interleaved:  # the plain GLU: the shared spec, which glu_code recognises at once
+        return PLAIN_GLU
     if not 1 <= code <= len(GLU_KINDS):
         return GluSpec(f"<code {code}>", interleaved)  # the contract names it
     kind = list(GLU_KINDS)[code - 1]
