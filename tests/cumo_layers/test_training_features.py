@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
-import socket
 import traceback
 
 import pytest
@@ -76,22 +75,22 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert relative_error(actual[name], grad) <= FP32_RTOL, name
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """One DDP rank: the same upcycled model, its own half of the batch; saves its gradients."""
     try:
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=DDP_TIMEOUT_S // 2))
+        timeout = datetime.timedelta(seconds=DDP_TIMEOUT_S // 2)
+        store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
         torch.set_num_threads(1)
         model = torch.nn.parallel.DistributedDataParallel(upcycled_tower().train())
         ids = torch.randint(0, 10, (4, 8), generator=torch.Generator().manual_seed(7))
         model(ids[rank * 2:(rank + 1) * 2]).pow(2).mean().backward()
         torch.save(grads_of(model.module), os.path.join(out_dir, f"grads{rank}.pt"))
+        # Tear down while the interpreter is whole: with DDP still holding the process group, gloo's worker
+        # threads outlived destroy_process_group and freed their last work item during interpreter
+        # finalization, which aborts ("terminate called without an active exception", 6 in 240 runs).
+        dist.barrier()
+        del model
     except BaseException:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as handle:
             handle.write(traceback.format_exc())
@@ -102,9 +101,11 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 
 def test_ddp_two_processes_average_the_gradients(tmp_path):
+    # The store lives in this process, as in expert_parallel_worker.launch, so neither rank's exit closes it.
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
+                          timeout=datetime.timedelta(seconds=DDP_TIMEOUT_S))
     context = multiprocessing.get_context("spawn")
-    port = free_port()
-    workers = [context.Process(target=ddp_worker, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
+    workers = [context.Process(target=ddp_worker, args=(rank, 2, store.port, str(tmp_path))) for rank in range(2)]
     for worker in workers:
         worker.start()
     try:
@@ -117,7 +118,7 @@ def test_ddp_two_processes_average_the_gradients(tmp_path):
             worker.join(5)
     errors = [p.read_text() for p in tmp_path.glob("error*.txt")]
     assert not hung, f"DDP workers did not finish in {DDP_TIMEOUT_S}s"
-    assert not errors and all(w.exitcode == 0 for w in workers), errors
+    assert not errors and all(w.exitcode == 0 for w in workers), (errors, [w.exitcode for w in workers])
     grads = [torch.load(tmp_path / f"grads{rank}.pt") for rank in range(2)]
     model = upcycled_tower().train()
     ids = torch.randint(0, 10, (4, 8), generator=torch.Generator().manual_seed(7))
