@@ -335,7 +335,7 @@ def tune_tiles(log: Log, python: str, out: Path, budget_s: float) -> dict:
         tiles.load_tables(table)  # refuses a malformed table before anything launches with it
         tiles.TUNED_DIR.mkdir(exist_ok=True)
         (tiles.TUNED_DIR / f"{name}.json").write_text(table.read_text())
-        tiles.tables_for.cache_clear()
+        tiles.reload_tables()
         log(f"tuned table installed: {tiles.TUNED_DIR / (name + '.json')}")
     return result
 

@@ -64,13 +64,13 @@ def dry_run() -> Iterator[list[str]]:
 
     class DryRun(runtime.BoundKernels):
         @staticmethod
-        def launch_through_triton(name, grid, args, kwargs):
-            bound.append(name)
+        def launch_through_triton(spec, tensors):
+            bound.append(spec.name)
             return SimpleNamespace(run=lambda *launcher_args: None, function=None, packed_metadata=None)
 
     real_launch, real_bound = runtime.launch, runtime.BOUND_KERNELS
     runtime.BOUND_KERNELS = DryRun(driver=_NoGPU())
-    runtime.launch = lambda name, interpret, grid, *args, **kwargs: real_launch(name, False, grid, *args, **kwargs)
+    runtime.launch = lambda spec, interpret, *tensors: real_launch(spec, False, *tensors)
     try:
         yield bound
     finally:

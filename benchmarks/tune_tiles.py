@@ -111,7 +111,7 @@ def make_case(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", d
 
 def tune(kind: str, cases: dict, deadline: float, log) -> tuple[list, dict]:
     """The tuned table of one kernel family ("gemm" or "weight_grad") and its speed-up per bucket."""
-    from moe_kernels.triton import tiles
+    from moe_kernels.triton import runtime, tiles
 
     static_table = tiles.GEMM_TABLE if kind == "gemm" else tiles.WEIGHT_GRAD_TABLE
     bounds = [row[0] for row in static_table]
@@ -127,9 +127,9 @@ def tune(kind: str, cases: dict, deadline: float, log) -> tuple[list, dict]:
                 break
             row = (math.inf, *tiles_)
             override = ([row], tiles.WEIGHT_GRAD_TABLE) if kind == "gemm" else (tiles.GEMM_TABLE, [row])
-            tiles.tables_for.cache_clear()
             real = tiles.tables_for
             tiles.tables_for = lambda device, override=override: override
+            runtime.clear_shape_caches()  # the launches built from the previous candidate's tiles
             try:
                 times[tiles_] = sum(time_device(cases[p][0 if kind == "gemm" else 1], REPS) for p in problems)
             except Exception as exc:  # a tile that does not compile or fit: reported, skipped
@@ -141,7 +141,7 @@ def tune(kind: str, cases: dict, deadline: float, log) -> tuple[list, dict]:
         speedups[str(bound)] = round(speedup, 3)
         log(f"  {kind} <= {bound}: {len(problems)} problems, {len(times)} tiles timed, chose {chosen} "
             f"({speedup:.2f}x the static {static})")
-    tiles.tables_for.cache_clear()
+    tiles.reload_tables()
     return table, speedups
 
 

@@ -44,62 +44,80 @@ def _grouped_gemm(a: Tensor, weight: Tensor, b_strides: tuple[int, int], plan: R
     """out rows of expert e = epilogue(A rows @ B[e] (+ bias[e]) (* row_scale)), B[e][k, n] read
     at weight[e] + k * b_strides[0] + n * b_strides[1]; K = a.shape[1]; N = num_cols; glu: fc1's
     GLU variant (the activation epilogues)."""
-    num_rows = plan.sorted_slots.numel()
-    num_experts = weight.shape[0]
-    reduce_dim = a.shape[1]
-    dummy = out
     aux_t = aux if aux is not None else out
-    glu_kind, interleaved, glu_a, glu_b = glu_code(glu)  # kind 0: no GLU; the kernel's GLU_KIND counts from plain
-    meta = dict(TOP_K=plan.top_k, GATHER_A=gather, HAS_BIAS=bias is not None, SCALE_ROWS=row_scale is not None,
-                EPILOGUE=epilogue, GLU=glu is not None, ACTIVATION=ACTIVATION_CODES[activation], STORE_AUX=store_aux,
+    strides = (a.stride(0), a.stride(1), weight.stride(0), *b_strides, bias.stride(0) if bias is not None else 0,
+               aux_t.stride(0), aux_t.stride(1), out.stride(0), out.stride(1))
+    spec = _gemm_launch(plan.sorted_slots.numel(), num_cols, a.shape[1], weight.shape[0], strides, plan.top_k,
+                        gather, bias is not None, row_scale is not None, epilogue, glu_code(glu), activation,
+                        store_aux, a.dtype, a.get_device(), interpret, torch.backends.cuda.matmul.allow_tf32)
+    runtime.launch(spec, interpret, a, weight, bias if bias is not None else out,
+                   row_scale if row_scale is not None else out, aux_t, out, plan.sorted_slots, plan.expert_offsets)
+
+
+@runtime.shape_cache
+def _gemm_launch(num_rows: int, num_cols: int, reduce_dim: int, num_experts: int, strides: tuple, top_k: int,
+                 gather: bool, has_bias: bool, scale_rows: bool, epilogue: int, glu: tuple, activation: str,
+                 store_aux: bool, dtype: torch.dtype, device: int, interpret: bool, allow_tf32: bool) -> runtime.Launch:
+    glu_kind, interleaved, glu_a, glu_b = glu  # kind 0: no GLU; the kernel's GLU_KIND counts from plain
+    meta = dict(TOP_K=top_k, GATHER_A=gather, HAS_BIAS=has_bias, SCALE_ROWS=scale_rows, EPILOGUE=epilogue,
+                GLU=glu_kind > 0, ACTIVATION=ACTIVATION_CODES[activation], STORE_AUX=store_aux,
                 GLU_KIND=max(glu_kind - 1, 0), INTERLEAVED=interleaved, GLU_A=glu_a, GLU_B=glu_b,
-                BLOCK_E=next_power_of_2(num_experts), **dot_options(a.dtype, interpret))
-    meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, a.dtype, glu is not None,
-                                                             a.get_device()))
-
-    def grid(m):
-        return ((cdiv(num_rows, m["BLOCK_M"]) + num_experts) * cdiv(num_cols, m["BLOCK_N"]),)
-
-    runtime.launch("grouped_gemm_kernel", interpret, grid,
-           a, weight, bias if bias is not None else dummy, row_scale if row_scale is not None else dummy,
-           aux_t, out, plan.sorted_slots, plan.expert_offsets,
-           num_rows, num_cols, reduce_dim, num_experts,
-           a.stride(0), a.stride(1), weight.stride(0), b_strides[0], b_strides[1],
-           bias.stride(0) if bias is not None else 0,
-           aux_t.stride(0), aux_t.stride(1), out.stride(0), out.stride(1), **meta)
+                BLOCK_E=next_power_of_2(num_experts), **dot_options(dtype, interpret, allow_tf32))
+    meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, dtype, glu_kind > 0, device))
+    grid = ((cdiv(num_rows, meta["BLOCK_M"]) + num_experts) * cdiv(num_cols, meta["BLOCK_N"]),)
+    return runtime.Launch("grouped_gemm_kernel", grid, (num_rows, num_cols, reduce_dim, num_experts, *strides), meta)
 
 
 def _weight_grad(a: Tensor, b: Tensor, plan: RoutingPlan, grad_w: Tensor, grad_bias: Tensor | None,
                  interpret: bool, *, gather_a: bool, gather_b: bool, row_scale: Tensor | None = None) -> None:
     """grad_w[e] = A_e^T B_e over expert e's rows, grad_bias[e] = column sums of A_e."""
-    num_experts, p_dim, q_dim = grad_w.shape
-    meta = dict(TOP_K=plan.top_k, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=row_scale is not None,
-                HAS_BIAS=grad_bias is not None, **dot_options(a.dtype, interpret))
-    rows_per_expert = plan.sorted_slots.numel() / num_experts
-    meta.update(INTERPRET_WEIGHT_GRAD if interpret else weight_grad_config(rows_per_expert, a.dtype, a.get_device()))
+    strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1), *grad_w.stride(),
+               grad_bias.stride(0) if grad_bias is not None else 0)
+    spec = _weight_grad_launch(tuple(grad_w.shape), plan.sorted_slots.numel(), strides, plan.top_k, gather_a,
+                               gather_b, row_scale is not None, grad_bias is not None, a.dtype, a.get_device(),
+                               interpret, torch.backends.cuda.matmul.allow_tf32)
+    runtime.launch(spec, interpret, a, b, row_scale if row_scale is not None else grad_w, plan.sorted_slots,
+                   plan.expert_offsets, grad_w, grad_bias if grad_bias is not None else grad_w)
 
-    def grid(m):
-        return (cdiv(p_dim, m["BLOCK_P"]) * cdiv(q_dim, m["BLOCK_Q"]), num_experts)
 
-    runtime.launch("grouped_weight_grad_kernel", interpret, grid,
-           a, b, row_scale if row_scale is not None else grad_w, plan.sorted_slots, plan.expert_offsets,
-           grad_w, grad_bias if grad_bias is not None else grad_w, p_dim, q_dim, num_experts,
-           a.stride(0), a.stride(1), b.stride(0), b.stride(1),
-           grad_w.stride(0), grad_w.stride(1), grad_w.stride(2),
-           grad_bias.stride(0) if grad_bias is not None else 0, **meta)
+@runtime.shape_cache
+def _weight_grad_launch(shape: tuple[int, int, int], num_rows: int, strides: tuple, top_k: int, gather_a: bool,
+                        gather_b: bool, scale_a: bool, has_bias: bool, dtype: torch.dtype, device: int,
+                        interpret: bool, allow_tf32: bool) -> runtime.Launch:
+    num_experts, p_dim, q_dim = shape
+    meta = dict(TOP_K=top_k, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, HAS_BIAS=has_bias,
+                **dot_options(dtype, interpret, allow_tf32))
+    meta.update(INTERPRET_WEIGHT_GRAD if interpret else weight_grad_config(num_rows / num_experts, dtype, device))
+    grid = (cdiv(p_dim, meta["BLOCK_P"]) * cdiv(q_dim, meta["BLOCK_Q"]), num_experts)
+    return runtime.Launch("grouped_weight_grad_kernel", grid, (p_dim, q_dim, num_experts, *strides), meta)
 
 
 def _combine(rows: Tensor, ids: Tensor, weights: Tensor | None, plan: RoutingPlan, num_experts: int,
              out: Tensor, interpret: bool) -> None:
     """out[t] = sum over kept k of (weights[t, k] *) rows[slot_rows[t*K + k]]."""
-    num_tokens, num_cols = out.shape
+    spec = _combine_launch(*out.shape, num_experts, (*rows.stride(), *out.stride()), plan.top_k, weights is not None,
+                           interpret)
+    runtime.launch(spec, interpret, rows, plan.slot_rows, ids, weights if weights is not None else rows, out)
+
+
+@runtime.shape_cache
+def _combine_launch(num_tokens: int, num_cols: int, num_experts: int, strides: tuple, top_k: int,
+                    apply_weights: bool, interpret: bool) -> runtime.Launch:
     block_n = min(next_power_of_2(max(num_cols, 1)), 16 if interpret else 128)
     block_t = max(1, min(64, ELEMENTWISE_TILE // block_n))
-    grid = (cdiv(num_tokens, block_t), cdiv(num_cols, block_n))
-    runtime.launch("combine_kernel", interpret, grid,
-           rows, plan.slot_rows, ids, weights if weights is not None else rows, out,
-           num_tokens, num_cols, num_experts, rows.stride(0), rows.stride(1), out.stride(0), out.stride(1),
-           TOP_K=plan.top_k, APPLY_WEIGHTS=weights is not None, BLOCK_T=block_t, BLOCK_N=block_n)
+    return runtime.Launch("combine_kernel", (cdiv(num_tokens, block_t), cdiv(num_cols, block_n)),
+                          (num_tokens, num_cols, num_experts, *strides),
+                          dict(TOP_K=top_k, APPLY_WEIGHTS=apply_weights, BLOCK_T=block_t, BLOCK_N=block_n))
+
+
+@runtime.shape_cache
+def _topk_weight_grad_launch(num_rows: int, out_features: int, num_experts: int, strides: tuple, top_k: int,
+                             interpret: bool) -> runtime.Launch:
+    block_n = min(next_power_of_2(out_features), 16 if interpret else 128)
+    block_s = max(1, min(128, ELEMENTWISE_TILE // block_n))
+    return runtime.Launch("topk_weight_grad_kernel", (cdiv(num_rows, block_s),),
+                          (num_rows, out_features, num_experts, *strides),
+                          dict(TOP_K=top_k, BLOCK_S=block_s, BLOCK_N=block_n))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,12 +262,9 @@ def _expert_mlp_backward_launch(grad_out: Tensor, x: Tensor, top_k_weights: Tens
         if need_weights:
             grad_weights = torch.empty(num_rows, dtype=torch.float32, device=x.device)  # every slot written
             if num_rows > 0:
-                block_n = min(next_power_of_2(out_features), 16 if interpret else 128)
-                block_s = max(1, min(128, ELEMENTWISE_TILE // block_n))
-                runtime.launch("topk_weight_grad_kernel", interpret, (cdiv(num_rows, block_s),),
-                       grad_out, rows, plan.slot_rows, ids, grad_weights, num_rows, out_features, num_experts,
-                       grad_out.stride(0), grad_out.stride(1), rows.stride(0), rows.stride(1),
-                       TOP_K=top_k, BLOCK_S=block_s, BLOCK_N=block_n)
+                launch = _topk_weight_grad_launch(num_rows, out_features, num_experts,
+                                                  (*grad_out.stride(), *rows.stride()), top_k, interpret)
+                runtime.launch(launch, interpret, grad_out, rows, plan.slot_rows, ids, grad_weights)
             grad_weights = grad_weights.view(num_tokens, top_k).to(top_k_weights.dtype)
         if grad_w2_t is not None:
             # dW2[e] = (w * dy[token])^T h over expert e's rows; db2 = column sums.

@@ -19,10 +19,15 @@ from moe_kernels.triton.runtime import (
 )
 
 
-def _gating_tiles(num_experts: int, top_k: int) -> dict:
+@runtime.shape_cache
+def _gating_launch(name: str, num_tokens: int, num_experts: int, strides: tuple, top_k: int,
+                   normalize: bool) -> runtime.Launch:
+    """topk_gating_kernel or its backward: BLOCK_T tokens of all E logits per program."""
     block_e = next_power_of_2(num_experts)
-    return dict(BLOCK_T=max(1, min(64, ELEMENTWISE_TILE // block_e)), BLOCK_E=block_e,
-                BLOCK_K=next_power_of_2(top_k))
+    block_t = max(1, min(64, ELEMENTWISE_TILE // block_e))
+    return runtime.Launch(name, (cdiv(num_tokens, block_t),), (num_tokens, num_experts, *strides),
+                          dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_E=block_e,
+                               BLOCK_K=next_power_of_2(top_k)))
 
 
 @torch.library.custom_op("cumo_triton::topk_gating", mutates_args=())
@@ -37,12 +42,10 @@ def _topk_gating(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, T
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
-    tiles = _gating_tiles(num_experts, top_k)
     if num_tokens > 0:
+        spec = _gating_launch("topk_gating_kernel", num_tokens, num_experts, logits.stride(), top_k, normalize)
         with device_guard(logits):
-            runtime.launch("topk_gating_kernel", interpret, (cdiv(num_tokens, tiles["BLOCK_T"]),),
-                   logits, weights, ids, num_tokens, num_experts, logits.stride(0), logits.stride(1),
-                   TOP_K=top_k, NORMALIZE=normalize, **tiles)
+            runtime.launch(spec, interpret, logits, weights, ids)
     return weights, ids
 
 
@@ -65,12 +68,10 @@ def _topk_gating_backward(logits: Tensor, ids: Tensor, grad_weights: Tensor, top
     num_tokens, num_experts = logits.shape
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if num_tokens > 0:
-        tiles = _gating_tiles(num_experts, top_k)
+        spec = _gating_launch("topk_gating_backward_kernel", num_tokens, num_experts,
+                              (*logits.stride(), *grad_logits.stride()), top_k, normalize)
         with device_guard(logits):
-            runtime.launch("topk_gating_backward_kernel", interpret, (cdiv(num_tokens, tiles["BLOCK_T"]),),
-                   logits, ids, grad_weights.float().contiguous(), grad_logits, num_tokens, num_experts,
-                   logits.stride(0), logits.stride(1), grad_logits.stride(0), grad_logits.stride(1),
-                   TOP_K=top_k, NORMALIZE=normalize, **tiles)
+            runtime.launch(spec, interpret, logits, ids, grad_weights.float().contiguous(), grad_logits)
     return grad_logits
 
 

@@ -40,6 +40,20 @@ def routing_blocks(num_slots: int, num_experts: int) -> tuple[int, int, int]:
     return block_s, block_e, cdiv(num_slots, block_s)
 
 
+@runtime.shape_cache
+def _routing_launches(num_slots: int, num_experts: int) -> tuple[runtime.Launch, ...]:
+    """One launch when the slots fit one block (decode, small batch), else histogram, scan, scatter."""
+    block_s, block_e, num_blocks = routing_blocks(num_slots, num_experts)
+    if num_blocks == 1:
+        return (runtime.Launch("routing_one_block_kernel", (1,), (num_slots, num_experts),
+                               dict(BLOCK_S=block_s, BLOCK_E=block_e)),)
+    return (runtime.Launch("routing_histogram_kernel", (num_blocks,), (num_slots, num_experts),
+                           dict(BLOCK_S=block_s, BLOCK_E=block_e)),
+            runtime.Launch("routing_scan_kernel", (1,), (num_blocks, num_experts),
+                           dict(BLOCK_B=max(1, ROUTING_TILE // block_e), BLOCK_E=block_e)),
+            runtime.Launch("routing_scatter_kernel", (num_blocks,), (num_slots, num_experts), dict(BLOCK_S=block_s)))
+
+
 def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: bool) -> RoutingPlan:
     num_slots = ids.numel()
     device = ids.device
@@ -51,16 +65,14 @@ def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: 
         return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
     counts = torch.empty(num_experts, dtype=torch.int64, device=device)  # the scan writes both
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
-    block_s, block_e, num_blocks = routing_blocks(num_slots, num_experts)
-    if num_blocks == 1:  # decode, small batch: one launch
-        runtime.launch("routing_one_block_kernel", interpret, (1,), ids, counts, offsets, sorted_slots, slot_rows,
-               num_slots, num_experts, BLOCK_S=block_s, BLOCK_E=block_e)
+    launches = _routing_launches(num_slots, num_experts)
+    if len(launches) == 1:
+        runtime.launch(launches[0], interpret, ids, counts, offsets, sorted_slots, slot_rows)
         return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
-    block_counts = torch.empty(num_blocks, num_experts + 1, dtype=torch.int64, device=device)
-    runtime.launch("routing_histogram_kernel", interpret, (num_blocks,), ids, block_counts, num_slots, num_experts,
-           BLOCK_S=block_s, BLOCK_E=block_e)
-    runtime.launch("routing_scan_kernel", interpret, (1,), block_counts, counts, offsets, num_blocks, num_experts,
-           BLOCK_B=max(1, ROUTING_TILE // block_e), BLOCK_E=block_e)
-    runtime.launch("routing_scatter_kernel", interpret, (num_blocks,), ids, block_counts, offsets, sorted_slots,
-           slot_rows, num_slots, num_experts, BLOCK_S=block_s)
+    histogram, scan, scatter = launches
+    # one row of per-expert counts per histogram program
+    block_counts = torch.empty(histogram.grid[0], num_experts + 1, dtype=torch.int64, device=device)
+    runtime.launch(histogram, interpret, ids, block_counts)
+    runtime.launch(scan, interpret, block_counts, counts, offsets)
+    runtime.launch(scatter, interpret, ids, block_counts, offsets, sorted_slots, slot_rows)
     return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)

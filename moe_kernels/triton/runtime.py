@@ -13,6 +13,7 @@ are fixed and small.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections import Counter
@@ -114,21 +115,49 @@ def _interpreted_library():
             setattr(module, name, value)
 
 
-def launch(name: str, interpret: bool, grid, *args, **kwargs) -> None:
-    """Launch kernel ``name`` (of the ``*_kernels.py`` files) on ``grid`` (a tuple, or a callable of the
-    launch keywords).
+class Launch:
+    """One kernel launch with everything but its tensors fixed: the kernel's name, the grid, the scalar
+    runtime arguments (after the tensors in every kernel's signature: sizes and strides) and the
+    constexpr and launch-option keywords. A launcher builds it once per shape in a ``shape_cache``d
+    function, so a repeated call computes no tile, grid or stride again, and ``BoundKernels`` keys
+    on the object itself (hashed by identity: a binding holds it, so its id is not reused while bound)."""
 
-    Positional arguments are the kernel's runtime arguments, keywords its constexprs and launch options.
+    __slots__ = ("name", "grid", "scalars", "constexprs")
+
+    def __init__(self, name: str, grid: tuple[int, ...], scalars: tuple, constexprs: dict) -> None:
+        self.name, self.grid, self.scalars, self.constexprs = name, (*grid, 1, 1)[:3], scalars, constexprs
+
+    def __repr__(self) -> str:
+        return f"Launch({self.name}, grid={self.grid}, scalars={self.scalars}, {self.constexprs})"
+
+
+_SHAPE_CACHES: list = []
+
+
+def shape_cache(fn):
+    """``functools.lru_cache`` for the functions that build a ``Launch`` from sizes, strides, dtypes and
+    flags; ``clear_shape_caches`` empties them all (when the tile tables change)."""
+    cached = functools.lru_cache(maxsize=BoundKernels.MAX_BOUND)(fn)
+    _SHAPE_CACHES.append(cached)
+    return cached
+
+
+def clear_shape_caches() -> None:
+    for cached in _SHAPE_CACHES:
+        cached.cache_clear()
+
+
+def launch(spec: Launch, interpret: bool, *tensors: Tensor) -> None:
+    """Launch ``spec`` on its tensors (every tensor argument of the kernel, in signature order).
+
     Compiled launches go through ``BOUND_KERNELS`` (below): Triton's own launch path once per
     specialization, the compiled kernel directly after that."""
-    LAUNCHES[name] += 1
-    if callable(grid):
-        grid = grid(kwargs)
+    LAUNCHES[spec.name] += 1
     if interpret:
         with _interpreted_library():
-            getattr(kernels(True), name)[grid](*args, **kwargs)
+            getattr(kernels(True), spec.name)[spec.grid](*tensors, *spec.scalars, **spec.constexprs)
         return
-    BOUND_KERNELS.launch(name, grid, args, kwargs)
+    BOUND_KERNELS.launch(spec, tensors)
 
 
 class BoundKernels:
@@ -139,17 +168,16 @@ class BoundKernels:
     state: 20-50 us of Python per launch on a GPU host, as much as the kernels of a decode step.
     Here the first launch of a specialization goes through Triton (compiling if needed) and keeps the
     ``CompiledKernel`` it returns; later launches with the same key call its launcher directly with
-    the runtime arguments followed by the constexprs in signature order, which is what Triton's
+    the tensors, the scalars and the constexprs in signature order, which is what Triton's
     ``JITFunction.run`` passes it (Triton 3.6 through 3.8). While a launch hook is installed (a
     profiler such as proton), every launch goes through Triton so that the hook sees it.
 
     The key is finer than what Triton specializes on, so a bound binary is never run on arguments it
-    was not compiled for: the kernel name, the device, every keyword (constexprs and launch options),
-    each integer argument's value (Triton specializes on width, divisibility by 16 and equality to
-    1), each tensor's dtype and 16-byte alignment, the type of anything else (floats are not
-    specialized). Integer values come from shapes and strides, so each new token count binds once
-    more; at most ``MAX_BOUND`` keys are kept, the oldest dropped first. ``CUMO_TRITON_BIND=0`` in the
-    environment (or ``enabled = False``) sends every launch through Triton, to compare or to debug.
+    was not compiled for: the ``Launch`` (which fixes every scalar's value, every keyword and the grid;
+    Triton specializes integers on width, divisibility by 16 and equality to 1), the device, and each
+    tensor's dtype and 16-byte alignment. Scalars come from shapes and strides, so each new token count
+    binds once more; at most ``MAX_BOUND`` keys are kept, the oldest dropped first. ``CUMO_TRITON_BIND=0``
+    in the environment (or ``enabled = False``) sends every launch through Triton, to compare or to debug.
     """
 
     MAX_BOUND = 4096
@@ -175,52 +203,50 @@ class BoundKernels:
             self._driver = driver.active
         return self._driver
 
-    def launch(self, name: str, grid: tuple, args: tuple, kwargs: dict) -> None:
+    def launch(self, spec: Launch, tensors: tuple[Tensor, ...]) -> None:
         driver = self._driver or self.driver
         if not self.enabled:
-            self.launch_through_triton(name, grid, args, kwargs)
+            self.launch_through_triton(spec, tensors)
             return
         device = driver.get_current_device()
-        key = (name, device, *kwargs.items(), *[
-            arg if type(arg) is int else (arg.dtype, not arg.data_ptr() & 15) if isinstance(arg, Tensor)
-            else type(arg) for arg in args])
+        key = (spec, device, *[(t.dtype, not t.data_ptr() & 15) for t in tensors])
         bound = self._bound.get(key)
         if bound is None or self._enter_hook.calls or self._exit_hook.calls:
-            compiled = self.launch_through_triton(name, grid, args, kwargs)
+            compiled = self.launch_through_triton(spec, tensors)
             if bound is None:
                 if len(self._bound) >= self.MAX_BOUND:
                     del self._bound[next(iter(self._bound))]
-                self._bound[key] = self._bind(name, compiled, len(args), kwargs)
+                self._bound[key] = self._bind(spec, compiled, len(tensors))
             return
-        run, function, metadata, constexprs = bound
-        grid_x, grid_y, grid_z = (*grid, 1, 1)[:3]
-        run(grid_x, grid_y, grid_z, driver.get_current_stream(device), function, metadata, None, None, None,
-            *args, *constexprs)
+        run, function, metadata, tail = bound
+        run(*spec.grid, driver.get_current_stream(device), function, metadata, None, None, None, *tensors, *tail)
 
     @staticmethod
-    def launch_through_triton(name: str, grid: tuple, args: tuple, kwargs: dict):
+    def launch_through_triton(spec: Launch, tensors: tuple[Tensor, ...]):
         """Triton's own launch (compiling on a cache miss); returns the CompiledKernel it ran."""
-        return getattr(kernels(False), name)[grid](*args, **kwargs)
+        return getattr(kernels(False), spec.name)[spec.grid](*tensors, *spec.scalars, **spec.constexprs)
 
     @staticmethod
-    def _bind(name: str, compiled, num_args: int, kwargs: dict) -> tuple:
-        """(launcher, CUfunction, packed metadata, constexpr values after the runtime arguments)."""
-        params = getattr(kernels(False), name).params[num_args:]
+    def _bind(spec: Launch, compiled, num_tensors: int) -> tuple:
+        """(launcher, CUfunction, packed metadata, the scalars then the constexprs in signature order)."""
+        params = getattr(kernels(False), spec.name).params[num_tensors + len(spec.scalars):]
         if not all(p.is_constexpr for p in params):
-            raise TypeError(f"{name}: pass every runtime argument positionally, got {num_args}")
-        constexprs = tuple(kwargs[p.name] if p.name in kwargs else p.default for p in params)
-        return compiled.run, compiled.function, compiled.packed_metadata, constexprs
+            raise TypeError(f"{spec.name}: pass every runtime argument positionally (tensors, then scalars); "
+                            f"{[p.name for p in params if not p.is_constexpr]} were not")
+        constexprs = tuple(spec.constexprs[p.name] if p.name in spec.constexprs else p.default for p in params)
+        return compiled.run, compiled.function, compiled.packed_metadata, (*spec.scalars, *constexprs)
 
 
 BOUND_KERNELS = BoundKernels()
 
 
-def dot_options(dtype: torch.dtype, interpret: bool) -> dict:
+def dot_options(dtype: torch.dtype, interpret: bool, allow_tf32: bool) -> dict:
     """tl.dot settings: fp32 promises fp32 accuracy (1e-5), so no TF32 unless the user asks torch
-    for it; under the interpreter bf16 operands go through fp32 (its bf16 tl.dot is wrong)."""
+    for it (``allow_tf32``: torch.backends.cuda.matmul.allow_tf32); under the interpreter bf16 operands
+    go through fp32 (its bf16 tl.dot is wrong)."""
     if interpret and dtype == torch.bfloat16:
         return dict(DOT_PRECISION="ieee", DOT_FP32=True)
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and not allow_tf32:
         return dict(DOT_PRECISION="ieee", DOT_FP32=False)
     return dict(DOT_PRECISION="tf32", DOT_FP32=False)
 

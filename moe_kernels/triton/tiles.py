@@ -71,6 +71,15 @@ def tables_for(device: int) -> tuple[list, list]:
     return load_tables(path) if path.exists() else (GEMM_TABLE, WEIGHT_GRAD_TABLE)
 
 
+def reload_tables() -> None:
+    """Forget the tables read so far and every launch built from them (runtime.shape_cache), so the
+    next launch reads ``tuned/`` again: after a tuned table is installed, replaced or overridden."""
+    from moe_kernels.triton import runtime
+
+    tables_for.cache_clear()
+    runtime.clear_shape_caches()
+
+
 def tuned_name(device_name: str) -> str:
     """File stem of a GPU model's tuned table: 'NVIDIA H200' -> 'nvidia_h200'."""
     return re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")

@@ -54,7 +54,7 @@ def stubbed_launches(interpreter, monkeypatch):
     path's own aten ops (the interpreter would add its own while it executes a kernel)."""
     from moe_kernels.triton import runtime
 
-    monkeypatch.setattr(runtime, "launch", lambda name, interpret, grid, *a, **k: interpreter.LAUNCHES.update([name]))
+    monkeypatch.setattr(runtime, "launch", lambda spec, interpret, *tensors: interpreter.LAUNCHES.update([spec.name]))
     return interpreter
 
 

@@ -33,28 +33,28 @@ class Recording(runtime.BoundKernels):
         self.through_triton: list[str] = []
         self.launched: list[tuple] = []
 
-    def launch_through_triton(self, name, grid, args, kwargs):
-        self.through_triton.append(name)
-        function = f"function of {name} #{len(self.through_triton)}"
+    def launch_through_triton(self, spec, tensors):
+        self.through_triton.append(spec.name)
+        function = f"function of {spec.name} #{len(self.through_triton)}"
         return SimpleNamespace(run=lambda *launch_args: self.launched.append(launch_args), function=function,
-                               packed_metadata=("metadata", name))
+                               packed_metadata=("metadata", spec.name))
 
 
-def combine_args(rows: torch.Tensor, num_tokens: int = 3) -> tuple[tuple, dict]:
-    """Arguments of expert_kernels.py's combine_kernel, as experts._combine passes them."""
+def combine_args(rows: torch.Tensor, num_tokens: int = 3, grid: tuple = (1,), **constexprs) -> tuple:
+    """(Launch, tensors) of expert_kernels.py's combine_kernel, as experts._combine builds them."""
     ids = torch.zeros(num_tokens * 2, dtype=torch.int64)
     out = torch.empty(num_tokens, rows.shape[1])
-    args = (rows, ids, ids, rows, out, num_tokens, rows.shape[1], 4, rows.stride(0), rows.stride(1),
-            out.stride(0), out.stride(1))
-    return args, dict(TOP_K=2, APPLY_WEIGHTS=False, BLOCK_T=4, BLOCK_N=16)
+    spec = runtime.Launch("combine_kernel", grid, (num_tokens, rows.shape[1], 4, *rows.stride(), *out.stride()),
+                          dict(TOP_K=2, APPLY_WEIGHTS=False, BLOCK_T=4, BLOCK_N=16) | constexprs)
+    return spec, (rows, ids, ids, rows, out)
 
 
 def test_first_launch_goes_through_triton_then_the_bound_launcher_gets_args_and_constexprs():
     bound = Recording()
-    args, kwargs = combine_args(torch.randn(6, 16))
-    bound.launch("combine_kernel", (2, 3), args, kwargs)
+    spec, tensors = combine_args(torch.randn(6, 16), grid=(2, 3))
+    bound.launch(spec, tensors)
     assert bound.through_triton == ["combine_kernel"] and bound.launched == []
-    bound.launch("combine_kernel", (2, 3), args, kwargs)
+    bound.launch(spec, tensors)
     assert bound.through_triton == ["combine_kernel"]
     (launch_args,) = bound.launched
     grid, stream, function, metadata, hooks = launch_args[:3], launch_args[3], launch_args[4], launch_args[5], \
@@ -64,53 +64,52 @@ def test_first_launch_goes_through_triton_then_the_bound_launcher_gets_args_and_
     # Every parameter of the real kernel, in signature order: the runtime arguments, then the constexprs.
     params = runtime.kernels(False).combine_kernel.params
     assert len(launch_args[9:]) == len(params)
-    assert launch_args[9:9 + len(args)] == args
-    assert launch_args[9 + len(args):] == tuple(kwargs[p.name] for p in params[len(args):])
+    runtime_args = (*tensors, *spec.scalars)
+    assert launch_args[9:9 + len(runtime_args)] == runtime_args
+    assert launch_args[9 + len(runtime_args):] == tuple(spec.constexprs[p.name] for p in params[len(runtime_args):])
 
 
-@pytest.mark.parametrize("change", ["alignment", "integer", "dtype", "constexpr", "device"])
+@pytest.mark.parametrize("change", ["alignment", "dtype", "launch", "device"])
 def test_a_launch_triton_would_specialize_differently_is_bound_again(change):
     bound = Recording()
     flat = torch.randn(6 * 16 + 1)
     rows = flat[:-1].view(6, 16)
-    args, kwargs = combine_args(rows)
-    bound.launch("combine_kernel", (1,), args, kwargs)
+    spec, tensors = combine_args(rows)
+    bound.launch(spec, tensors)
     if change == "alignment":  # 4 bytes past a 16-byte boundary
-        args, kwargs = combine_args(flat[1:].view(6, 16))
-        assert args[0].data_ptr() % 16 != 0
-    elif change == "integer":
-        args, kwargs = combine_args(rows, num_tokens=2)
+        tensors = combine_args(flat[1:].view(6, 16))[1]
+        assert tensors[0].data_ptr() % 16 != 0
     elif change == "dtype":
-        args, kwargs = combine_args(rows.half())
-    elif change == "constexpr":
-        kwargs = {**kwargs, "BLOCK_T": 8}
+        tensors = combine_args(rows.half())[1]
+    elif change == "launch":  # another Launch: other scalars, constexprs or grid (equal contents included)
+        spec = combine_args(rows)[0]
     else:
         bound.driver.device = 1
-    bound.launch("combine_kernel", (1,), args, kwargs)
+    bound.launch(spec, tensors)
     assert bound.through_triton == ["combine_kernel"] * 2 and bound.launched == []
 
 
-def test_a_new_tensor_of_the_same_kind_reuses_the_binding():
+def test_new_tensors_of_the_same_kind_reuse_the_binding():
     bound = Recording()
+    spec = combine_args(torch.randn(6, 16))[0]
     for _ in range(3):
-        args, kwargs = combine_args(torch.randn(6, 16))  # new storage each time, 16-byte aligned
-        bound.launch("combine_kernel", (1,), args, kwargs)
+        bound.launch(spec, combine_args(torch.randn(6, 16))[1])  # new storage each time, 16-byte aligned
     assert bound.through_triton == ["combine_kernel"] and len(bound.launched) == 2
 
 
 def test_launch_hooks_and_the_switch_send_launches_through_triton(monkeypatch):
     bound = Recording()
-    args, kwargs = combine_args(torch.randn(6, 16))
-    bound.launch("combine_kernel", (1,), args, kwargs)
+    spec, tensors = combine_args(torch.randn(6, 16))
+    bound.launch(spec, tensors)
     hook = runtime.knobs.runtime.launch_enter_hook
     monkeypatch.setattr(hook, "calls", [lambda *a: None])
-    bound.launch("combine_kernel", (1,), args, kwargs)
+    bound.launch(spec, tensors)
     monkeypatch.setattr(hook, "calls", [])
     bound.enabled = False
-    bound.launch("combine_kernel", (1,), args, kwargs)
+    bound.launch(spec, tensors)
     assert bound.through_triton == ["combine_kernel"] * 3 and bound.launched == []
     bound.enabled = True
-    bound.launch("combine_kernel", (1,), args, kwargs)
+    bound.launch(spec, tensors)
     assert len(bound.launched) == 1
 
 
@@ -124,20 +123,21 @@ def test_switch_reads_the_environment(monkeypatch):
 def test_bindings_are_bounded(monkeypatch):
     bound = Recording()
     monkeypatch.setattr(bound, "MAX_BOUND", 3)
-    for tokens in range(1, 6):
-        args, kwargs = combine_args(torch.randn(2 * tokens, 16), num_tokens=tokens)
-        bound.launch("combine_kernel", (1,), args, kwargs)
+    launches = [combine_args(torch.randn(2 * tokens, 16), num_tokens=tokens) for tokens in range(1, 6)]
+    for spec, tensors in launches:
+        bound.launch(spec, tensors)
     assert len(bound) == 3
-    args, kwargs = combine_args(torch.randn(10, 16), num_tokens=5)  # the newest is kept
-    bound.launch("combine_kernel", (1,), args, kwargs)
+    bound.launch(*launches[-1])  # the newest is kept
     assert len(bound.launched) == 1
 
 
 def test_runtime_arguments_passed_by_keyword_are_refused():
     bound = Recording()
-    args, kwargs = combine_args(torch.randn(6, 16))
+    spec, tensors = combine_args(torch.randn(6, 16))
+    *scalars, last = spec.scalars
     with pytest.raises(TypeError, match="positionally"):
-        bound.launch("combine_kernel", (1,), args[:-1], {**kwargs, "stride_on": args[-1]})
+        bound.launch(runtime.Launch(spec.name, spec.grid, tuple(scalars), spec.constexprs | {"stride_on": last}),
+                     tensors)
 
 
 def test_every_layer_launch_binds_once(monkeypatch):
@@ -150,8 +150,7 @@ def test_every_layer_launch_binds_once(monkeypatch):
     bound = Recording()
     monkeypatch.setattr(runtime, "BOUND_KERNELS", bound)
     real_launch = runtime.launch
-    monkeypatch.setattr(runtime, "launch", lambda name, interpret, grid, *a, **k: real_launch(name, False, grid, *a,
-                                                                                                **k))
+    monkeypatch.setattr(runtime, "launch", lambda spec, interpret, *tensors: real_launch(spec, False, *tensors))
     layer = SparseMoEMLP(32, 16, num_experts=8, top_k=2, activation="silu", glu=True, bias=True, backend="triton")
     x = torch.randn(5, 32, requires_grad=True)
 
@@ -174,3 +173,24 @@ def test_every_layer_launch_binds_once(monkeypatch):
     for launch_args in bound.launched:
         name = launch_args[4].split()[2]  # the fake CUfunction names its kernel
         assert len(launch_args) - 9 == len(getattr(kernels, name).params), name
+
+
+def test_fp32_launches_follow_the_tf32_switch(monkeypatch):
+    """torch.backends.cuda.matmul.allow_tf32 is read on every launch: a Launch built while it was off
+    (fp32 accuracy) is not reused once the user turns it on, nor the other way round."""
+    from moe_kernels.routing import build_routing_plan
+    from moe_kernels.triton.experts import _grouped_gemm
+
+    x, w = torch.randn(2, 16), torch.randn(3, 8, 16)
+    plan = build_routing_plan(torch.tensor([[0, 1], [1, 2]]), 3)
+    seen = []
+    monkeypatch.setattr(runtime, "launch", lambda spec, interpret, *tensors: seen.append(spec))
+    before = torch.backends.cuda.matmul.allow_tf32  # a property of torch's module: monkeypatch cannot undo it
+    try:
+        for allow in (False, True, False):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            _grouped_gemm(x, w, (w.stride(2), w.stride(1)), plan, torch.empty(4, 8), 8, False, gather=True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+    assert [spec.constexprs["DOT_PRECISION"] for spec in seen] == ["ieee", "tf32", "ieee"]
+    assert seen[0] is seen[2]  # the same shape and switch: the same Launch, bound once

@@ -24,9 +24,9 @@ def tuned_dir(tmp_path, monkeypatch):
     """A tuned/ directory of our own, a GPU model name for device 0, and no cached tables."""
     monkeypatch.setattr(tiles, "TUNED_DIR", tmp_path)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU 9000")
-    tiles.tables_for.cache_clear()
+    tiles.reload_tables()
     yield tmp_path
-    tiles.tables_for.cache_clear()
+    tiles.reload_tables()
 
 
 def test_a_tuned_table_replaces_the_static_one_for_its_gpu_model(tuned_dir):
@@ -95,3 +95,21 @@ def test_tile_table_covers_every_row_count(rows_per_expert, dtype, glu):
                 assert value >= 16 and value & (value - 1) == 0, (name, value)  # tl.dot needs >= 16
     assert (gemm["BLOCK_M"] <= 32) == (rows_per_expert <= 64)  # thin tiles exactly where experts see few rows
     assert not any("autotune" in Path(module.__file__).read_text() for module in (runtime, tiles))
+
+
+def test_launches_built_before_a_table_is_installed_are_rebuilt_after_reload(tuned_dir):
+    """The launchers keep each shape's Launch (runtime.shape_cache); reload_tables drops those with the
+    tables, so a newly installed tuned table reaches the very next launch."""
+    pytest.importorskip("triton")
+    from moe_kernels.triton.experts import _gemm_launch
+
+    def gemm_tiles():  # 20 rows per expert, bf16, no GLU, on (fake) device 0
+        meta = _gemm_launch(160, 64, 32, 8, (32, 1, 2048, 1, 32, 0, 64, 1, 64, 1), 2, True, False, False, 0,
+                            (0, False, 0.0, 0.0), "gelu", False, torch.bfloat16, 0, False, False).constexprs
+        return meta["BLOCK_M"], meta["BLOCK_N"]
+
+    static = gemm_tiles()
+    (tuned_dir / "fake_gpu_9000.json").write_text(json.dumps(GOOD))
+    assert gemm_tiles() == static  # cached until the tables are reloaded
+    tiles.reload_tables()
+    assert gemm_tiles() == (32, 128) != static
