@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from cumo_layers.checkpoint import CheckpointError, read_config, read_tensors, write_checkpoint
 from cumo_layers.moe import SparseMoEMLP
-from cumo_layers.router import balance_loss, cumo_balance_loss, expert_load, z_loss
+from cumo_layers.router import balance_loss, cumo_balance_loss, expert_load, z_loss_from_lse
 from cumo_layers.serialization import moe_settings
 from moe_kernels import ops
 from moe_kernels.reference import combine
@@ -191,7 +191,7 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         if global_tokens == 0:
             router.last_balance_loss = router.last_z_loss = logits.new_zeros(())
         else:
-            probs = torch.softmax(logits, dim=-1, dtype=torch.promote_types(logits.dtype, torch.float32))
+            probs, lse = ops.router_statistics(logits, backend=router.backend)
             if router.balance_loss == "cumo":
                 local = cumo_balance_loss(probs, top_k_idx, self.num_experts, max(num_samples, 1))
                 router.last_balance_loss = local * (num_samples / global_samples)
@@ -199,7 +199,7 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
                 load = global_load.to(logits.device, non_blocking=True)
                 local = balance_loss(probs, top_k_idx, self.num_experts, load)
                 router.last_balance_loss = local * (num_tokens / global_tokens) ** 2
-            router.last_z_loss = z_loss(logits) * (num_tokens / global_tokens)
+            router.last_z_loss = z_loss_from_lse(lse) * (num_tokens / global_tokens)
         router.last_aux_loss = (
             router.balance_loss_coef * router.last_balance_loss + router.z_loss_coef * router.last_z_loss
         )

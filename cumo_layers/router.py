@@ -75,10 +75,12 @@ def z_loss(logits: Tensor) -> Tensor:
 
     logits: [T, E] float -> scalar float32 (float64 for float64 logits).
     """
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if logits.shape[0] == 0:
-        return logits.new_zeros(())
-    return torch.logsumexp(logits, dim=-1).square().mean()
+    return z_loss_from_lse(torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1))
+
+
+def z_loss_from_lse(lse: Tensor) -> Tensor:
+    """The z-loss from each token's log-sum-exp (``ops.router_statistics``): lse [T] -> scalar (0 if T = 0)."""
+    return lse.square().mean() if lse.shape[0] > 0 else lse.new_zeros(())
 
 
 def expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
@@ -167,13 +169,12 @@ class TopKRouter(nn.Module):
         return RouterOutput(weights, idx, logits, load)
 
     def _record_aux_losses(self, logits: Tensor, idx: Tensor, load: Tensor, num_samples: int) -> None:
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-        probs = torch.softmax(logits, dim=-1)
+        probs, lse = ops.router_statistics(logits, backend=self.backend)  # fp32, in one kernel on triton
         if self.balance_loss == "cumo":
             self.last_balance_loss = cumo_balance_loss(probs, idx, self.num_experts, num_samples)
         else:
             self.last_balance_loss = balance_loss(probs, idx, self.num_experts, load)
-        self.last_z_loss = z_loss(logits)
+        self.last_z_loss = z_loss_from_lse(lse)
         self.last_aux_loss = torch.add(self.balance_loss_coef * self.last_balance_loss, self.last_z_loss,
                                        alpha=self.z_loss_coef)
 

@@ -90,19 +90,24 @@ def check_one_device(op: str, named: dict[str, Tensor | None], allow_meta: bool 
         )
 
 
-def check_gating_args(logits: Tensor, top_k: int, normalize: bool, allow_meta: bool = False) -> None:
-    """logits: [T, E] float, E >= 1; top_k: int in [1, E]; normalize: bool."""
+def check_logits(logits: Tensor, op: str, allow_meta: bool = False) -> None:
+    """logits: [T, E] float, E >= 1, on one device."""
     _check_tensor("logits", logits, 2)
     _check_float("logits", logits)
-    num_experts = logits.shape[1]
-    if num_experts < 1:
+    if logits.shape[1] < 1:
         raise ValueError(f"logits must be [T, E] with E >= 1 experts, got shape {_shape(logits)}")
+    check_one_device(op, {"logits": logits}, allow_meta)
+
+
+def check_gating_args(logits: Tensor, top_k: int, normalize: bool, allow_meta: bool = False) -> None:
+    """logits: [T, E] float, E >= 1; top_k: int in [1, E]; normalize: bool."""
+    check_logits(logits, "topk_gating", allow_meta)
+    num_experts = logits.shape[1]
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__} {top_k!r}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}] (the number of experts), got {top_k}")
     check_flag("normalize", normalize)
-    check_one_device("topk_gating", {"logits": logits}, allow_meta)
 
 
 def check_expert_mlp_args(

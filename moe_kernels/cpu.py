@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from moe_kernels import gating_ops
+from moe_kernels import gating_ops, reference
 from moe_kernels.contract import check_expert_mlp_args, double_backward_error
 from moe_kernels.reference import GluSpec, glu_code, glu_from_code
 from moe_kernels.routing import RoutingPlan
@@ -60,6 +60,10 @@ def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
     counts, offsets, sorted_slots, slot_rows = torch.ops.cumo.routing_plan(top_k_idx, num_experts)
     return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k_idx.shape[1])
 
+
+# The router's statistics (ops.router_statistics) are PyTorch's softmax and logsumexp: on the CPU they
+# are as fast as a fused kernel (no launches to save).
+router_statistics = reference.router_statistics
 
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
     """logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64)."""

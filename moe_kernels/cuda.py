@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from moe_kernels import gating_ops
+from moe_kernels import gating_ops, reference
 from moe_kernels.reference import PLAIN_GLU, GluSpec, apply_activation, as_glu, combine
 from moe_kernels.routing import RoutingPlan, expert_buckets
 
@@ -56,6 +56,10 @@ def _require(device: torch.device) -> None:
     if reason is not None:
         raise RuntimeError(f"backend 'cuda': {reason}")
 
+
+# The router's statistics (ops.router_statistics) are PyTorch's softmax and logsumexp: this backend has
+# no fused kernel for them (the triton backend has).
+router_statistics = reference.router_statistics
 
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
     """logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64).

@@ -2,10 +2,11 @@
 
 Arguments are checked here, once, against one contract (``moe_kernels.contract``) before any
 backend runs, so every backend raises the same error for the same bad input. A backend is a module
-exposing three functions with the reference's signatures:
+exposing four functions with the reference's signatures:
 
     unavailable_reason(device: torch.device) -> str | None   # None: it can run on that device
     topk_gating(logits, top_k, normalize) -> (top_k_weights, top_k_idx)
+    router_statistics(logits) -> (probs, lse)
     expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu) -> y
 
 Backends are imported lazily, so a missing extension or Triton never breaks ``import``.
@@ -21,7 +22,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from moe_kernels.contract import check_expert_mlp_args, check_gating_args
+from moe_kernels.contract import check_expert_mlp_args, check_gating_args, check_logits
 from moe_kernels.reference import GluSpec
 
 BACKEND_MODULES: dict[str, str] = {
@@ -120,6 +121,18 @@ def topk_gating(logits: Tensor, top_k: int, normalize: bool = True, backend: str
     """
     check_gating_args(logits, top_k, normalize)
     return resolve_backend(backend, logits.device).topk_gating(logits, top_k, normalize)
+
+
+def router_statistics(logits: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
+    """The softmax and log-sum-exp of each row of the logits, which the router's balance and z losses
+    read (in training; inference needs neither).
+
+    logits: [T, E] float -> (probs [T, E], lse [T]), float32 (float64 for float64 logits).
+    Differentiable in the logits. The ``triton`` backend computes both in one kernel (and their
+    gradient in one more) where PyTorch runs a dozen small kernels each way.
+    """
+    check_logits(logits, "router_statistics")
+    return resolve_backend(backend, logits.device).router_statistics(logits)
 
 
 def expert_mlp(

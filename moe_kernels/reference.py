@@ -162,6 +162,16 @@ def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Ten
     return weights, idx
 
 
+def router_statistics(logits: Tensor) -> tuple[Tensor, Tensor]:
+    """What the router's losses read of the logits: the softmax and the log-sum-exp of each row.
+
+    logits: [T, E] float -> (probs [T, E], lse [T]), float32 (float64 for float64 logits).
+    Differentiable in the logits.
+    """
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return torch.softmax(logits, dim=-1), torch.logsumexp(logits, dim=-1)
+
+
 def permute(x: Tensor, plan: RoutingPlan) -> Tensor:
     """Gather token rows into expert-contiguous order.
 

@@ -9,22 +9,14 @@ from torch import Tensor
 
 from moe_kernels.contract import check_gating_args
 from moe_kernels.triton import runtime
-from moe_kernels.triton.runtime import (
-    ELEMENTWISE_TILE,
-    cdiv,
-    check_device,
-    device_guard,
-    eager,
-    next_power_of_2,
-)
+from moe_kernels.triton.runtime import cdiv, check_device, device_guard, eager, next_power_of_2, row_tiles
 
 
 @runtime.shape_cache
 def _gating_launch(name: str, num_tokens: int, num_experts: int, strides: tuple, top_k: int,
                    normalize: bool) -> runtime.Launch:
     """topk_gating_kernel or its backward: BLOCK_T tokens of all E logits per program."""
-    block_e = next_power_of_2(num_experts)
-    block_t = max(1, min(64, ELEMENTWISE_TILE // block_e))
+    block_t, block_e = row_tiles(num_experts)
     return runtime.Launch(name, (cdiv(num_tokens, block_t),), (num_tokens, num_experts, *strides),
                           dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_E=block_e,
                                BLOCK_K=next_power_of_2(top_k)))

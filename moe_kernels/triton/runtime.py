@@ -33,8 +33,8 @@ from triton.runtime.jit import JITFunction
 # fallback to PyTorch cannot pass.
 LAUNCHES: Counter = Counter()
 
-# The @triton.jit kernels, one file per launcher module (gating.py, routing.py, experts.py).
-_KERNEL_FILES = ("gating_kernels.py", "routing_kernels.py", "expert_kernels.py")
+# The @triton.jit kernels, one file per launcher module (gating.py, statistics.py, routing.py, experts.py).
+_KERNEL_FILES = ("gating_kernels.py", "statistics_kernels.py", "routing_kernels.py", "expert_kernels.py")
 _kernel_namespaces: dict[bool, SimpleNamespace] = {}
 
 
@@ -261,6 +261,13 @@ def device_guard(t: Tensor):
 
 
 ELEMENTWISE_TILE = 4096  # elements per program of the router, combine and weight-gradient kernels
+
+
+def row_tiles(num_experts: int) -> tuple[int, int]:
+    """(BLOCK_T, BLOCK_E) of the kernels that hold whole rows of E logits: all E columns, and as many
+    rows as fit ELEMENTWISE_TILE (at most 64)."""
+    block_e = next_power_of_2(num_experts)
+    return max(1, min(64, ELEMENTWISE_TILE // block_e)), block_e
 
 
 # Host-side integer helpers: triton.cdiv / next_power_of_2 are @jit-wrapped on some Triton versions,
