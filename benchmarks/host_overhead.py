@@ -8,8 +8,8 @@ custom-op dispatch, allocation and the launch bookkeeping of ``runtime.BoundKern
 C launcher itself (a few us a launch) and the first launch of each specialization, which goes through
 Triton (the GPU run measures both). Beside it, in the same run, a plain ``torch.add`` of two small
 tensors: the unit of host cost any PyTorch op pays. Reported: microseconds per call and that cost in
-``torch.add`` units, for the whole SparseMoEMLP layer (router included) and for
-``moe_kernels.expert_mlp`` alone, at decode and small-batch shapes.
+``torch.add`` units, for the whole SparseMoEMLP layer (router included; an inference forward and a
+training step) and for ``moe_kernels.expert_mlp`` alone, at decode and small-batch shapes.
 """
 
 from __future__ import annotations
@@ -112,6 +112,19 @@ def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) ->
         results["expert_mlp train"] = per_call_us(lambda: ops.expert_mlp(
             xg, wg, idx, w1, None, w2, None, "silu", True, backend="triton").backward(grad))
         results["  custom op"] = per_call_us(lambda: custom_op().backward(grad))
+        # The whole layer's training step (router, its losses, experts; the gradients of the input and every
+        # parameter), with D = 64 and H = 32: the host path does not depend on them, but on the CPU every
+        # weight-sized gradient buffer is a fresh mmap (a GPU's caching allocator reuses its blocks).
+        small = SparseMoEMLP(64, 32, num_experts=experts, top_k=top_k, activation="silu", glu=True, bias=False,
+                             backend="triton").train()
+        x_small = torch.randn(tokens, 64, requires_grad=True)
+        leaves = [x_small, *small.parameters()]
+
+        def layer_step():
+            out = small(x_small)
+            torch.autograd.grad(out.sum() + small.last_aux_loss, leaves)
+
+        results["layer train"] = per_call_us(layer_step, repeats=REPEATS // 4)
     return results
 
 
