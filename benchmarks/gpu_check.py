@@ -255,6 +255,41 @@ def layer_host_time(log: Log, backends: tuple[str, ...] = ("triton", "cuda")) ->
     return result
 
 
+def layer_training_time(log: Log, regimes: tuple[str, ...] = ("cumo-clip", "fine-grained"), device: str = "cuda",
+                        backend: str = "triton") -> dict:
+    """A training step of the whole SparseMoEMLP (router, its balance and z losses, experts; the gradients of
+    the input and every parameter), bf16, triton: what a training loop pays per MoE layer. The peers' timing
+    (``timings``) leaves the router's losses out, as the peers have none; the dense rows there are the unit."""
+    import torch
+
+    from benchmarks.common import REGIMES_BY_NAME
+    from cumo_layers import SparseMoEMLP
+
+    result = {}
+    for name in regimes:
+        regime = REGIMES_BY_NAME[name]
+        layer = SparseMoEMLP(regime.d_model, regime.hidden, regime.d_out, num_experts=regime.experts,
+                             top_k=regime.top_k, activation=regime.activation, glu=regime.glu, bias=False,
+                             backend=backend, device=device, dtype=torch.bfloat16).train()
+        x = torch.randn(regime.tokens, regime.d_model, device=device, dtype=torch.bfloat16, requires_grad=True)
+        grad_out = torch.randn(regime.tokens, regime.d_out, device=device, dtype=torch.bfloat16)
+        leaves = [x, *layer.parameters()]
+
+        def step():
+            out = layer(x)
+            torch.autograd.grad([out, layer.last_aux_loss], leaves, [grad_out, torch.ones_like(layer.last_aux_loss)])
+
+        try:
+            result[name] = {"device_ms": time_device(step, TIMING_ITERS), "host_us": time_host(step, TIMING_ITERS)}
+        except Exception as exc:  # reported, the run goes on
+            result[name] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
+        log(f"layer training step {name}: {result[name]}")
+        del layer, x, grad_out, leaves
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
 def kernel_breakdown(log: Log) -> dict:
     """GPU time per kernel of one training step (forward + backward, bf16, triton) from torch.profiler:
     says whether a step is bound by its kernels or by the host, and by which kernels."""
@@ -383,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     try:
         report["layer_decode"] = layer_host_time(log, ("triton",) if quick else ("triton", "cuda"))
+        report["layer_training"] = layer_training_time(log)
         peers = [p for p in TIMED_PEERS if not (quick and p == "cumo-cuda")]
         report["timings"] = timings(log, start + (QUICK_TIMING_S if quick else TIMING_S), peers=peers)
         report["kernels"] = kernel_breakdown(log)

@@ -41,3 +41,26 @@ def test_activation_memory_metric():
     })
     assert case.ratio("cumo-cpu", "dense-equiv", "peak") == 3.0
     assert case.ratio("cumo-cpu", "dense-equiv", "activation") == 0.5
+
+
+def test_gpu_check_layer_training_step_runs_a_whole_step(monkeypatch):
+    """gpu_check.layer_training_time on the CPU (torch backend, timers stubbed): the step it times is a
+    forward and a backward of the layer with its router losses, every leaf getting a gradient."""
+    from benchmarks import common, gpu_check
+
+    seen = []
+
+    def timer(step, iters):
+        step()
+        seen.append(iters)
+        return 1.0
+
+    monkeypatch.setattr(gpu_check, "time_device", timer)
+    monkeypatch.setattr(gpu_check, "time_host", timer)
+    monkeypatch.setitem(common.REGIMES_BY_NAME, "tiny", Regime("tiny", 5, 16, 8, 12, 4, 2, "silu", True, True))
+    grads = []
+    real_grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: grads.append(real_grad(*a, **k)) or grads[-1])
+    result = gpu_check.layer_training_time(lambda *parts: None, ("tiny",), device="cpu", backend="torch")
+    assert result == {"tiny": {"device_ms": 1.0, "host_us": 1.0}} and len(seen) == 2
+    assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads[0])

@@ -163,15 +163,17 @@ def _expert_mlp_forward_op(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, 
                            keep_rows: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     spec = _spec(glu, glu_interleaved, glu_a, glu_b)
     check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, spec)
-    return _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, spec, save_pre,
-                               keep_rows)[:4]
+    *outputs, _ = _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, spec, save_pre,
+                                      keep_rows)
+    return _op_outputs(*outputs, w1.shape[1])
 
 
 def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
                         w2: Tensor, b2: Tensor | None, activation: str, glu: bool | GluSpec, save_pre: bool,
-                        keep_rows: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, RoutingPlan]:
-    """The forward launcher, arguments already checked against the contract: the op's four outputs
-    and the routing plan it built."""
+                        keep_rows: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, RoutingPlan]:
+    """The forward launcher, arguments already checked against the contract: (out, pre, hidden_rows,
+    rows, the routing plan it built); pre and rows are None where save_pre / keep_rows do not keep them
+    (an inference call allocates neither)."""
     glu = as_glu(glu)
     check_triton_dtype(x)
     interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
@@ -184,7 +186,7 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
     b2 = b2.contiguous() if b2 is not None else None
     num_rows = num_tokens * top_k
     out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)  # the combine writes every row
-    pre = torch.empty(num_rows if save_pre else 0, hidden1, dtype=x.dtype, device=x.device)
+    pre = torch.empty(num_rows, hidden1, dtype=x.dtype, device=x.device) if save_pre else None
     hidden_rows = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
     rows = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
     with device_guard(x):
@@ -192,15 +194,21 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
         if num_rows > 0:
             # fc1: token rows gathered in-kernel; B[e][d, h] = w1[e, h, d].
             _grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret,
-                          gather=True, bias=b1, aux=pre if save_pre else None, epilogue=EPILOGUE_ACTIVATION,
+                          gather=True, bias=b1, aux=pre, epilogue=EPILOGUE_ACTIVATION,
                           glu=glu, activation=activation, store_aux=save_pre)
             # fc2: the top-k weight is folded into the epilogue unless its gradient is needed.
             _grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, rows, out_features, interpret,
                           gather=False, bias=b2, row_scale=None if keep_rows else weights)
             _combine(rows, ids, weights if keep_rows else None, plan, num_experts, out, interpret)
-    if not keep_rows:
-        rows = rows.new_empty(0, out_features)
-    return out, pre, hidden_rows, rows, plan
+    return out, pre, hidden_rows, rows if keep_rows else None, plan
+
+
+def _op_outputs(out: Tensor, pre: Tensor | None, hidden_rows: Tensor, rows: Tensor | None,
+                hidden1: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward op's four outputs: a buffer the forward did not keep is a [0, N] tensor (an op returns
+    tensors)."""
+    return (out, pre if pre is not None else out.new_empty(0, hidden1), hidden_rows,
+            rows if rows is not None else out.new_empty(0, out.shape[1]))
 
 
 @_expert_mlp_forward_op.register_fake
@@ -365,8 +373,9 @@ class _EagerExpertMLP(torch.autograd.Function):
                   save_pre, keep_rows)
         *outputs, ctx.plan = _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation,
                                                  _spec(glu, glu_interleaved, glu_a, glu_b), save_pre, keep_rows)
+        outputs = _op_outputs(*outputs, w1.shape[1])
         _expert_mlp_setup(ctx, inputs, outputs)
-        return tuple(outputs)
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):
