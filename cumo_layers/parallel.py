@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from cumo_layers.checkpoint import CheckpointError, read_config, read_tensors, write_checkpoint
 from cumo_layers.moe import SparseMoEMLP
-from cumo_layers.router import balance_loss, cumo_balance_loss, expert_load, z_loss_from_lse
+from cumo_layers.router import cumo_balance_weights, expert_load, switch_balance_weights
 from cumo_layers.serialization import moe_settings
 from moe_kernels import ops
 from moe_kernels.reference import combine
@@ -179,30 +179,26 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
     def _set_aux_losses(self, logits: Tensor, top_k_idx: Tensor, global_load: Tensor,
                         tokens: tuple[int, int], samples: tuple[int, int]) -> None:
         """This rank's shares (local, global counts in ``tokens`` and ``samples``) of the balance and z losses
-        of one process holding every token, from the router's own loss functions.
+        of one process holding every token, through the router's balance weights and ``ops.router_losses``.
 
-        z: a mean over tokens, so the share is the local mean times T_local / T_global. Switch balance
-        ``E * sum_e f_e P_e``: with the *global* load, ``balance_loss`` on the local tokens divides by the local
-        T*K and T where the global ones are due, hence the factor (T_local / T_global)^2. CuMo's balance: a
-        mean over samples (each sample on one rank), so the share is the local mean times S_local / S_global.
+        z: a mean over all tokens, so the local mean scaled by T_local / T_global. Switch balance ``E * sum_e f_e P_e``: the
+        weights of the *global* load and token count. CuMo's balance: a mean over samples (each sample on one
+        rank), so the local weights times S_local / S_global.
         """
         router = self.router
         (num_tokens, global_tokens), (num_samples, global_samples) = tokens, samples
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         if global_tokens == 0:
-            router.last_balance_loss = router.last_z_loss = logits.new_zeros(())
+            weights = logits.new_zeros(1, self.num_experts, dtype=dtype)
+        elif router.balance_loss == "cumo":
+            weights = cumo_balance_weights(top_k_idx, self.num_experts, max(num_samples, 1), dtype)
+            weights = weights * (num_samples / global_samples)
         else:
-            probs, lse = ops.router_statistics(logits, backend=router.backend)
-            if router.balance_loss == "cumo":
-                local = cumo_balance_loss(probs, top_k_idx, self.num_experts, max(num_samples, 1))
-                router.last_balance_loss = local * (num_samples / global_samples)
-            else:
-                load = global_load.to(logits.device, non_blocking=True)
-                local = balance_loss(probs, top_k_idx, self.num_experts, load)
-                router.last_balance_loss = local * (num_tokens / global_tokens) ** 2
-            router.last_z_loss = z_loss_from_lse(lse) * (num_tokens / global_tokens)
-        router.last_aux_loss = (
-            router.balance_loss_coef * router.last_balance_loss + router.z_loss_coef * router.last_z_loss
-        )
+            load = global_load.to(logits.device, non_blocking=True)
+            weights = switch_balance_weights(load, global_tokens, top_k_idx.shape[1], self.num_experts, dtype)
+        router.last_balance_loss, router.last_z_loss, router.last_aux_loss = ops.router_losses(
+            logits, weights, num_tokens / max(global_tokens, 1), router.balance_loss_coef, router.z_loss_coef,
+            backend=router.backend)
 
     def forward(self, x: Tensor) -> Tensor:
         x, w1, b1, w2, b2 = self._checked_inputs(x)

@@ -33,6 +33,33 @@ class RouterOutput(NamedTuple):
     expert_load: Tensor
 
 
+# Both balance losses are linear in the router probabilities: sum_t sum_e probs[t, e] * w[sample(t), e] with
+# weights w that get no gradient. The functions below build those weights once, for the reference losses here
+# and for ops.router_losses, which the router runs in training (one kernel pass on the triton backend).
+
+
+def switch_balance_weights(load: Tensor, num_tokens: int, top_k: int, num_experts: int,
+                           dtype: torch.dtype = torch.float32) -> Tensor:
+    """[1, E]: Switch/GShard's ``E * sum_e f_e * P_e`` as ``sum_t sum_e p_te * w_e``, with f_e = load_e / (T*K)
+    and P_e = mean_t p_te, so w_e = E * load_e / (T*K*T). load: [E] assignments per expert (``expert_load``)."""
+    return (load.to(dtype) * (num_experts / max(num_tokens * top_k * num_tokens, 1))).unsqueeze(0)
+
+
+def cumo_balance_weights(top_k_idx: Tensor, num_experts: int, num_samples: int = 1,
+                         dtype: torch.dtype = torch.float32) -> Tensor:
+    """[S, E]: CuMo's per-sample ``E * sum_e f_e * P_e`` averaged over S samples of N tokens, with f_e the share
+    of the sample's tokens whose top-1 expert is e and P_e its mean probability of e: w_se = E * top1_se / (N^2 S).
+    top_k_idx: [T, K] int64, T = S * N tokens in sample order."""
+    num_tokens = top_k_idx.shape[0]
+    if num_samples < 1 or num_tokens % num_samples:
+        raise ValueError(f"num_samples must be >= 1 and divide the {num_tokens} tokens, got {num_samples}")
+    per_sample = num_tokens // num_samples
+    first = top_k_idx[:, 0].reshape(num_samples, per_sample)
+    top1 = torch.zeros(num_samples, num_experts, dtype=dtype, device=top_k_idx.device)
+    top1.scatter_add_(1, first, torch.ones_like(first, dtype=dtype))
+    return top1 * (num_experts / max(per_sample * per_sample * num_samples, 1))
+
+
 def balance_loss(probs: Tensor, top_k_idx: Tensor, num_experts: int, load: Tensor | None = None) -> Tensor:
     """Switch/GShard load-balancing loss ``E * sum_e f_e * P_e``.
 
@@ -41,12 +68,9 @@ def balance_loss(probs: Tensor, top_k_idx: Tensor, num_experts: int, load: Tenso
     f_e is the share of the T*K assignments that went to expert e (no gradient), P_e the mean
     probability of e. It is 1.0 for a perfectly uniform router and grows with imbalance.
     """
-    if probs.shape[0] == 0:
-        return probs.new_zeros(())
     counts = expert_load(top_k_idx, num_experts) if load is None else load
-    # E * sum_e (count_e / (T*K)) * mean_t p_te, as one dot product (fewer kernels on the hot path).
-    scale = num_experts / (top_k_idx.numel() * probs.shape[0])
-    return torch.dot(counts.to(probs.dtype), probs.sum(dim=0)) * scale
+    weights = switch_balance_weights(counts, probs.shape[0], top_k_idx.shape[1], num_experts, probs.dtype)
+    return torch.dot(weights[0], probs.sum(dim=0))
 
 
 def cumo_balance_loss(probs: Tensor, top_k_idx: Tensor, num_experts: int, num_samples: int = 1) -> Tensor:
@@ -56,18 +80,10 @@ def cumo_balance_loss(probs: Tensor, top_k_idx: Tensor, num_experts: int, num_sa
     -> scalar float32. f_e is the share of a sample's N tokens whose *top-1* expert is e (no
     gradient), P_e the sample's mean probability of e (CuMo's ``E^2 * mean_{sample,e}(P_e * f_e)``).
     """
-    num_tokens = probs.shape[0]
-    if num_tokens == 0:
+    if probs.shape[0] == 0:
         return probs.new_zeros(())
-    if num_samples < 1 or num_tokens % num_samples:
-        raise ValueError(f"num_samples must be >= 1 and divide the {num_tokens} tokens, got {num_samples}")
-    per_sample = num_tokens // num_samples
-    first = top_k_idx[:, 0].reshape(num_samples, per_sample)
-    top1 = torch.zeros(num_samples, num_experts, dtype=probs.dtype, device=probs.device)
-    top1.scatter_add_(1, first, torch.ones_like(first, dtype=probs.dtype))
-    share = top1 / per_sample
-    mean_probs = probs.reshape(num_samples, per_sample, num_experts).mean(dim=1)
-    return num_experts * (share * mean_probs).sum(dim=1).mean()
+    weights = cumo_balance_weights(top_k_idx, num_experts, num_samples, probs.dtype)
+    return (probs.reshape(num_samples, -1, num_experts) * weights.unsqueeze(1)).sum()
 
 
 def z_loss(logits: Tensor) -> Tensor:
@@ -75,12 +91,10 @@ def z_loss(logits: Tensor) -> Tensor:
 
     logits: [T, E] float -> scalar float32 (float64 for float64 logits).
     """
-    return z_loss_from_lse(torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1))
-
-
-def z_loss_from_lse(lse: Tensor) -> Tensor:
-    """The z-loss from each token's log-sum-exp (``ops.router_statistics``): lse [T] -> scalar (0 if T = 0)."""
-    return lse.square().mean() if lse.shape[0] > 0 else lse.new_zeros(())
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if logits.shape[0] == 0:
+        return logits.new_zeros(())
+    return torch.logsumexp(logits, dim=-1).square().mean()
 
 
 def expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
@@ -169,14 +183,13 @@ class TopKRouter(nn.Module):
         return RouterOutput(weights, idx, logits, load)
 
     def _record_aux_losses(self, logits: Tensor, idx: Tensor, load: Tensor, num_samples: int) -> None:
-        probs, lse = ops.router_statistics(logits, backend=self.backend)  # fp32, in one kernel on triton
+        dtype = torch.promote_types(logits.dtype, torch.float32)
         if self.balance_loss == "cumo":
-            self.last_balance_loss = cumo_balance_loss(probs, idx, self.num_experts, num_samples)
+            weights = cumo_balance_weights(idx, self.num_experts, num_samples, dtype)
         else:
-            self.last_balance_loss = balance_loss(probs, idx, self.num_experts, load)
-        self.last_z_loss = z_loss_from_lse(lse)
-        self.last_aux_loss = torch.add(self.balance_loss_coef * self.last_balance_loss, self.last_z_loss,
-                                       alpha=self.z_loss_coef)
+            weights = switch_balance_weights(load, logits.shape[0], self.top_k, self.num_experts, dtype)
+        self.last_balance_loss, self.last_z_loss, self.last_aux_loss = ops.router_losses(
+            logits, weights, 1.0, self.balance_loss_coef, self.z_loss_coef, backend=self.backend)
 
     def __getstate__(self) -> dict:
         # The last losses are graph outputs (non-leaf tensors) that copy.deepcopy and pickle refuse;

@@ -99,6 +99,24 @@ def check_logits(logits: Tensor, op: str, allow_meta: bool = False) -> None:
     check_one_device(op, {"logits": logits}, allow_meta)
 
 
+def check_router_losses_args(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float,
+                             z_coef: float, allow_meta: bool = False) -> None:
+    """logits: [T, E] float, E >= 1; balance_weights: [S, E] float with S >= 1 dividing T; the three weights
+    finite real numbers."""
+    check_logits(logits, "router_losses", allow_meta)
+    _check_tensor("balance_weights", balance_weights, 2)
+    _check_float("balance_weights", balance_weights)
+    num_tokens, num_experts = logits.shape
+    num_samples = balance_weights.shape[0]
+    if balance_weights.shape[1] != num_experts or num_samples < 1 or num_tokens % num_samples:
+        raise ValueError(f"balance_weights must be [S, {num_experts}] with S >= 1 dividing the {num_tokens} tokens, "
+                         f"got shape {_shape(balance_weights)}")
+    for name, value in (("z_scale", z_scale), ("balance_coef", balance_coef), ("z_coef", z_coef)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+    check_one_device("router_losses", {"logits": logits, "balance_weights": balance_weights}, allow_meta)
+
+
 def check_gating_args(logits: Tensor, top_k: int, normalize: bool, allow_meta: bool = False) -> None:
     """logits: [T, E] float, E >= 1; top_k: int in [1, E]; normalize: bool."""
     check_logits(logits, "topk_gating", allow_meta)

@@ -61,9 +61,9 @@ def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
     return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k_idx.shape[1])
 
 
-# The router's statistics (ops.router_statistics) are PyTorch's softmax and logsumexp: on the CPU they
-# are as fast as a fused kernel (no launches to save).
-router_statistics = reference.router_statistics
+# The router's losses (ops.router_losses) are PyTorch's: on the CPU its softmax and logsumexp are as fast
+# as a fused kernel (no launches to save).
+router_losses = reference.router_losses
 
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
     """logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64)."""

@@ -57,9 +57,9 @@ def _require(device: torch.device) -> None:
         raise RuntimeError(f"backend 'cuda': {reason}")
 
 
-# The router's statistics (ops.router_statistics) are PyTorch's softmax and logsumexp: this backend has
-# no fused kernel for them (the triton backend has).
-router_statistics = reference.router_statistics
+# The router's losses (ops.router_losses) are PyTorch's: this backend has no fused kernel for them (the
+# triton backend has).
+router_losses = reference.router_losses
 
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
     """logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64).

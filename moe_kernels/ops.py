@@ -6,7 +6,7 @@ exposing four functions with the reference's signatures:
 
     unavailable_reason(device: torch.device) -> str | None   # None: it can run on that device
     topk_gating(logits, top_k, normalize) -> (top_k_weights, top_k_idx)
-    router_statistics(logits) -> (probs, lse)
+    router_losses(logits, balance_weights, z_scale, balance_coef, z_coef) -> (balance, z, aux)
     expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu) -> y
 
 Backends are imported lazily, so a missing extension or Triton never breaks ``import``.
@@ -22,7 +22,7 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from moe_kernels.contract import check_expert_mlp_args, check_gating_args, check_logits
+from moe_kernels.contract import check_expert_mlp_args, check_gating_args, check_router_losses_args
 from moe_kernels.reference import GluSpec
 
 BACKEND_MODULES: dict[str, str] = {
@@ -123,16 +123,17 @@ def topk_gating(logits: Tensor, top_k: int, normalize: bool = True, backend: str
     return resolve_backend(backend, logits.device).topk_gating(logits, top_k, normalize)
 
 
-def router_statistics(logits: Tensor, backend: str = "auto") -> tuple[Tensor, Tensor]:
-    """The softmax and log-sum-exp of each row of the logits, which the router's balance and z losses
-    read (in training; inference needs neither).
-
-    logits: [T, E] float -> (probs [T, E], lse [T]), float32 (float64 for float64 logits).
-    Differentiable in the logits. The ``triton`` backend computes both in one kernel (and their
-    gradient in one more) where PyTorch runs a dozen small kernels each way.
+def router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float, z_coef: float,
+                  backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+    """The router's balance, z and weighted auxiliary loss from its logits (the math:
+    ``moe_kernels.reference.router_losses``): (balance, z, aux), three scalars, float32 (float64 for
+    float64 logits). Differentiable in the logits. The ``triton`` backend runs it as two small kernels
+    forward and one backward, where PyTorch's softmax, logsumexp and the loss arithmetic are about twenty
+    kernels forward and ten backward, each a launch on the host's critical path.
     """
-    check_logits(logits, "router_statistics")
-    return resolve_backend(backend, logits.device).router_statistics(logits)
+    check_router_losses_args(logits, balance_weights, z_scale, balance_coef, z_coef)
+    return resolve_backend(backend, logits.device).router_losses(logits, balance_weights, z_scale, balance_coef,
+                                                                 z_coef)
 
 
 def expert_mlp(
