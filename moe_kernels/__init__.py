@@ -6,6 +6,7 @@ from moe_kernels.ops import (
     available_backends,
     expert_mlp,
     resolve_backend,
+    router_losses,
     topk_gating,
 )
 from moe_kernels.routing import RoutingPlan, apply_capacity, build_routing_plan, expert_capacity
@@ -20,5 +21,6 @@ __all__ = [
     "expert_capacity",
     "expert_mlp",
     "resolve_backend",
+    "router_losses",
     "topk_gating",
 ]
