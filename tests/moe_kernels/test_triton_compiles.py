@@ -13,70 +13,37 @@ import torch
 triton = pytest.importorskip("triton")
 
 from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.compiler import ASTSource  # noqa: E402
 
+from benchmarks.kernel_resources import recording_gpu_launches, specialize  # noqa: E402
 from moe_kernels.reference import GluSpec  # noqa: E402
-from moe_kernels.triton import experts, gating, losses, routing, runtime  # noqa: E402
+from moe_kernels.triton import runtime  # noqa: E402
 
-# About 70 specializations, ~0.7 s each to compile: Hopper (the GPUs measured) always, Ampere with --runslow.
+# About 70 specializations, ~0.5 s each to compile: Hopper (the GPUs measured) always, Ampere with --runslow.
 TARGETS = [pytest.param(GPUTarget("cuda", 90, 32), id="sm_90"),
            pytest.param(GPUTarget("cuda", 80, 32), id="sm_80", marks=pytest.mark.slow)]
-POINTER_TYPES = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int64: "*i64",
-                 torch.int32: "*i32"}
-LAUNCH_OPTIONS = ("num_warps", "num_stages")
 
 
-class Recording(runtime.BoundKernels):
-    """Records each launch's kernel, argument types and constexprs; runs nothing."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.specializations: dict[tuple, tuple] = {}
-
-    def launch(self, spec: runtime.Launch, tensors: tuple) -> None:
-        kernel = getattr(runtime.kernels(False), spec.name)
-        args = [*tensors, *spec.scalars]
-        signature, constexprs = {}, {}
-        for param, arg in zip(kernel.params, args):
-            if isinstance(arg, torch.Tensor):
-                signature[param.name] = POINTER_TYPES[arg.dtype]
-            elif isinstance(arg, float):
-                signature[param.name] = "fp32"
-            else:
-                signature[param.name] = "i32" if -2**31 <= arg < 2**31 else "i64"
-        for param in kernel.params[len(args):]:
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = spec.constexprs.get(param.name, param.default)
-        options = {name: spec.constexprs[name] for name in LAUNCH_OPTIONS if name in spec.constexprs}
-        key = (spec.name, *signature.items(), *map(str, constexprs.items()), *options.items())
-        self.specializations.setdefault(key, (kernel, signature, constexprs, options))
-
-
-@pytest.fixture
-def recorded(monkeypatch):
-    """Launches of the layer as a GPU would issue them (compiled-mode settings), recorded."""
+@pytest.fixture(scope="module")
+def recorded():
+    """Launches of the layer as a GPU would issue them (compiled-mode settings), one per specialization."""
     from cumo_layers import SparseMoEMLP
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the backend takes CPU tensors; nothing is interpreted below
-    for module in (experts, gating, losses, routing):
-        monkeypatch.setattr(module, "check_device", lambda *tensors: False)  # the GPU's tiles and dot options
-    recording = Recording()
-    monkeypatch.setattr(runtime, "BOUND_KERNELS", recording)
     configurations = [  # (dtype, activation, glu, bias): every epilogue and dtype the kernels specialize on
         (torch.bfloat16, "silu", True, False),
         (torch.float16, "gelu", False, True),
         (torch.float32, "quick_gelu", GluSpec("clamped", interleaved=True, limit=7.0, up_offset=1.0), True),
     ]
-    for dtype, activation, glu, bias in configurations:
-        for tokens in (1, 300):  # one routing block, and several (histogram, scan, scatter)
-            layer = SparseMoEMLP(64, 32, num_experts=8, top_k=2, activation=activation, glu=glu, bias=bias,
-                                 backend="triton", dtype=dtype).train()
-            x = torch.randn(tokens, 64, dtype=dtype, requires_grad=True)
-            out = layer(x)
-            torch.autograd.grad(out.float().sum() + layer.last_aux_loss, [x, *layer.parameters()])
-            with torch.no_grad():
-                layer.eval()(x)
-    return recording.specializations
+    with recording_gpu_launches() as recording:
+        for dtype, activation, glu, bias in configurations:
+            for tokens in (1, 300):  # one routing block, and several (histogram, scan, scatter)
+                layer = SparseMoEMLP(64, 32, num_experts=8, top_k=2, activation=activation, glu=glu, bias=bias,
+                                     backend="triton", dtype=dtype).train()
+                x = torch.randn(tokens, 64, dtype=dtype, requires_grad=True)
+                out = layer(x)
+                torch.autograd.grad(out.float().sum() + layer.last_aux_loss, [x, *layer.parameters()])
+                with torch.no_grad():
+                    layer.eval()(x)
+    return recording.launches
 
 
 def ptxas_missing() -> str | None:
@@ -94,16 +61,18 @@ def ptxas_missing() -> str | None:
 def test_every_launched_kernel_compiles(recorded, target):
     if ptxas_missing():
         pytest.skip(ptxas_missing())
+    if runtime._library_is_interpreted():
+        pytest.skip("triton was imported under TRITON_INTERPRET=1: its own library cannot compile")
     names = {key[0] for key in recorded}
     assert {"topk_gating_kernel", "topk_gating_backward_kernel", "router_losses_kernel",
             "router_losses_reduce_kernel", "router_losses_backward_kernel", "routing_one_block_kernel",
             "routing_histogram_kernel", "routing_scan_kernel", "routing_scatter_kernel", "grouped_gemm_kernel",
             "combine_kernel", "topk_weight_grad_kernel", "grouped_weight_grad_kernel"} <= names, names
     failures = []
-    for kernel, signature, constexprs, options in recorded.values():
+    for kernel, args, constexprs in recorded.values():
         try:
-            triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target,
-                           options=options)
+            source, options = specialize(kernel, args, constexprs, target)
+            triton.compile(source, target=target, options=options)
         except Exception as exc:  # collected: every failing specialization is reported at once
             failures.append(f"{kernel.__name__} {constexprs}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}")
     assert not failures, "\n".join(failures)

@@ -1,0 +1,125 @@
+"""``python -m benchmarks.kernel_resources``: what the GPU compiler makes of our Triton kernels, without a GPU.
+
+The layer runs on CPU tensors with a GPU's launch settings (tiles, dot precision: as ``check_device`` would
+pick them for CUDA tensors), every launch is recorded instead of run, and each distinct specialization is
+compiled for a GPU target exactly as Triton's JIT would specialize it (its own binder: integers equal to 1
+become constants, pointers and integers divisible by 16 carry that fact), through Triton's bundled ptxas.
+The report lists, per grouped-GEMM and weight-gradient specialization at the benchmark shapes, its tiles,
+registers per thread, spills and whether the tensor-core code is Hopper's wgmma or the older mma.sync.
+``tests/moe_kernels/test_triton_compiles.py`` compiles every specialization the layer launches this way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
+
+from moe_kernels.triton import experts, gating, losses, routing, runtime
+
+HOPPER = GPUTarget("cuda", 90, 32)
+
+
+def specialize(kernel, args: list, constexprs: dict, target: GPUTarget) -> tuple:
+    """(ASTSource, options) that Triton's JIT would compile for these arguments on ``target``."""
+    backend = make_backend(target)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound_args, specialization, options = binder(*args, **constexprs)
+    options, signature, constants, attrs = kernel._pack_args(backend, constexprs, bound_args, specialization,
+                                                              options)
+    return ASTSource(kernel, signature, constants, attrs), options.__dict__
+
+
+class Recording(runtime.BoundKernels):
+    """Records one launch (kernel, arguments, constexprs) per specialization; runs nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.launches: dict[tuple, tuple] = {}
+
+    def launch(self, spec: runtime.Launch, tensors: tuple) -> None:
+        args = [*tensors, *spec.scalars]
+        key = (spec.name, *[(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+                            (a == 1, a % 16 == 0) if isinstance(a, int) else type(a) for a in args],
+               *map(str, spec.constexprs.items()))
+        self.launches.setdefault(key, (getattr(runtime.kernels(False), spec.name), args, spec.constexprs))
+
+
+@contextmanager
+def recording_gpu_launches() -> Iterator[Recording]:
+    """The Triton backend on CPU tensors with the settings of CUDA tensors, its launches recorded."""
+    saved_env = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"  # the backend takes CPU tensors; nothing is interpreted below
+    modules = (experts, gating, losses, routing)
+    saved = [(module, module.check_device) for module in modules] + [(runtime, runtime.BOUND_KERNELS)]
+    recording = Recording()
+    try:
+        for module in modules:
+            module.check_device = lambda *tensors: False  # compiled-mode tiles and dot options
+        runtime.BOUND_KERNELS = recording
+        yield recording
+    finally:
+        for module, value in saved:
+            setattr(module, "BOUND_KERNELS" if module is runtime else "check_device", value)
+        if saved_env is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved_env
+
+
+def resources(kernel, args: list, constexprs: dict, target: GPUTarget = HOPPER) -> dict:
+    """Registers per thread, spilled bytes and the MMA instruction family of one compiled specialization."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    source, options = specialize(kernel, args, constexprs, target)
+    compiled = triton.compile(source, target=target, options=options)
+    ptx = compiled.asm["ptx"]
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as handle:
+        handle.write(ptx)
+        handle.flush()
+        report = subprocess.run([get_ptxas(target.arch).path, "-v", f"--gpu-name=sm_{target.arch}a", handle.name,
+                                 "-o", os.devnull], capture_output=True, text=True, check=True).stderr
+    registers = re.search(r"Used (\d+) registers", report)
+    spills = [int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", report)]
+    return {"registers": int(registers.group(1)) if registers else None, "spill_bytes": sum(spills),
+            "mma": "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks.common import REGIMES
+    from cumo_layers import SparseMoEMLP
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_resources", description=__doc__.splitlines()[0])
+    parser.parse_args(argv)
+    for regime in REGIMES:
+        with recording_gpu_launches() as recording:
+            layer = SparseMoEMLP(regime.d_model, regime.hidden, regime.d_out, num_experts=regime.experts,
+                                 top_k=regime.top_k, activation=regime.activation, glu=regime.glu, bias=False,
+                                 backend="triton", dtype=torch.bfloat16).train()
+            x = torch.randn(regime.tokens, regime.d_model, dtype=torch.bfloat16, requires_grad=True)
+            torch.autograd.grad(layer(x).float().sum(), [x, layer.w1, layer.w2])
+        print(f"\n{regime.name} (T={regime.tokens} D={regime.d_model} H={regime.hidden} E={regime.experts} "
+              f"k={regime.top_k}), bf16, sm_90")
+        for kernel, args, constexprs in recording.launches.values():
+            if kernel.__name__ not in ("grouped_gemm_kernel", "grouped_weight_grad_kernel"):
+                continue
+            tiles = {k: v for k, v in constexprs.items()
+                     if k in ("EPILOGUE", "GATHER_A", "GATHER_B", "num_warps", "num_stages")
+                     or (k.startswith("BLOCK_") and k != "BLOCK_E")}
+            print(f"  {kernel.__name__:27s} {tiles} {resources(kernel, args, constexprs)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
