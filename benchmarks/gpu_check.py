@@ -265,9 +265,7 @@ def layer_training_time(log: Log, regimes: tuple[str, ...] = ("cumo-clip", "fine
     from benchmarks.common import REGIMES_BY_NAME
     from cumo_layers import SparseMoEMLP
 
-    result = {}
-    for name in regimes:
-        regime = REGIMES_BY_NAME[name]
+    def measure(regime) -> dict:
         layer = SparseMoEMLP(regime.d_model, regime.hidden, regime.d_out, num_experts=regime.experts,
                              top_k=regime.top_k, activation=regime.activation, glu=regime.glu, bias=False,
                              backend=backend, device=device, dtype=torch.bfloat16).train()
@@ -279,12 +277,15 @@ def layer_training_time(log: Log, regimes: tuple[str, ...] = ("cumo-clip", "fine
             out = layer(x)
             torch.autograd.grad([out, layer.last_aux_loss], leaves, [grad_out, torch.ones_like(layer.last_aux_loss)])
 
+        return {"device_ms": time_device(step, TIMING_ITERS), "host_us": time_host(step, TIMING_ITERS)}
+
+    result = {}
+    for name in regimes:
         try:
-            result[name] = {"device_ms": time_device(step, TIMING_ITERS), "host_us": time_host(step, TIMING_ITERS)}
+            result[name] = measure(REGIMES_BY_NAME[name])
         except Exception as exc:  # reported, the run goes on
             result[name] = {"failed": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"}
         log(f"layer training step {name}: {result[name]}")
-        del layer, x, grad_out, leaves
         if device == "cuda":
             torch.cuda.empty_cache()
     return result

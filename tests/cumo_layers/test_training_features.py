@@ -8,7 +8,6 @@ import multiprocessing
 import os
 import traceback
 
-import pytest
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
