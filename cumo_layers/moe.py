@@ -13,7 +13,6 @@ from cumo_layers.router import (
     TopKRouter,
     check_real,
     check_routing_args,
-    expert_load,
 )
 from moe_kernels import ops
 from moe_kernels.reference import check_activation
@@ -108,7 +107,7 @@ class SparseMoEMLP(nn.Module):
         """[E] int64 assignments per expert in the last forward (after capacity drops), or None."""
         load, top_k_idx = self._last_routing
         if load is None and top_k_idx is not None:
-            load = expert_load(top_k_idx, self.num_experts)
+            load = ops.expert_load(top_k_idx, self.num_experts, backend=self.backend)
             self._last_routing = (load, None)
         return load
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_kernels import ops
+from moe_kernels.reference import expert_load  # noqa: F401  (public here: the layer's load and losses use it)
 
 DEFAULT_BALANCE_LOSS_COEF = 0.01
 DEFAULT_Z_LOSS_COEF = 0.001
@@ -97,17 +98,6 @@ def z_loss(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1).square().mean()
 
 
-def expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
-    """top_k_idx: [T, K] int64 -> [E] int64 assignments per expert (no host sync on GPU)."""
-    flat = top_k_idx.reshape(-1)
-    # Ids below 0 count into bucket 0 and ids >= E into bucket E + 1, both cut off: ids outside
-    # [0, E) (capacity drops, expert-parallel sentinels) are not counted.
-    buckets = flat.clamp(-1, num_experts) + 1
-    counts = torch.zeros(num_experts + 2, dtype=torch.int64, device=flat.device)
-    ones = torch.ones((), dtype=torch.int64, device=flat.device).expand(buckets.shape)
-    return counts.scatter_add_(0, buckets, ones)[1:-1]
-
-
 class TopKRouter(nn.Module):
     """Linear router (no bias) -> fp32 softmax over E -> top-k -> optional renormalisation.
 
@@ -175,7 +165,7 @@ class TopKRouter(nn.Module):
         # The gating op reads low-precision logits and computes in fp32: no cast kernel on the hot path.
         logits = F.linear(router_input, self.weight.to(x.dtype))
         weights, idx = ops.topk_gating(logits, self.top_k, self.normalize_top_k, backend=self.backend)
-        load = expert_load(idx, self.num_experts) if self.training or count_load else None
+        load = ops.expert_load(idx, self.num_experts, backend=self.backend) if self.training or count_load else None
         if self.training:
             self._record_aux_losses(logits, idx, load, num_samples)
         elif self.last_aux_loss is not None:  # (a module attribute store costs microseconds: only when needed)

@@ -90,6 +90,20 @@ def check_one_device(op: str, named: dict[str, Tensor | None], allow_meta: bool 
         )
 
 
+def _check_ids(top_k_idx: Tensor) -> None:
+    _check_tensor("top_k_idx", top_k_idx, 2)
+    if top_k_idx.dtype.is_floating_point or top_k_idx.dtype.is_complex or top_k_idx.dtype == torch.bool:
+        raise TypeError(f"top_k_idx must hold integer expert ids (int64 or int32), got {top_k_idx.dtype}")
+
+
+def check_expert_load_args(top_k_idx: Tensor, num_experts: int, allow_meta: bool = False) -> None:
+    """top_k_idx: [T, K] integer; num_experts: int >= 1."""
+    _check_ids(top_k_idx)
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be an int >= 1, got {num_experts!r}")
+    check_one_device("expert_load", {"top_k_idx": top_k_idx}, allow_meta)
+
+
 def check_logits(logits: Tensor, op: str, allow_meta: bool = False) -> None:
     """logits: [T, E] float, E >= 1, on one device."""
     _check_tensor("logits", logits, 2)
@@ -146,9 +160,7 @@ def check_expert_mlp_args(
     glu: ``check_glu``."""
     _check_tensor("x", x, 2)
     _check_float("x", x)
-    _check_tensor("top_k_idx", top_k_idx, 2)
-    if top_k_idx.dtype.is_floating_point or top_k_idx.dtype.is_complex or top_k_idx.dtype == torch.bool:
-        raise TypeError(f"top_k_idx must hold integer expert ids (int64 or int32), got {top_k_idx.dtype}")
+    _check_ids(top_k_idx)
     num_tokens, top_k = top_k_idx.shape
     if num_tokens != x.shape[0]:
         raise ValueError(f"top_k_idx must be [T, K] with T = {x.shape[0]} (x's tokens), got {_shape(top_k_idx)}")

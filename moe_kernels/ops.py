@@ -2,11 +2,12 @@
 
 Arguments are checked here, once, against one contract (``moe_kernels.contract``) before any
 backend runs, so every backend raises the same error for the same bad input. A backend is a module
-exposing four functions with the reference's signatures:
+exposing five functions with the reference's signatures:
 
     unavailable_reason(device: torch.device) -> str | None   # None: it can run on that device
     topk_gating(logits, top_k, normalize) -> (top_k_weights, top_k_idx)
     router_losses(logits, balance_weights, z_scale, balance_coef, z_coef) -> (balance, z, aux)
+    expert_load(top_k_idx, num_experts) -> [E] int64
     expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu) -> y
 
 Backends are imported lazily, so a missing extension or Triton never breaks ``import``.
@@ -22,7 +23,12 @@ from types import ModuleType
 import torch
 from torch import Tensor
 
-from moe_kernels.contract import check_expert_mlp_args, check_gating_args, check_router_losses_args
+from moe_kernels.contract import (
+    check_expert_load_args,
+    check_expert_mlp_args,
+    check_gating_args,
+    check_router_losses_args,
+)
 from moe_kernels.reference import GluSpec
 
 BACKEND_MODULES: dict[str, str] = {
@@ -121,6 +127,16 @@ def topk_gating(logits: Tensor, top_k: int, normalize: bool = True, backend: str
     """
     check_gating_args(logits, top_k, normalize)
     return resolve_backend(backend, logits.device).topk_gating(logits, top_k, normalize)
+
+
+def expert_load(top_k_idx: Tensor, num_experts: int, backend: str = "auto") -> Tensor:
+    """The assignments per expert of a routing: top_k_idx [T, K] integer -> [E] int64. Ids outside [0, E)
+    (capacity drops, expert-parallel sentinels) are not counted. No host sync. The balance loss, the
+    capacity and ``SparseMoEMLP.last_expert_load`` read it; ``triton`` counts in one kernel (plus a sum over
+    slot blocks for large batches) where PyTorch's scatter is five.
+    """
+    check_expert_load_args(top_k_idx, num_experts)
+    return resolve_backend(backend, top_k_idx.device).expert_load(top_k_idx, num_experts)
 
 
 def router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float, z_coef: float,

@@ -162,6 +162,17 @@ def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Ten
     return weights, idx
 
 
+def expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
+    """top_k_idx: [T, K] integer -> [E] int64 assignments per expert (no host sync on GPU)."""
+    flat = top_k_idx.reshape(-1).long()
+    # Ids below 0 count into bucket 0 and ids >= E into bucket E + 1, both cut off: ids outside
+    # [0, E) (capacity drops, expert-parallel sentinels) are not counted.
+    buckets = flat.clamp(-1, num_experts) + 1
+    counts = torch.zeros(num_experts + 2, dtype=torch.int64, device=flat.device)
+    ones = torch.ones((), dtype=torch.int64, device=flat.device).expand(buckets.shape)
+    return counts.scatter_add_(0, buckets, ones)[1:-1]
+
+
 def router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float,
                   z_coef: float) -> tuple[Tensor, Tensor, Tensor]:
     """The router's auxiliary losses from its logits, softmax and log-sum-exp per row in fp32:

@@ -1,4 +1,5 @@
-"""Triton routing plan: a stable counting sort of the T*K assignments by expert, on device.
+"""Triton routing: the routing plan (a stable counting sort of the T*K assignments by expert) and the
+expert load (its histogram alone), on device.
 
 T tokens, K top_k, E experts, R = T*K slots. Kernels in routing_kernels.py; no host sync.
 """
@@ -8,9 +9,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from moe_kernels.contract import check_expert_load_args
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton import runtime
-from moe_kernels.triton.runtime import cdiv, check_device, device_guard, next_power_of_2
+from moe_kernels.triton.runtime import cdiv, check_device, device_guard, eager, next_power_of_2
 
 # Routing metadata: a histogram/scatter program holds ROUTING_TILE (slot, bucket) pairs, at most
 # ROUTING_MAX_SLOTS slots; the scan walks ROUTING_TILE (block, bucket) counts per step.
@@ -41,14 +43,21 @@ def routing_blocks(num_slots: int, num_experts: int) -> tuple[int, int, int]:
 
 
 @runtime.shape_cache
+def _histogram_launch(num_slots: int, num_experts: int) -> runtime.Launch:
+    """Per slot-block counts over the E experts and a dropped bucket: [blocks, E + 1]."""
+    block_s, block_e, num_blocks = routing_blocks(num_slots, num_experts)
+    return runtime.Launch("routing_histogram_kernel", (num_blocks,), (num_slots, num_experts),
+                          dict(BLOCK_S=block_s, BLOCK_E=block_e))
+
+
+@runtime.shape_cache
 def _routing_launches(num_slots: int, num_experts: int) -> tuple[runtime.Launch, ...]:
     """One launch when the slots fit one block (decode, small batch), else histogram, scan, scatter."""
     block_s, block_e, num_blocks = routing_blocks(num_slots, num_experts)
     if num_blocks == 1:
         return (runtime.Launch("routing_one_block_kernel", (1,), (num_slots, num_experts),
                                dict(BLOCK_S=block_s, BLOCK_E=block_e)),)
-    return (runtime.Launch("routing_histogram_kernel", (num_blocks,), (num_slots, num_experts),
-                           dict(BLOCK_S=block_s, BLOCK_E=block_e)),
+    return (_histogram_launch(num_slots, num_experts),
             runtime.Launch("routing_scan_kernel", (1,), (num_blocks, num_experts),
                            dict(BLOCK_B=max(1, ROUTING_TILE // block_e), BLOCK_E=block_e)),
             runtime.Launch("routing_scatter_kernel", (num_blocks,), (num_slots, num_experts), dict(BLOCK_S=block_s)))
@@ -76,3 +85,38 @@ def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: 
     runtime.launch(scan, interpret, block_counts, counts, offsets)
     runtime.launch(scatter, interpret, ids, block_counts, offsets, sorted_slots, slot_rows)
     return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
+
+
+def _expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
+    """The launcher of ``expert_load``, arguments already checked: the routing's histogram kernel (ids
+    outside [0, E) land in the dropped bucket), then the sum over slot blocks when there are several."""
+    interpret = check_device(top_k_idx)
+    ids = top_k_idx.reshape(-1).to(torch.int64).contiguous()
+    if ids.numel() == 0:
+        return torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
+    launch = _histogram_launch(ids.numel(), num_experts)
+    block_counts = torch.empty(launch.grid[0], num_experts + 1, dtype=torch.int64, device=ids.device)
+    with device_guard(ids):
+        runtime.launch(launch, interpret, ids, block_counts)
+    if launch.grid[0] == 1:
+        return block_counts[0, :num_experts]
+    return block_counts[:, :num_experts].sum(dim=0)
+
+
+@torch.library.custom_op("cumo_triton::expert_load", mutates_args=())
+def _expert_load_op(top_k_idx: Tensor, num_experts: int) -> Tensor:
+    check_expert_load_args(top_k_idx, num_experts)
+    return _expert_load(top_k_idx, num_experts).clone()  # an op's output may not be a view of its buffer
+
+
+@_expert_load_op.register_fake
+def _(top_k_idx, num_experts):
+    return top_k_idx.new_empty(num_experts, dtype=torch.int64)
+
+
+def expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
+    """[E] int64 assignments per expert (contract: ``moe_kernels.ops.expert_load``, checked there); no host
+    sync; integer counts, so the same whatever order the blocks are summed in."""
+    if eager(top_k_idx):
+        return _expert_load(top_k_idx, num_experts)
+    return _expert_load_op(top_k_idx, num_experts)

@@ -86,18 +86,18 @@ def test_inference_forward_runs_at_most_two_aten_ops_besides_the_kernels(stubbed
 
 
 def test_training_step_aten_ops(stubbed_launches):
-    """A training step besides its kernels. Forward: the router's GEMM, the expert load (clamp, shift, two
-    fills, one scatter) and the balance weights (a cast and a scale); the losses themselves are kernels.
+    """A training step besides its kernels. Forward: the router's GEMM and the balance weights (a cast and
+    a scale); the expert load and the losses are kernels (one routing block here: no sum over blocks).
     Backward: the test's own loss (sum, add, the seed), three gradient buffers, the router GEMM's two
     products and the accumulation of the router's and the experts' input gradients. Each aten op costs
     ~10-20 us of host time on a GPU host (and PyTorch's logsumexp is nine kernels): a guard against the
-    loss code growing back (the forward was 21 ops, then 16 with PyTorch's softmax, logsumexp and loss
-    arithmetic; the backward 18)."""
+    loss code growing back (the forward was 21 ops, then 16 with PyTorch's softmax, logsumexp, loss
+    arithmetic and the expert load's scatter; the backward 23)."""
     layer = _decode_layer()
     x = torch.randn(4, 32, requires_grad=True)
     with OpLog() as log:
         out = layer.train()(x)
-    assert len(log.compute_ops()) <= 8, log.compute_ops()
+    assert len(log.compute_ops()) <= 3, log.compute_ops()
     assert not {"aten._softmax", "aten.logsumexp"} & set(log.compute_ops())
     with OpLog() as log:
         (out.sum() + layer.last_aux_loss).backward()
@@ -113,6 +113,7 @@ def test_training_step_launch_counts(interpreter):
     assert launches == {
         "topk_gating_kernel": 1, "topk_gating_backward_kernel": 1,
         "router_losses_kernel": 1, "router_losses_reduce_kernel": 1, "router_losses_backward_kernel": 1,
+        "routing_histogram_kernel": 1,  # the expert load of the balance loss
         "routing_one_block_kernel": 1,  # routed once: the backward reuses the forward's plan
         "grouped_gemm_kernel": 4, "combine_kernel": 2, "topk_weight_grad_kernel": 1, "grouped_weight_grad_kernel": 2,
     }, launches
