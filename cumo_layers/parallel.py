@@ -181,9 +181,9 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         """This rank's shares (local, global counts in ``tokens`` and ``samples``) of the balance and z losses
         of one process holding every token, through the router's balance weights and ``ops.router_losses``.
 
-        z: a mean over all tokens, so the local mean scaled by T_local / T_global. Switch balance ``E * sum_e f_e P_e``: the
-        weights of the *global* load and token count. CuMo's balance: a mean over samples (each sample on one
-        rank), so the local weights times S_local / S_global.
+        z: a mean over all tokens, so the local mean scaled by T_local / T_global. Switch balance
+        ``E * sum_e f_e P_e``: the weights of the *global* load and token count. CuMo's balance: a mean over
+        samples (each sample on one rank), so the local weights times S_local / S_global.
         """
         router = self.router
         (num_tokens, global_tokens), (num_samples, global_samples) = tokens, samples

@@ -1,9 +1,9 @@
 """Triton backend (GPU, or CPU tensors under TRITON_INTERPRET=1).
 
-The backend contract of moe_kernels.ops: ``unavailable_reason``, ``topk_gating``,
-``router_losses``, ``expert_load``, ``expert_mlp``; plus ``routing_plan`` (the RoutingPlan built on device) and
-``LAUNCHES`` (kernel launch counts, reset with ``reset_launch_counts``). Importing this package never requires Triton: without it,
-``unavailable_reason`` says why and every op raises.
+The backend contract of moe_kernels.ops: ``unavailable_reason``, ``topk_gating``, ``router_losses``,
+``expert_load``, ``expert_mlp``; plus ``routing_plan`` (the RoutingPlan built on device) and ``LAUNCHES``
+(kernel launch counts, reset with ``reset_launch_counts``). Importing this package never requires Triton:
+without it, ``unavailable_reason`` says why and every op raises.
 """
 
 from __future__ import annotations
@@ -44,5 +44,5 @@ def reset_launch_counts() -> None:
     LAUNCHES.clear()
 
 
-__all__ = ["LAUNCHES", "expert_load", "expert_mlp", "reset_launch_counts", "router_losses", "routing_plan", "topk_gating",
-           "unavailable_reason"]
+__all__ = ["LAUNCHES", "expert_load", "expert_mlp", "reset_launch_counts", "router_losses", "routing_plan",
+           "topk_gating", "unavailable_reason"]
