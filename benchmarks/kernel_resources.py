@@ -6,7 +6,8 @@ compiled for a GPU target exactly as Triton's JIT would specialize it (its own b
 become constants, pointers and integers divisible by 16 carry that fact), through Triton's bundled ptxas.
 The report lists, per grouped-GEMM and weight-gradient specialization at the benchmark shapes, its tiles,
 registers per thread, spills and whether the tensor-core code is Hopper's wgmma or the older mma.sync.
-``tests/moe_kernels/test_triton_compiles.py`` compiles every specialization the layer launches this way.
+``--check ARCH`` compiles every specialization the layer launches instead (what
+``tests/moe_kernels/test_triton_compiles.py`` runs).
 """
 
 from __future__ import annotations
@@ -96,12 +97,62 @@ def resources(kernel, args: list, constexprs: dict, target: GPUTarget = HOPPER) 
             "mma": "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "none"}
 
 
+# Every kernel the layer launches, and the configurations that reach every epilogue and dtype they
+# specialize on: (dtype, activation, glu, bias), each at one routing block and at several.
+ALL_KERNELS = {"topk_gating_kernel", "topk_gating_backward_kernel", "router_losses_kernel",
+               "router_losses_reduce_kernel", "router_losses_backward_kernel", "routing_one_block_kernel",
+               "routing_histogram_kernel", "routing_scan_kernel", "routing_scatter_kernel", "grouped_gemm_kernel",
+               "combine_kernel", "topk_weight_grad_kernel", "grouped_weight_grad_kernel"}
+
+
+def check_configurations() -> list[tuple]:
+    from moe_kernels.reference import GluSpec
+
+    return [(torch.bfloat16, "silu", True, False), (torch.float16, "gelu", False, True),
+            (torch.float32, "quick_gelu", GluSpec("clamped", interleaved=True, limit=7.0, up_offset=1.0), True)]
+
+
+def compile_check(target: GPUTarget) -> list[str]:
+    """Compile every specialization the layer launches (training step and inference, the configurations
+    above, 1 and 300 tokens) for ``target``; the failures, one line each (empty: all compiled). Run it in a
+    process of its own: after Triton's interpreter has run kernels, its compiler fails in that process."""
+    from cumo_layers import SparseMoEMLP
+
+    with recording_gpu_launches() as recording:
+        for dtype, activation, glu, bias in check_configurations():
+            for tokens in (1, 300):  # one routing block, and several (histogram, scan, scatter)
+                layer = SparseMoEMLP(64, 32, num_experts=8, top_k=2, activation=activation, glu=glu, bias=bias,
+                                     backend="triton", dtype=dtype).train()
+                x = torch.randn(tokens, 64, dtype=dtype, requires_grad=True)
+                out = layer(x)
+                torch.autograd.grad(out.float().sum() + layer.last_aux_loss, [x, *layer.parameters()])
+                with torch.no_grad():
+                    layer.eval()(x)
+    launched = {key[0] for key in recording.launches}
+    failures = [f"never launched: {name}" for name in sorted(ALL_KERNELS - launched)]
+    for kernel, args, constexprs in recording.launches.values():
+        try:
+            source, options = specialize(kernel, args, constexprs, target)
+            triton.compile(source, target=target, options=options)
+        except Exception as exc:  # collected: every failing specialization is reported at once
+            failures.append(f"{kernel.__name__} {constexprs}: {type(exc).__name__}: {exc}")
+    print(f"compiled {len(recording.launches)} specializations of {len(launched)} kernels for "
+          f"sm_{target.arch}: {len(failures)} failures")
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     from benchmarks.common import REGIMES
     from cumo_layers import SparseMoEMLP
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks.kernel_resources", description=__doc__.splitlines()[0])
-    parser.parse_args(argv)
+    parser.add_argument("--check", type=int, metavar="ARCH",
+                        help="instead: compile every specialization the layer launches for sm_ARCH; exit 1 on failure")
+    args = parser.parse_args(argv)
+    if args.check:
+        failures = compile_check(GPUTarget("cuda", args.check, 32))
+        print("\n".join(failures))
+        return 1 if failures else 0
     for regime in REGIMES:
         with recording_gpu_launches() as recording:
             layer = SparseMoEMLP(regime.d_model, regime.hidden, regime.d_out, num_experts=regime.experts,
