@@ -19,6 +19,7 @@ from moe_kernels.triton.runtime import (
     ELEMENTWISE_TILE,
     cdiv,
     check_device,
+    check_dtype,
     device_guard,
     dot_options,
     eager,
@@ -26,7 +27,6 @@ from moe_kernels.triton.runtime import (
 )
 from moe_kernels.triton.tiles import INTERPRET_GEMM, INTERPRET_WEIGHT_GRAD, gemm_config, weight_grad_config
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The kernels' constexpr activation codes: positions in the reference's table (expert_kernels.py spells the order).
 ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 EPILOGUE_PLAIN, EPILOGUE_ACTIVATION, EPILOGUE_ACTIVATION_GRAD = 0, 1, 2
@@ -124,11 +124,6 @@ def _topk_weight_grad_launch(num_rows: int, out_features: int, num_experts: int,
 # Expert MLP
 
 
-def check_triton_dtype(x: Tensor) -> None:
-    if x.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the Triton expert kernels take {[str(d) for d in SUPPORTED_DTYPES]}, got {x.dtype}")
-
-
 def _check_saved_rows(grad_out: Tensor, x: Tensor, top_k_idx: Tensor, w1: Tensor, w2: Tensor, pre: Tensor,
                       hidden_rows: Tensor, rows: Tensor, need_pre: bool, need_rows: bool) -> None:
     """The buffers a backward reads must be the forward's: [T*K, H1], [T*K, H], [T*K, O] (or empty
@@ -175,7 +170,7 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
     rows, the routing plan it built); pre and rows are None where save_pre / keep_rows do not keep them
     (an inference call allocates neither)."""
     glu = as_glu(glu)
-    check_triton_dtype(x)
+    check_dtype(x, "the Triton expert kernels")
     interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
     num_tokens, top_k = top_k_idx.shape
     num_experts, hidden1, _ = w1.shape
@@ -231,7 +226,7 @@ def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, 
                             need_b2: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     spec = _spec(glu, glu_interleaved, glu_a, glu_b)
     check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, None, w2, None, activation, spec)
-    check_triton_dtype(x)
+    check_dtype(x, "the Triton expert kernels")
     _check_saved_rows(grad_out, x, top_k_idx, w1, w2, pre, hidden_rows, rows, need_x or need_w1 or need_b1,
                       need_weights)
     return _expert_mlp_backward_launch(grad_out, x, top_k_weights, top_k_idx, w1, w2, pre, hidden_rows, rows,

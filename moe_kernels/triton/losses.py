@@ -15,9 +15,16 @@ from torch import Tensor
 
 from moe_kernels.contract import check_router_losses_args
 from moe_kernels.triton import runtime
-from moe_kernels.triton.runtime import cdiv, check_device, device_guard, eager, next_power_of_2, row_tiles
+from moe_kernels.triton.runtime import (
+    cdiv,
+    check_device,
+    check_dtype,
+    device_guard,
+    eager,
+    next_power_of_2,
+    row_tiles,
+)
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REDUCE_TILE = 1024  # partials summed per step of the reduce kernel
 
 
@@ -38,23 +45,21 @@ def _reduce_launch(num_partials: int, balance_coef: float, z_coef: float) -> run
 def _router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float,
                    z_coef: float) -> tuple[Tensor, Tensor, Tensor]:
     """The forward launchers, arguments already checked against the contract."""
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(f"the Triton router losses take logits in {[str(d) for d in SUPPORTED_DTYPES]}, "
-                        f"got {logits.dtype}")
+    check_dtype(logits, "the Triton router losses")
     interpret = check_device(logits, balance_weights)
     num_tokens, num_experts = logits.shape
     balance, z, aux = (torch.empty((), dtype=torch.float32, device=logits.device) for _ in range(3))
     with device_guard(logits):
+        partials, num_partials = balance, 0  # no tokens: the reduce kernel writes zeros
         if num_tokens > 0:
             launch = _rows_launch("router_losses_kernel", num_tokens, num_experts,
                                   num_tokens // balance_weights.shape[0],
                                   (*logits.stride(), *balance_weights.stride(), z_scale / num_tokens), ())
-            partials = torch.empty(2, launch.grid[0], dtype=torch.float32, device=logits.device)
+            num_partials = launch.grid[0]
+            partials = torch.empty(2, num_partials, dtype=torch.float32, device=logits.device)
             runtime.launch(launch, interpret, logits, balance_weights, partials)
-        else:  # no tokens: the reduce kernel writes zeros
-            partials = balance
-        reduce = _reduce_launch(partials.shape[-1] if num_tokens > 0 else 0, float(balance_coef), float(z_coef))
-        runtime.launch(reduce, interpret, partials, balance, z, aux)
+        runtime.launch(_reduce_launch(num_partials, float(balance_coef), float(z_coef)), interpret, partials,
+                       balance, z, aux)
     return balance, z, aux
 
 

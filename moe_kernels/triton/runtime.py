@@ -132,12 +132,13 @@ class Launch:
 
 
 _SHAPE_CACHES: list = []
+SHAPE_CACHE_SIZE = 4096  # Launches kept per launcher, least recently used dropped first
 
 
 def shape_cache(fn):
     """``functools.lru_cache`` for the functions that build a ``Launch`` from sizes, strides, dtypes and
     flags; ``clear_shape_caches`` empties them all (when the tile tables change)."""
-    cached = functools.lru_cache(maxsize=BoundKernels.MAX_BOUND)(fn)
+    cached = functools.lru_cache(maxsize=SHAPE_CACHE_SIZE)(fn)
     _SHAPE_CACHES.append(cached)
     return cached
 
@@ -238,6 +239,15 @@ class BoundKernels:
 
 
 BOUND_KERNELS = BoundKernels()
+
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what every Triton kernel here computes on
+
+
+def check_dtype(t: Tensor, what: str) -> None:
+    """Raise TypeError naming ``what`` unless ``t`` is float32, float16 or bfloat16."""
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{what} take {[str(d) for d in SUPPORTED_DTYPES]}, got {t.dtype}")
 
 
 def dot_options(dtype: torch.dtype, interpret: bool, allow_tf32: bool) -> dict:
