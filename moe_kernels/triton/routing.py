@@ -106,7 +106,7 @@ def _expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
 @torch.library.custom_op("cumo_triton::expert_load", mutates_args=())
 def _expert_load_op(top_k_idx: Tensor, num_experts: int) -> Tensor:
     check_expert_load_args(top_k_idx, num_experts)
-    return _expert_load(top_k_idx, num_experts).clone()  # an op's output may not be a view of its buffer
+    return _expert_load(top_k_idx, num_experts)
 
 
 @_expert_load_op.register_fake
