@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from moe_kernels.triton import experts, gating, losses, routing, runtime
+from moe_kernels.triton import experts, gating, losses, moe_mlp, routing, runtime
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -62,7 +62,7 @@ def recording_gpu_launches() -> Iterator[Recording]:
     """The Triton backend on CPU tensors with the settings of CUDA tensors, its launches recorded."""
     saved_env = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # the backend takes CPU tensors; nothing is interpreted below
-    modules = (experts, gating, losses, routing)
+    modules = (experts, gating, losses, moe_mlp, routing)  # every launcher module that decides how to launch
     saved = [(module, module.check_device) for module in modules] + [(runtime, runtime.BOUND_KERNELS)]
     recording = Recording()
     try:
@@ -99,7 +99,7 @@ def resources(kernel, args: list, constexprs: dict, target: GPUTarget = HOPPER) 
 
 # Every kernel the layer launches, and the configurations that reach every epilogue and dtype they
 # specialize on: (dtype, activation, glu, bias), each at one routing block and at several.
-ALL_KERNELS = {"topk_gating_kernel", "topk_gating_backward_kernel", "router_losses_kernel",
+ALL_KERNELS = {"route_one_block_kernel", "topk_gating_kernel", "topk_gating_backward_kernel", "router_losses_kernel",
                "router_losses_reduce_kernel", "router_losses_backward_kernel", "routing_one_block_kernel",
                "routing_histogram_kernel", "routing_scan_kernel", "routing_scatter_kernel", "grouped_gemm_kernel",
                "combine_kernel", "topk_weight_grad_kernel", "grouped_weight_grad_kernel"}

@@ -37,6 +37,10 @@ class SparseMoEMLP(nn.Module):
     (samples: the leading dim of a [B, N, D] input). ``last_expert_load`` holds the [E] assignment
     counts of the last forward (after capacity drops). The routing is counted once per forward: the
     router's ``expert_load`` feeds the balance loss, the capacity and ``last_expert_load``.
+
+    An eval forward without capacity runs as one op, ``moe_kernels.ops.moe_mlp`` (router, gating, routing and
+    experts; on ``triton`` one launch sequence whose routing plan also gives the load), unless a hook is
+    registered on ``router``, which then runs as its own module so that the hook sees it.
     """
 
     def __init__(
@@ -94,26 +98,13 @@ class SparseMoEMLP(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, out_features, hidden_features, **factory))
         self.b1 = nn.Parameter(torch.empty(num_experts, fc1_rows, **factory)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, out_features, **factory)) if bias else None
-        # (expert load, routing): an inference forward keeps only its routing, counted when read.
-        self._last_routing: tuple[Tensor | None, Tensor | None] = (None, None)
+        # [E] int64 assignments per expert in the last forward (after capacity drops), or None before the first.
+        self.last_expert_load: Tensor | None = None
         self.reset_parameters()
 
     @property
     def last_aux_loss(self) -> Tensor | None:
         return self.router.last_aux_loss
-
-    @property
-    def last_expert_load(self) -> Tensor | None:
-        """[E] int64 assignments per expert in the last forward (after capacity drops), or None."""
-        load, top_k_idx = self._last_routing
-        if load is None and top_k_idx is not None:
-            load = ops.expert_load(top_k_idx, self.num_experts, backend=self.backend)
-            self._last_routing = (load, None)
-        return load
-
-    @last_expert_load.setter
-    def last_expert_load(self, load: Tensor | None) -> None:
-        self._last_routing = (load, None)
 
     def reset_parameters(self) -> None:
         """Each expert initialised like an independent nn.Linear pair: U(+-1/sqrt(fan_in))."""
@@ -157,16 +148,22 @@ class SparseMoEMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x, w1, b1, w2, b2 = self._checked_inputs(x)
         tokens = x.reshape(-1, self.in_features)
+        router = self.router
+        if not (self.training or self.capacity_factor is not None or router._forward_hooks
+                or router._forward_pre_hooks):
+            routed = ops.moe_mlp(tokens, router.weight.to(x.dtype), w1, b1, w2, b2, self.top_k,
+                                 router.normalize_top_k, self.activation, self.glu, self.backend)
+            router.clear_losses()
+            self.last_expert_load = routed.expert_load
+            return routed.out.reshape(*x.shape[:-1], self.out_features)
         # A [B, N, D] input has B samples (CuMo's balance loss is per sample); other ranks count as one.
-        route = self.router(tokens, num_samples=x.shape[0] if x.dim() == 3 and x.shape[0] > 0 else 1,
-                            count_load=self.capacity_factor is not None)
+        route = router(tokens, num_samples=x.shape[0] if x.dim() == 3 and x.shape[0] > 0 else 1, count_load=True)
         top_k_idx, load = route.top_k_idx, route.expert_load
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
             top_k_idx = apply_capacity(top_k_idx, self.num_experts, capacity)
             load = load.clamp(max=capacity)  # capacity keeps exactly min(count, capacity) per expert
-        # Inference counts the load only if someone reads last_expert_load.
-        self._last_routing = (None, top_k_idx) if load is None else (load.detach(), None)
+        self.last_expert_load = load.detach()
         out = ops.expert_mlp(
             tokens, route.top_k_weights, top_k_idx, w1, b1, w2, b2,
             activation=self.activation, glu=self.glu, backend=self.backend,

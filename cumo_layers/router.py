@@ -168,9 +168,14 @@ class TopKRouter(nn.Module):
         load = ops.expert_load(idx, self.num_experts, backend=self.backend) if self.training or count_load else None
         if self.training:
             self._record_aux_losses(logits, idx, load, num_samples)
-        elif self.last_aux_loss is not None:  # (a module attribute store costs microseconds: only when needed)
-            self.last_balance_loss = self.last_z_loss = self.last_aux_loss = None
+        else:
+            self.clear_losses()
         return RouterOutput(weights, idx, logits, load)
+
+    def clear_losses(self) -> None:
+        """Set the last losses to None (what an eval forward leaves)."""
+        if self.last_aux_loss is not None:  # (a module attribute store costs microseconds: only when needed)
+            self.last_balance_loss = self.last_z_loss = self.last_aux_loss = None
 
     def _record_aux_losses(self, logits: Tensor, idx: Tensor, load: Tensor, num_samples: int) -> None:
         dtype = torch.promote_types(logits.dtype, torch.float32)

@@ -134,12 +134,15 @@ def check_router_losses_args(logits: Tensor, balance_weights: Tensor, z_scale: f
 def check_gating_args(logits: Tensor, top_k: int, normalize: bool, allow_meta: bool = False) -> None:
     """logits: [T, E] float, E >= 1; top_k: int in [1, E]; normalize: bool."""
     check_logits(logits, "topk_gating", allow_meta)
-    num_experts = logits.shape[1]
+    _check_top_k(top_k, logits.shape[1])
+    check_flag("normalize", normalize)
+
+
+def _check_top_k(top_k: int, num_experts: int) -> None:
     if isinstance(top_k, bool) or not isinstance(top_k, int):
         raise TypeError(f"top_k must be an int, got {type(top_k).__name__} {top_k!r}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in [1, {num_experts}] (the number of experts), got {top_k}")
-    check_flag("normalize", normalize)
 
 
 def check_expert_mlp_args(
@@ -155,9 +158,7 @@ def check_expert_mlp_args(
     allow_meta: bool = False,
 ) -> None:
     """x: [T, D] float; top_k_weights: [T, K] float; top_k_idx: [T, K] integer (ids outside [0, E)
-    are dropped, K >= 1); w1: [E, H1, D], E >= 1; b1: [E, H1] | None; w2: [E, O, H] with H1 = H
-    (2*H with GLU); b2: [E, O] | None; weights and biases in x's dtype; all on one device;
-    glu: ``check_glu``."""
+    are dropped, K >= 1); the experts: ``_check_experts``; all on one device."""
     _check_tensor("x", x, 2)
     _check_float("x", x)
     _check_ids(top_k_idx)
@@ -170,10 +171,38 @@ def check_expert_mlp_args(
     _check_float("top_k_weights", top_k_weights)
     if top_k_weights.shape != top_k_idx.shape:
         raise ValueError(f"top_k_weights must be {_shape(top_k_idx)} like top_k_idx, got {_shape(top_k_weights)}")
+    _check_experts(x, w1, b1, w2, b2, activation, glu)
+    check_one_device("expert_mlp", {"x": x, "top_k_weights": top_k_weights, "top_k_idx": top_k_idx,
+                                    "w1": w1, "b1": b1, "w2": w2, "b2": b2}, allow_meta)
+
+
+def check_moe_mlp_args(x: Tensor, router_weight: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
+                       b2: Tensor | None, top_k: int, normalize: bool, activation: str, glu: bool | GluSpec,
+                       allow_meta: bool = False) -> None:
+    """x: [T, D] float; router_weight: [E, D] in x's dtype; top_k: int in [1, E]; normalize: bool; the experts:
+    ``_check_experts``; all on one device."""
+    _check_tensor("x", x, 2)
+    _check_float("x", x)
+    num_experts = _check_experts(x, w1, b1, w2, b2, activation, glu)
+    _check_tensor("router_weight", router_weight, 2)
+    if _shape(router_weight) != (num_experts, x.shape[1]):
+        raise ValueError(f"router_weight must be [{num_experts}, {x.shape[1]}] (w1's experts, x's features), "
+                         f"got {_shape(router_weight)}")
+    if router_weight.dtype != x.dtype:
+        raise TypeError(f"router_weight must have x's dtype {x.dtype}, got {router_weight.dtype}")
+    _check_top_k(top_k, num_experts)
+    check_flag("normalize", normalize)
+    check_one_device("moe_mlp", {"x": x, "router_weight": router_weight, "w1": w1, "b1": b1, "w2": w2, "b2": b2},
+                     allow_meta)
+
+
+def _check_experts(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str,
+                   glu: bool | GluSpec) -> int:
+    """w1: [E, H1, D], E >= 1; b1: [E, H1] | None; w2: [E, O, H] with H1 = H (2*H with GLU); b2: [E, O] | None;
+    weights and biases in x's dtype; glu: ``check_glu``. Returns E."""
     check_activation(activation)
     check_glu(glu, activation)
     gated = as_glu(glu) is not None
-
     _check_tensor("w1", w1, 3)
     _check_tensor("w2", w2, 3)
     num_experts, hidden1, d_in = w1.shape
@@ -193,8 +222,7 @@ def check_expert_mlp_args(
     for name, t in (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)):
         if t is not None and t.dtype != x.dtype:
             raise TypeError(f"{name} must have x's dtype {x.dtype}, got {t.dtype}")
-    check_one_device("expert_mlp", {"x": x, "top_k_weights": top_k_weights, "top_k_idx": top_k_idx,
-                                    "w1": w1, "b1": b1, "w2": w2, "b2": b2}, allow_meta)
+    return num_experts
 
 
 def double_backward_error(backend: str) -> str:

@@ -10,8 +10,9 @@ exposing five functions with the reference's signatures:
     expert_load(top_k_idx, num_experts) -> [E] int64
     expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu) -> y
 
-Backends are imported lazily, so a missing extension or Triton never breaks ``import``.
-An explicitly named backend that cannot run raises ``BackendUnavailableError``: never a
+and may expose ``moe_mlp_inference`` (a fused launch sequence for ``moe_mlp`` without gradients; for the
+others ``moe_mlp`` composes their five). Backends are imported lazily, so a missing extension or Triton never
+breaks ``import``. An explicitly named backend that cannot run raises ``BackendUnavailableError``: never a
 silent fallback. Only ``"auto"`` picks among them.
 """
 
@@ -19,14 +20,17 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
+from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from moe_kernels.contract import (
     check_expert_load_args,
     check_expert_mlp_args,
     check_gating_args,
+    check_moe_mlp_args,
     check_router_losses_args,
 )
 from moe_kernels.reference import GluSpec
@@ -178,6 +182,51 @@ def expert_mlp(
     check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
     module = resolve_backend(backend, x.device)
     return module.expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
+
+
+class MoEOutput(NamedTuple):
+    """out: [T, O] in x's dtype; top_k_weights: [T, K] float32 (float64 for float64 x); top_k_idx: [T, K] int64;
+    expert_load: [E] int64, the assignments per expert (the routing plan's counts where the backend built one)."""
+
+    out: Tensor
+    top_k_weights: Tensor
+    top_k_idx: Tensor
+    expert_load: Tensor
+
+
+def moe_mlp(
+    x: Tensor,
+    router_weight: Tensor,
+    w1: Tensor,
+    b1: Tensor | None,
+    w2: Tensor,
+    b2: Tensor | None,
+    top_k: int,
+    normalize: bool = True,
+    activation: str = "gelu",
+    glu: bool | GluSpec = False,
+    backend: str = "auto",
+) -> MoEOutput:
+    """The whole MoE MLP, routing included: logits = x @ router_weight^T (in x's dtype, as ``F.linear``),
+    ``topk_gating(logits, top_k, normalize)``, ``expert_mlp`` over that routing, and its ``expert_load``.
+
+    x: [T, D] float; router_weight: [E, D] in x's dtype; the experts as for ``expert_mlp`` -> MoEOutput.
+    Differentiable in x, router_weight, w1, b1, w2, b2 (through the ops it is made of). Without gradients the
+    ``triton`` backend runs it as one launch sequence and routes once: for decode and small batches one kernel
+    computes the logits, the top-k and the routing plan (four launches in all, where the ops one by one take
+    six); the plan's counts are the expert load. Other backends, and calls that want gradients, run the ops
+    one by one.
+    """
+    check_moe_mlp_args(x, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu)
+    module = resolve_backend(backend, x.device)
+    fused = getattr(module, "moe_mlp_inference", None)
+    if fused is not None:
+        result = fused(x, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu)
+        if result is not None:
+            return MoEOutput(*result)
+    weights, idx = module.topk_gating(F.linear(x, router_weight), top_k, normalize)
+    out = module.expert_mlp(x, weights, idx, w1, b1, w2, b2, activation, glu)
+    return MoEOutput(out, weights, idx, module.expert_load(idx, w1.shape[0]))
 
 
 # Load the light backends now (Triton's import is heavy, so it stays lazy): torch.compile then

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import torch
@@ -11,6 +12,23 @@ from torch import Tensor
 # checked with `assert_lowp_close` (flash-attention's rule) instead of a hand-tuned number.
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def cpu_backends() -> list[str]:
+    """The backends that run on CPU tensors here: torch, cpu when its extension is built, and triton when Triton
+    imports (asked with TRITON_INTERPRET=1 set, as the tests that use this list set it while they run: the
+    variable is read at call time, and a test collected without it would silently drop triton)."""
+    from moe_kernels import ops
+
+    saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return [name for name in ("torch", "cpu", "triton") if ops.unavailable_reason(name, "cpu") is None]
+    finally:
+        if saved is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 class Shape(NamedTuple):

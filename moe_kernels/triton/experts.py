@@ -165,10 +165,12 @@ def _expert_mlp_forward_op(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, 
 
 def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
                         w2: Tensor, b2: Tensor | None, activation: str, glu: bool | GluSpec, save_pre: bool,
-                        keep_rows: bool) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, RoutingPlan]:
+                        keep_rows: bool, plan: RoutingPlan | None = None
+                        ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, RoutingPlan]:
     """The forward launcher, arguments already checked against the contract: (out, pre, hidden_rows,
-    rows, the routing plan it built); pre and rows are None where save_pre / keep_rows do not keep them
-    (an inference call allocates neither)."""
+    rows, the routing plan); pre and rows are None where save_pre / keep_rows do not keep them (an
+    inference call allocates neither). ``plan``: the routing plan of top_k_idx when this backend's own
+    kernels built it already (``moe_mlp_inference``), else it is built here."""
     glu = as_glu(glu)
     check_dtype(x, "the Triton expert kernels")
     interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
@@ -185,7 +187,8 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
     hidden_rows = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
     rows = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
     with device_guard(x):
-        plan = routing_plan_from_ids(ids, num_experts, top_k, interpret)
+        if plan is None:
+            plan = routing_plan_from_ids(ids, num_experts, top_k, interpret)
         if num_rows > 0:
             # fc1: token rows gathered in-kernel; B[e][d, h] = w1[e, h, d].
             _grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret,

@@ -1,7 +1,8 @@
-"""Triton routing: the routing plan (a stable counting sort of the T*K assignments by expert) and the
-expert load (its histogram alone), on device.
+"""Triton routing: the routing plan (a stable counting sort of the T*K assignments by expert), the
+expert load (its histogram alone), and, for decode and small batches, the router's GEMM, gating and plan
+in one launch; all on device.
 
-T tokens, K top_k, E experts, R = T*K slots. Kernels in routing_kernels.py; no host sync.
+T tokens, D features, K top_k, E experts, R = T*K slots. Kernels in router_kernels.py; no host sync.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from torch import Tensor
 from moe_kernels.contract import check_expert_load_args
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton import runtime
-from moe_kernels.triton.runtime import cdiv, check_device, device_guard, eager, next_power_of_2
+from moe_kernels.triton.runtime import cdiv, check_device, device_guard, dot_options, eager, next_power_of_2
 
 # Routing metadata: a histogram/scatter program holds ROUTING_TILE (slot, bucket) pairs, at most
 # ROUTING_MAX_SLOTS slots; the scan walks ROUTING_TILE (block, bucket) counts per step.
 ROUTING_TILE = 8192
 ROUTING_MAX_SLOTS = 128
+# route_one_block_kernel: one program holds the padded (token, slot) lanes, at most ROUTING_MAX_SLOTS, times
+# the E + 1 buckets, at most ROUTE_TILE (T = 16, K = 8, E = 64 fits: the small-batch regime).
+ROUTE_TILE = 16384
 
 
 def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
@@ -85,6 +89,54 @@ def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: 
     runtime.launch(scan, interpret, block_counts, counts, offsets)
     runtime.launch(scatter, interpret, ids, block_counts, offsets, sorted_slots, slot_rows)
     return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
+
+
+@runtime.shape_cache
+def _route_launch(num_tokens: int, d_in: int, num_experts: int, strides: tuple, top_k: int, normalize: bool,
+                  dtype: torch.dtype, interpret: bool, allow_tf32: bool) -> runtime.Launch | None:
+    """route_one_block_kernel's launch, or None when the slots do not fit one program."""
+    block_t, block_k, block_b = next_power_of_2(num_tokens), next_power_of_2(top_k), next_power_of_2(num_experts + 1)
+    lanes = block_t * block_k
+    if lanes > ROUTING_MAX_SLOTS or lanes * block_b > ROUTE_TILE:
+        return None
+    block_e = max(16, next_power_of_2(num_experts))  # tl.dot's smallest N
+    if interpret:
+        block_d = 16  # small, so that tests cross tile edges
+    elif block_t >= 16:
+        block_d = 128
+    else:  # the broadcast product holds BLOCK_T x BLOCK_D x BLOCK_E values: 64 a thread, many loads in flight
+        block_d = max(16, min(512, ROUTE_TILE // (block_t * block_e)))
+    meta = dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
+                BLOCK_K=block_k, BLOCK_B=block_b, **dot_options(dtype, interpret, allow_tf32))
+    if not interpret:
+        meta["num_warps"] = 8
+    return runtime.Launch("route_one_block_kernel", (1,), (num_tokens, d_in, num_experts, *strides), meta)
+
+
+def route_one_block(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool,
+                    interpret: bool) -> tuple[Tensor, Tensor, RoutingPlan] | None:
+    """The router's GEMM (logits = x @ router_weight^T, rounded to x's dtype), topk_gating and the routing plan
+    in one launch: (top_k_weights [T, K] float32, top_k_idx [T, K] int64, RoutingPlan), what F.linear,
+    ``topk_gating`` and ``routing_plan`` give (up to the GEMM's summation order); None when there are no tokens
+    or their T*K slots do not fit one program (then those three run apart). Arguments already checked
+    (``ops.moe_mlp``)."""
+    num_tokens, d_in = x.shape
+    num_experts = router_weight.shape[0]
+    if num_tokens == 0:
+        return None
+    spec = _route_launch(num_tokens, d_in, num_experts, (*x.stride(), *router_weight.stride()), top_k, normalize,
+                         x.dtype, interpret, torch.backends.cuda.matmul.allow_tf32)
+    if spec is None:
+        return None
+    device, num_slots = x.device, num_tokens * top_k
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+    counts = torch.empty(num_experts, dtype=torch.int64, device=device)  # the kernel writes all four
+    offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
+    sorted_slots = torch.empty(num_slots, dtype=torch.int64, device=device)
+    slot_rows = torch.empty(num_slots, dtype=torch.int64, device=device)
+    runtime.launch(spec, interpret, x, router_weight, weights, ids, counts, offsets, sorted_slots, slot_rows)
+    return weights, ids, RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
 
 
 def _expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:

@@ -33,8 +33,8 @@ from triton.runtime.jit import JITFunction
 # fallback to PyTorch cannot pass.
 LAUNCHES: Counter = Counter()
 
-# The @triton.jit kernels, one file per launcher module (gating.py, losses.py, routing.py, experts.py).
-_KERNEL_FILES = ("gating_kernels.py", "loss_kernels.py", "routing_kernels.py", "expert_kernels.py")
+# The @triton.jit kernels: the router's (gating.py, routing.py), the losses' (losses.py), the experts' (experts.py).
+_KERNEL_FILES = ("router_kernels.py", "loss_kernels.py", "expert_kernels.py")
 _kernel_namespaces: dict[bool, SimpleNamespace] = {}
 
 

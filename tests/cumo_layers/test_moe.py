@@ -8,7 +8,14 @@ from cumo_layers import SparseMoEMLP, aux_loss
 from moe_kernels import ops
 from moe_kernels.reference import ACTIVATIONS
 from moe_kernels.routing import apply_capacity, expert_capacity
-from tests.helpers import assert_close, assert_compiled_matches_eager, assert_lowp_close, naive_expert_mlp, rel_err
+from tests.helpers import (
+    assert_close,
+    assert_compiled_matches_eager,
+    assert_lowp_close,
+    cpu_backends,
+    naive_expert_mlp,
+    rel_err,
+)
 
 
 def expected_output(moe: SparseMoEMLP, x: torch.Tensor) -> torch.Tensor:
@@ -323,6 +330,44 @@ def test_compile_dynamic_token_counts(backend, compiler, monkeypatch):
         torch.testing.assert_close(aux, moe.last_aux_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-6)
     assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("tokens", [0, 1, 12, 50])
+def test_eval_forward_is_one_op_and_equals_the_router_path(backend, tokens, monkeypatch):
+    """An eval forward runs ops.moe_mlp (on triton: one launch sequence, the router's GEMM, gating and plan in
+    one kernel up to 16 x 8 slots); with a hook on the router it runs the router module, which the hook sees.
+    Both give the same output and load, and the load is the routing's count."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    moe = SparseMoEMLP(16, 12, num_experts=16, top_k=8, glu=True, activation="silu", backend=backend).eval()
+    moe.router.last_aux_loss = torch.ones(())  # an eval forward clears what a training forward left
+    x = torch.randn(tokens, 16)
+    with torch.no_grad():
+        fused, fused_load = moe(x), moe.last_expert_load
+        assert moe.last_aux_loss is None
+        seen = []
+        moe.router.register_forward_hook(lambda module, args, out: seen.append(out.top_k_idx))
+        apart = moe(x)
+    assert len(seen) == 1
+    torch.testing.assert_close(fused, apart, rtol=1e-5, atol=1e-6)
+    assert torch.equal(fused_load, moe.last_expert_load)
+    assert fused_load.tolist() == torch.bincount(seen[0].reshape(-1), minlength=16).tolist()
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_eval_forward_compiles_to_one_graph(backend, monkeypatch):
+    """torch.compile(fullgraph=True) of an eval forward (ops.moe_mlp traced as the ops one by one, through their
+    custom ops), over token counts that take the fused kernel eagerly and some that do not."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    torch._dynamo.reset()
+    moe = SparseMoEMLP(16, 24, num_experts=8, top_k=2, glu=True, activation="silu", backend=backend).eval()
+    compiled = torch.compile(moe, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        for tokens in (1, 9, 80):
+            x = torch.randn(tokens, 16)
+            y, load = compiled(x), moe.last_expert_load
+            torch.testing.assert_close(y, moe(x), rtol=1e-5, atol=1e-6)
+            assert torch.equal(load, moe.last_expert_load)
 
 
 @pytest.mark.slow

@@ -10,13 +10,10 @@ import pytest
 import torch
 
 from moe_kernels import ops, reference
+from tests.helpers import cpu_backends
 
 # (T, K, E): empty, one token, all on one expert, several slot blocks (E=64: 64 slots a block), top_k == E.
 SHAPES = [(0, 2, 4), (1, 2, 4), (9, 1, 1), (300, 8, 64), (33, 8, 8)]
-
-
-def backends() -> list[str]:
-    return [name for name in ("torch", "cpu", "triton") if ops.unavailable_reason(name, "cpu") is None]
 
 
 @pytest.fixture(autouse=True)
@@ -36,7 +33,7 @@ def random_ids(tokens: int, top_k: int, experts: int, dropped: bool) -> torch.Te
     return ids
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("tokens,top_k,experts", SHAPES)
 @pytest.mark.parametrize("dropped", [False, True])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
@@ -48,7 +45,7 @@ def test_counts_every_kept_assignment(backend, tokens, top_k, experts, dropped, 
     assert load.tolist() == counted(ids, experts) == reference.expert_load(ids, experts).tolist()
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_strided_ids(backend):
     ids = torch.randint(0, 6, (4, 10)).t()  # [10, 4], not contiguous
     assert ops.expert_load(ids, 6, backend=backend).tolist() == counted(ids, 6)
@@ -77,7 +74,7 @@ def test_triton_custom_op_passes_opcheck_and_compiles():
     assert compiled(ids).tolist() == counted(ids, 8)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("ids,experts,error,match", [
     (torch.zeros(4, dtype=torch.int64), 4, ValueError, "2 dims"),
     (torch.zeros(2, 2), 4, TypeError, "integer expert ids"),

@@ -9,16 +9,12 @@ import pytest
 import torch
 
 from moe_kernels import ops, reference
-from tests.helpers import RTOL
+from tests.helpers import RTOL, cpu_backends
 
 # (T, E, S): empty, one expert, odd E, T > BLOCK_T (several partial sums), several samples.
 SHAPES = [(0, 4, 1), (1, 1, 1), (1, 64, 1), (5, 7, 1), (70, 64, 2), (130, 64, 5), (12, 100, 3)]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 COEFS = (0.5, 1.3, 0.07)  # z_scale, balance_coef, z_coef
-
-
-def backends() -> list[str]:
-    return [name for name in ("torch", "cpu", "triton") if ops.unavailable_reason(name, "cpu") is None]
 
 
 @pytest.fixture(autouse=True)
@@ -54,7 +50,7 @@ def check_against_reference(backend: str, logits: torch.Tensor, weights: torch.T
                                atol=1e-6 if logits.dtype == torch.float32 else 1e-3)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("tokens,experts,samples", SHAPES)
 def test_matches_the_reference(backend, dtype, tokens, experts, samples):
@@ -62,7 +58,7 @@ def test_matches_the_reference(backend, dtype, tokens, experts, samples):
     check_against_reference(backend, (torch.randn(tokens, experts) * 4).to(dtype), torch.rand(samples, experts))
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("used", [(True, False, False), (False, True, False), (False, False, True)])
 def test_gradient_through_one_loss(backend, used):
     """Only one loss reaches the result: the others' gradients stay None (nothing zero-filled)."""
@@ -70,7 +66,7 @@ def test_gradient_through_one_loss(backend, used):
     check_against_reference(backend, torch.randn(9, 6), torch.rand(3, 6), used)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_strided_logits_and_broadcast_weights(backend):
     """Logits as a transposed view, balance weights as an expanded view (stride 0 over the samples)."""
     torch.manual_seed(2)
@@ -79,7 +75,7 @@ def test_strided_logits_and_broadcast_weights(backend):
     check_against_reference(backend, logits, weights)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_infinite_logits_follow_pytorch(backend):
     """A +inf logit makes the balance NaN and z +inf, as PyTorch's softmax and logsumexp do."""
     logits = torch.tensor([[0.5, float("inf"), 1.0], [1.0, 2.0, 3.0]])
@@ -132,7 +128,7 @@ def test_triton_compiles_to_one_graph():
         torch.testing.assert_close(actual, expected)
 
 
-@pytest.mark.parametrize("backend", backends())
+@pytest.mark.parametrize("backend", cpu_backends())
 @pytest.mark.parametrize("logits,weights,coefs,error,match", [
     (torch.randn(4), torch.rand(1, 4), COEFS, ValueError, "2 dims"),
     (torch.ones(3, 4, dtype=torch.int64), torch.rand(1, 4), COEFS, TypeError, "logits must be one of"),

@@ -1,0 +1,187 @@
+"""ops.moe_mlp (router GEMM, gating, routing and experts as one op) on every backend that runs here, against the
+ops one by one on the reference; the Triton backend under TRITON_INTERPRET=1, where its fused inference path
+(route_one_block_kernel for decode and small batches) is checked against the reference's plan as well."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moe_kernels import ops, reference
+from moe_kernels.reference import GluSpec
+from moe_kernels.routing import build_routing_plan
+from tests.helpers import RTOL, assert_lowp_close, cpu_backends, rel_err
+
+# (T, D, H, O, E, K) and the edge each covers.
+SHAPES = [
+    ((0, 16, 8, 16, 4, 2), "no tokens"),
+    ((1, 40, 16, 24, 16, 8), "decode: one token, 8 of 16 experts"),
+    ((3, 33, 8, 20, 6, 3), "K not a power of two, D crosses tiles"),
+    ((16, 32, 8, 32, 64, 8), "16 x 8 slots over 64 experts: the largest one-block routing"),
+    ((5, 16, 8, 16, 4, 4), "top_k == num_experts"),
+    ((7, 16, 8, 16, 1, 1), "one expert"),
+    ((130, 24, 8, 16, 6, 3), "too many slots for one block: the router's GEMM, gating and plan apart"),
+]
+IDS = [why for _, why in SHAPES]
+
+
+@pytest.fixture(autouse=True)
+def _interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # lets the Triton backend take CPU tensors
+
+
+def problem(shape, dtype=torch.float32, glu=False, bias=True, seed=0):
+    """(x, router_weight, w1, b1, w2, b2): well separated router logits, so that no top-k is a near tie."""
+    tokens, d_in, hidden, d_out, experts, _ = shape
+    gen = torch.Generator().manual_seed(seed)
+    h1 = 2 * hidden if glu else hidden
+
+    def rand(*size, scale=1.0):
+        return (scale * torch.randn(*size, generator=gen)).to(dtype)
+
+    return (rand(tokens, d_in), rand(experts, d_in, scale=2 / d_in**0.5), rand(experts, h1, d_in, scale=d_in**-0.5),
+            rand(experts, h1, scale=0.1) if bias else None, rand(experts, d_out, hidden, scale=hidden**-0.5),
+            rand(experts, d_out, scale=0.1) if bias else None)
+
+
+def one_by_one(x, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu):
+    """The reference: F.linear, then the reference's gating, expert MLP and load."""
+    weights, idx = reference.topk_gating(F.linear(x, router_weight), top_k, normalize)
+    out = reference.expert_mlp(x, weights, idx, w1, b1, w2, b2, activation, glu)
+    return out, weights, idx, reference.expert_load(idx, w1.shape[0])
+
+
+def dtypes(backend: str) -> list[torch.dtype]:
+    # The interpreter's bf16 tl.dot is wrong (runtime.dot_options works around it; fp16 covers low precision).
+    return [torch.float32, torch.float16] if backend == "triton" else [torch.float32, torch.bfloat16]
+
+
+def cases() -> list:
+    return [pytest.param(backend, dtype, id=f"{backend}-{str(dtype).removeprefix('torch.')}")
+            for backend in cpu_backends() for dtype in dtypes(backend)]
+
+
+@pytest.mark.parametrize("backend, dtype", cases())
+@pytest.mark.parametrize("shape", [s for s, _ in SHAPES], ids=IDS)
+@pytest.mark.parametrize("glu, activation", [(False, "gelu"), (True, "silu"),
+                                             (GluSpec("clamped", interleaved=True, limit=7.0, up_offset=1.0), "silu")],
+                         ids=["plain", "glu", "clamped-interleaved-glu"])
+def test_matches_the_ops_one_by_one(backend, dtype, shape, glu, activation):
+    top_k = shape[-1]
+    args = problem(shape, dtype, glu=bool(glu))
+    got = ops.moe_mlp(*args, top_k, True, activation, glu, backend=backend)
+    out, weights, idx, load = one_by_one(*args, top_k, True, activation, glu)
+    assert got.top_k_idx.dtype == torch.int64 and torch.equal(got.top_k_idx, idx)
+    assert got.expert_load.dtype == torch.int64 and torch.equal(got.expert_load, load)
+    assert got.expert_load.tolist() == torch.bincount(idx.reshape(-1), minlength=shape[4]).tolist()
+    assert got.top_k_weights.dtype == torch.float32
+    torch.testing.assert_close(got.top_k_weights, weights, rtol=1e-5, atol=1e-6)
+    assert got.out.dtype == dtype and got.out.shape == (shape[0], shape[3])
+    if dtype == torch.float32:
+        torch.testing.assert_close(got.out, out, rtol=RTOL[dtype], atol=1e-6)
+    else:
+        x, _, w1, b1, w2, b2 = (None if t is None else t.double() for t in args)
+        exact = reference.expert_mlp(x, weights.double(), idx, w1, b1, w2, b2, activation, glu)
+        assert_lowp_close(got.out, out, exact, "moe_mlp out")
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("normalize", [True, False])
+def test_normalize_off(backend, normalize):
+    shape = (5, 16, 8, 16, 8, 3)
+    args = problem(shape)
+    got = ops.moe_mlp(*args, 3, normalize, "gelu", False, backend=backend)
+    out, weights, idx, _ = one_by_one(*args, 3, normalize, "gelu", False)
+    assert torch.equal(got.top_k_idx, idx)
+    torch.testing.assert_close(got.top_k_weights, weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.out, out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_strided_inputs(backend):
+    """x and the router weight as transposed views (strides other than a row-major tensor's)."""
+    shape = (6, 24, 8, 16, 8, 2)
+    x, router_weight, w1, b1, w2, b2 = problem(shape)
+    x_t, router_t = x.t().contiguous().t(), router_weight.t().contiguous().t()
+    assert not x_t.is_contiguous() and not router_t.is_contiguous()
+    got = ops.moe_mlp(x_t, router_t, w1, b1, w2, b2, 2, True, "gelu", False, backend=backend)
+    out, _, idx, _ = one_by_one(x, router_weight, w1, b1, w2, b2, 2, True, "gelu", False)
+    assert torch.equal(got.top_k_idx, idx)
+    torch.testing.assert_close(got.out, out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_gradients_match_the_reference(backend):
+    """With gradients wanted the op runs the backend's ops one by one: differentiable in every input."""
+    shape = (9, 16, 8, 12, 4, 2)
+    args = [t.requires_grad_() for t in problem(shape)]
+    got = ops.moe_mlp(*args, 2, True, "gelu", False, backend=backend)
+    grads = torch.autograd.grad(got.out.square().sum(), args)
+    expected = torch.autograd.grad(one_by_one(*args, 2, True, "gelu", False)[0].square().sum(), args)
+    for name, g, e in zip(("x", "router_weight", "w1", "b1", "w2", "b2"), grads, expected):
+        assert rel_err(g, e) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_a_nan_token_poisons_only_itself(backend):
+    shape = (4, 16, 8, 16, 8, 2)
+    x, *rest = problem(shape)
+    x[2, 5] = float("nan")
+    got = ops.moe_mlp(x, *rest, 2, True, "gelu", False, backend=backend)
+    assert ((got.top_k_idx >= 0) & (got.top_k_idx < 8)).all()
+    assert got.top_k_weights[2].isnan().all() and got.out[2].isnan().all()
+    keep = [0, 1, 3]
+    out, weights, idx, _ = one_by_one(x[keep], *rest, 2, True, "gelu", False)
+    assert torch.equal(got.top_k_idx[keep], idx)
+    torch.testing.assert_close(got.out[keep], out, rtol=1e-5, atol=1e-6)
+
+
+def test_triton_fused_path_launches_and_plan():
+    """Decode and small batches: one route_one_block_kernel whose plan is build_routing_plan's; larger batches:
+    the gating kernel and the routing kernels apart. Gradients wanted: no fused kernel."""
+    pytest.importorskip("triton")
+    from moe_kernels.triton import LAUNCHES, reset_launch_counts
+    from moe_kernels.triton.routing import route_one_block
+
+    for shape, fused in (((1, 40, 16, 24, 16, 8), True), ((16, 32, 8, 32, 64, 8), True),
+                         ((130, 24, 8, 16, 6, 3), False)):
+        x, router_weight, *experts = problem(shape)
+        top_k = shape[-1]
+        reset_launch_counts()
+        ops.moe_mlp(x, router_weight, *experts, top_k, True, "gelu", False, backend="triton")
+        assert ("route_one_block_kernel" in LAUNCHES) == fused and ("topk_gating_kernel" in LAUNCHES) != fused
+        routed = route_one_block(x, router_weight, top_k, True, interpret=True)
+        assert (routed is not None) == fused
+        if fused:
+            _, ids, plan = routed
+            for got, want in zip(plan, build_routing_plan(ids, shape[4])):
+                assert got == want if isinstance(want, int) else torch.equal(got, want)
+    reset_launch_counts()
+    args = [t.requires_grad_() for t in problem((2, 16, 8, 16, 4, 2))]
+    ops.moe_mlp(*args, 2, True, "gelu", False, backend="triton")
+    assert "route_one_block_kernel" not in LAUNCHES and LAUNCHES["topk_gating_kernel"] == 1
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda a: a.update(router_weight=a["router_weight"][:, :-1]), ValueError, r"router_weight must be \[4, 16\]"),
+    (lambda a: a.update(router_weight=a["router_weight"][:3]), ValueError, r"router_weight must be \[4, 16\]"),
+    (lambda a: a.update(router_weight=a["router_weight"].double()), TypeError, "router_weight must have x's dtype"),
+    (lambda a: a.update(top_k=0), ValueError, r"top_k must be in \[1, 4\]"),
+    (lambda a: a.update(top_k=5), ValueError, r"top_k must be in \[1, 4\]"),
+    (lambda a: a.update(top_k=2.0), TypeError, "top_k must be an int"),
+    (lambda a: a.update(normalize=1), TypeError, "normalize must be a bool"),
+    (lambda a: a.update(x=a["x"][:, :-1]), ValueError, r"w1 must be \[E, H1, 15\]"),
+    (lambda a: a.update(w2=a["w2"][:, :, :-1]), ValueError, "w2 must be"),
+    (lambda a: a.update(x=a["x"].long()), TypeError, "x must be one of"),
+    (lambda a: a.update(router_weight=a["router_weight"].to("meta")), ValueError, "one device"),
+    (lambda a: a.update(activation="swish"), ValueError, "activation"),
+])
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_bad_arguments_raise_before_any_backend_runs(backend, mutate, error, match):
+    x, router_weight, w1, b1, w2, b2 = problem((3, 16, 8, 16, 4, 2))
+    kwargs = dict(x=x, router_weight=router_weight, w1=w1, b1=b1, w2=w2, b2=b2, top_k=2, normalize=True,
+                  activation="gelu", glu=False, backend=backend)
+    mutate(kwargs)
+    with pytest.raises(error, match=match):
+        ops.moe_mlp(**kwargs)
