@@ -188,11 +188,9 @@ def cumo_backend(backend: str) -> Callable[[Problem], Forward]:
             raise PeerSkipped(f"backend {backend!r} unavailable: {reason}")
         regime = problem.regime
 
-        def forward(x: Tensor) -> Tensor:
-            logits = F.linear(x, problem.router_weight)
-            weights, idx = ops.topk_gating(logits, regime.top_k, True, backend=backend)
-            return ops.expert_mlp(x, weights, idx, problem.w1, None, problem.w2, None,
-                                  regime.activation, regime.glu, backend=backend)
+        def forward(x: Tensor) -> Tensor:  # the router's GEMM, gating and experts: what SparseMoEMLP runs in eval
+            return ops.moe_mlp(x, problem.router_weight, problem.w1, None, problem.w2, None, regime.top_k, True,
+                               regime.activation, regime.glu, backend=backend).out
 
         return forward
 

@@ -9,7 +9,8 @@ C launcher itself (a few us a launch) and the first launch of each specializatio
 Triton (the GPU run measures both). Beside it, in the same run, a plain ``torch.add`` of two small
 tensors: the unit of host cost any PyTorch op pays. Reported: microseconds per call and that cost in
 ``torch.add`` units, for the whole SparseMoEMLP layer (router included; an inference forward and a
-training step) and for ``moe_kernels.expert_mlp`` alone, at decode and small-batch shapes.
+training step), for ``moe_kernels.moe_mlp`` (what its eval forward runs) and for ``moe_kernels.expert_mlp`` and
+``topk_gating`` alone, at decode and small-batch shapes.
 """
 
 from __future__ import annotations
@@ -91,6 +92,8 @@ def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) ->
             results = {
                 "torch.add": per_call_us(lambda: torch.add(a, b)),
                 "layer": per_call_us(lambda: layer(x)),
+                "moe_mlp": per_call_us(lambda: ops.moe_mlp(x, layer.router.weight, layer.w1, None, layer.w2, None, top_k,
+                                                           True, "silu", True, backend="triton")),
                 "expert_mlp": per_call_us(lambda: ops.expert_mlp(x, weights, idx, layer.w1, None, layer.w2, None,
                                                                  "silu", True, backend="triton")),
                 "topk_gating": per_call_us(lambda: ops.topk_gating(x @ layer.router.weight.t(), top_k,
