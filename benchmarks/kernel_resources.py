@@ -27,7 +27,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from moe_kernels.triton import experts, gating, losses, moe_mlp, routing, runtime
+from moe_kernels.triton import experts, gating, losses, moe, routing, runtime
 
 HOPPER = GPUTarget("cuda", 90, 32)
 
@@ -62,7 +62,7 @@ def recording_gpu_launches() -> Iterator[Recording]:
     """The Triton backend on CPU tensors with the settings of CUDA tensors, its launches recorded."""
     saved_env = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # the backend takes CPU tensors; nothing is interpreted below
-    modules = (experts, gating, losses, moe_mlp, routing)  # every launcher module that decides how to launch
+    modules = (experts, gating, losses, moe, routing)  # every launcher module that decides how to launch
     saved = [(module, module.check_device) for module in modules] + [(runtime, runtime.BOUND_KERNELS)]
     recording = Recording()
     try:

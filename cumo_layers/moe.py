@@ -35,12 +35,12 @@ class SparseMoEMLP(nn.Module):
     After a training forward ``last_aux_loss`` holds ``balance_loss_coef * balance + z_loss_coef * z``
     (None in eval); ``balance_loss`` is ``"switch"`` (default) or CuMo's per-sample top-1 ``"cumo"``
     (samples: the leading dim of a [B, N, D] input). ``last_expert_load`` holds the [E] assignment
-    counts of the last forward (after capacity drops). The routing is counted once per forward: the
-    router's ``expert_load`` feeds the balance loss, the capacity and ``last_expert_load``.
+    counts of the last forward (after capacity drops).
 
-    An eval forward without capacity runs as one op, ``moe_kernels.ops.moe_mlp`` (router, gating, routing and
-    experts; on ``triton`` one launch sequence whose routing plan also gives the load), unless a hook is
-    registered on ``router``, which then runs as its own module so that the hook sees it.
+    A forward runs as one op, ``moe_kernels.ops.moe_mlp`` (router, gating, routing and experts), unless a hook is
+    registered on ``router``, which then runs as its own module so that the hook sees it. The routing is counted
+    once per forward: its expert load feeds the balance loss and ``last_expert_load`` (on ``triton``, without
+    capacity, it is the count of the routing plan the experts run on).
     """
 
     def __init__(
@@ -148,27 +148,34 @@ class SparseMoEMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x, w1, b1, w2, b2 = self._checked_inputs(x)
         tokens = x.reshape(-1, self.in_features)
-        router = self.router
-        if not (self.training or self.capacity_factor is not None or router._forward_hooks
-                or router._forward_pre_hooks):
-            routed = ops.moe_mlp(tokens, router.weight.to(x.dtype), w1, b1, w2, b2, self.top_k,
-                                 router.normalize_top_k, self.activation, self.glu, self.backend)
-            router.clear_losses()
-            self.last_expert_load = routed.expert_load
-            return routed.out.reshape(*x.shape[:-1], self.out_features)
         # A [B, N, D] input has B samples (CuMo's balance loss is per sample); other ranks count as one.
-        route = router(tokens, num_samples=x.shape[0] if x.dim() == 3 and x.shape[0] > 0 else 1, count_load=True)
-        top_k_idx, load = route.top_k_idx, route.expert_load
+        num_samples = x.shape[0] if x.dim() == 3 and x.shape[0] > 0 else 1
+        capacity = None
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
-            top_k_idx = apply_capacity(top_k_idx, self.num_experts, capacity)
-            load = load.clamp(max=capacity)  # capacity keeps exactly min(count, capacity) per expert
-        self.last_expert_load = load.detach()
-        out = ops.expert_mlp(
-            tokens, route.top_k_weights, top_k_idx, w1, b1, w2, b2,
-            activation=self.activation, glu=self.glu, backend=self.backend,
-        )
+        router = self.router
+        if router._forward_hooks or router._forward_pre_hooks:  # a hook sees the router run as its own module
+            out, load = self._forward_through_router(tokens, num_samples, capacity, w1, b1, w2, b2)
+        else:
+            routed = ops.moe_mlp(tokens, router.weight.to(x.dtype), w1, b1, w2, b2, self.top_k, router.normalize_top_k,
+                                 self.activation, self.glu, self.backend, router_input=router.jittered(tokens),
+                                 capacity=capacity, return_logits=self.training)
+            router.record_losses(routed.logits, routed.top_k_idx, routed.expert_load, num_samples)
+            out, load = routed.out, routed.expert_load
+        # capacity keeps exactly min(count, capacity) per expert
+        self.last_expert_load = (load if capacity is None else load.clamp(max=capacity)).detach()
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _forward_through_router(self, tokens: Tensor, num_samples: int, capacity: int | None, w1: Tensor,
+                                b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> tuple[Tensor, Tensor]:
+        """What ops.moe_mlp computes, with the router module called as such: (out, load before capacity drops)."""
+        route = self.router(tokens, num_samples=num_samples, count_load=True)
+        top_k_idx = route.top_k_idx
+        if capacity is not None:
+            top_k_idx = apply_capacity(top_k_idx, self.num_experts, capacity)
+        out = ops.expert_mlp(tokens, route.top_k_weights, top_k_idx, w1, b1, w2, b2, activation=self.activation,
+                             glu=self.glu, backend=self.backend)
+        return out, route.expert_load
 
     def extra_repr(self) -> str:
         return (

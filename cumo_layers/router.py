@@ -158,24 +158,29 @@ class TopKRouter(nn.Module):
             raise TypeError(f"TopKRouter expects a floating point input, got dtype {x.dtype}")
         if x.dim() != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"TopKRouter expects input [T, {self.in_features}], got shape {tuple(x.shape)}")
-        router_input = x
-        if self.training and self.jitter > 0:
-            noise = torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-            router_input = x * noise
+        jittered = self.jittered(x)
         # The gating op reads low-precision logits and computes in fp32: no cast kernel on the hot path.
-        logits = F.linear(router_input, self.weight.to(x.dtype))
+        logits = F.linear(x if jittered is None else jittered, self.weight.to(x.dtype))
         weights, idx = ops.topk_gating(logits, self.top_k, self.normalize_top_k, backend=self.backend)
         load = ops.expert_load(idx, self.num_experts, backend=self.backend) if self.training or count_load else None
-        if self.training:
-            self._record_aux_losses(logits, idx, load, num_samples)
-        else:
-            self.clear_losses()
+        self.record_losses(logits, idx, load, num_samples)
         return RouterOutput(weights, idx, logits, load)
 
-    def clear_losses(self) -> None:
-        """Set the last losses to None (what an eval forward leaves)."""
-        if self.last_aux_loss is not None:  # (a module attribute store costs microseconds: only when needed)
+    def jittered(self, x: Tensor) -> Tensor | None:
+        """The router's input in a training forward with jitter: x * U(1 - jitter, 1 + jitter); else None."""
+        if not (self.training and self.jitter > 0):
+            return None
+        return x * torch.empty_like(x).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
+
+    def record_losses(self, logits: Tensor | None, idx: Tensor | None, load: Tensor | None,
+                      num_samples: int = 1) -> None:
+        """What a forward leaves in ``last_*_loss``: in training the losses of this routing (logits [T, E], idx
+        [T, K], load [E] from ``expert_load``); in eval None (the arguments are not read)."""
+        if self.training:
+            self._record_aux_losses(logits, idx, load, num_samples)
+        elif self.last_aux_loss is not None:  # (a module attribute store costs microseconds: only when needed)
             self.last_balance_loss = self.last_z_loss = self.last_aux_loss = None
+
 
     def _record_aux_losses(self, logits: Tensor, idx: Tensor, load: Tensor, num_samples: int) -> None:
         dtype = torch.promote_types(logits.dtype, torch.float32)

@@ -178,9 +178,11 @@ def check_expert_mlp_args(
 
 def check_moe_mlp_args(x: Tensor, router_weight: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
                        b2: Tensor | None, top_k: int, normalize: bool, activation: str, glu: bool | GluSpec,
+                       router_input: Tensor | None = None, capacity: int | None = None, return_logits: bool = False,
                        allow_meta: bool = False) -> None:
-    """x: [T, D] float; router_weight: [E, D] in x's dtype; top_k: int in [1, E]; normalize: bool; the experts:
-    ``_check_experts``; all on one device."""
+    """x: [T, D] float; router_weight: [E, D] and router_input: [T, D] | None in x's dtype; top_k: int in [1, E];
+    normalize: bool; capacity: int >= 0 | None; return_logits: bool; the experts: ``_check_experts``; all on one
+    device."""
     _check_tensor("x", x, 2)
     _check_float("x", x)
     num_experts = _check_experts(x, w1, b1, w2, b2, activation, glu)
@@ -190,10 +192,20 @@ def check_moe_mlp_args(x: Tensor, router_weight: Tensor, w1: Tensor, b1: Tensor 
                          f"got {_shape(router_weight)}")
     if router_weight.dtype != x.dtype:
         raise TypeError(f"router_weight must have x's dtype {x.dtype}, got {router_weight.dtype}")
+    if router_input is not None:
+        _check_tensor("router_input", router_input, 2)
+        if router_input.shape != x.shape:
+            raise ValueError(f"router_input must be {list(x.shape)} like x, got {list(router_input.shape)}")
+        if router_input.dtype != x.dtype:
+            raise TypeError(f"router_input must have x's dtype {x.dtype}, got {router_input.dtype}")
     _check_top_k(top_k, num_experts)
     check_flag("normalize", normalize)
-    check_one_device("moe_mlp", {"x": x, "router_weight": router_weight, "w1": w1, "b1": b1, "w2": w2, "b2": b2},
-                     allow_meta)
+    if capacity is not None and (isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 0):
+        raise ValueError(f"capacity must be None (dropless) or an int >= 0 (assignments kept per expert), "
+                         f"got {capacity!r}")
+    check_flag("return_logits", return_logits)
+    check_one_device("moe_mlp", {"x": x, "router_input": router_input, "router_weight": router_weight, "w1": w1,
+                                 "b1": b1, "w2": w2, "b2": b2}, allow_meta)
 
 
 def _check_experts(x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, activation: str,

@@ -10,8 +10,8 @@ exposing five functions with the reference's signatures:
     expert_load(top_k_idx, num_experts) -> [E] int64
     expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu) -> y
 
-and may expose ``moe_mlp_inference`` (a fused launch sequence for ``moe_mlp`` without gradients; for the
-others ``moe_mlp`` composes their five). Backends are imported lazily, so a missing extension or Triton never
+and may expose ``moe_mlp`` (``moe_mlp`` as one launch sequence; it returns None for a call it leaves to the
+five one by one, which is how ``moe_mlp`` runs on the others). Backends are imported lazily, so a missing extension or Triton never
 breaks ``import``. An explicitly named backend that cannot run raises ``BackendUnavailableError``: never a
 silent fallback. Only ``"auto"`` picks among them.
 """
@@ -34,6 +34,7 @@ from moe_kernels.contract import (
     check_router_losses_args,
 )
 from moe_kernels.reference import GluSpec
+from moe_kernels.routing import apply_capacity
 
 BACKEND_MODULES: dict[str, str] = {
     "torch": "moe_kernels.reference",
@@ -185,13 +186,15 @@ def expert_mlp(
 
 
 class MoEOutput(NamedTuple):
-    """out: [T, O] in x's dtype; top_k_weights: [T, K] float32 (float64 for float64 x); top_k_idx: [T, K] int64;
-    expert_load: [E] int64, the assignments per expert (the routing plan's counts where the backend built one)."""
+    """out: [T, O] in x's dtype; top_k_weights: [T, K] float32 (float64 for float64 x); top_k_idx: [T, K] int64, the
+    router's choice (before capacity drops); expert_load: [E] int64, its assignments per expert (before capacity
+    drops: ``min(load, capacity)`` are kept); logits: [T, E] in x's dtype when asked for, else None."""
 
     out: Tensor
     top_k_weights: Tensor
     top_k_idx: Tensor
     expert_load: Tensor
+    logits: Tensor | None
 
 
 def moe_mlp(
@@ -206,27 +209,37 @@ def moe_mlp(
     activation: str = "gelu",
     glu: bool | GluSpec = False,
     backend: str = "auto",
+    *,
+    router_input: Tensor | None = None,
+    capacity: int | None = None,
+    return_logits: bool = False,
 ) -> MoEOutput:
-    """The whole MoE MLP, routing included: logits = x @ router_weight^T (in x's dtype, as ``F.linear``),
-    ``topk_gating(logits, top_k, normalize)``, ``expert_mlp`` over that routing, and its ``expert_load``.
+    """The whole MoE MLP, routing included: logits = router_input @ router_weight^T (in x's dtype, as ``F.linear``;
+    router_input defaults to x, a jittered copy is the other use), ``topk_gating(logits, top_k, normalize)``, the
+    routing's ``expert_load``, ``routing.apply_capacity`` when ``capacity`` (assignments kept per expert) is given,
+    and ``expert_mlp`` of x over what is kept.
 
-    x: [T, D] float; router_weight: [E, D] in x's dtype; the experts as for ``expert_mlp`` -> MoEOutput.
-    Differentiable in x, router_weight, w1, b1, w2, b2 (through the ops it is made of). Without gradients the
-    ``triton`` backend runs it as one launch sequence and routes once: for decode and small batches one kernel
-    computes the logits, the top-k and the routing plan (four launches in all, where the ops one by one take
-    six); the plan's counts are the expert load. Other backends, and calls that want gradients, run the ops
-    one by one.
+    x: [T, D] float; router_weight: [E, D] and router_input [T, D] in x's dtype; the experts as for ``expert_mlp``
+    -> MoEOutput. Differentiable in x, router_input, router_weight, w1, b1, w2, b2. A backend may run it as one
+    launch sequence (``triton``, eagerly: routed once, the plan its experts run on also gives the load; without
+    gradients, for decode and small batches, one kernel computes the logits, the top-k and the plan: four launches
+    in all, where the ops one by one take six); otherwise the ops above run one by one.
     """
-    check_moe_mlp_args(x, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu)
+    check_moe_mlp_args(x, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu, router_input, capacity,
+                       return_logits)
     module = resolve_backend(backend, x.device)
-    fused = getattr(module, "moe_mlp_inference", None)
+    fused = getattr(module, "moe_mlp", None)
     if fused is not None:
-        result = fused(x, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu)
+        result = fused(x, router_input, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu, capacity,
+                       return_logits)
         if result is not None:
             return MoEOutput(*result)
-    weights, idx = module.topk_gating(F.linear(x, router_weight), top_k, normalize)
-    out = module.expert_mlp(x, weights, idx, w1, b1, w2, b2, activation, glu)
-    return MoEOutput(out, weights, idx, module.expert_load(idx, w1.shape[0]))
+    logits = F.linear(x if router_input is None else router_input, router_weight)
+    weights, idx = module.topk_gating(logits, top_k, normalize)
+    load = module.expert_load(idx, w1.shape[0])
+    kept = idx if capacity is None else apply_capacity(idx, w1.shape[0], capacity)
+    out = module.expert_mlp(x, weights, kept, w1, b1, w2, b2, activation, glu)
+    return MoEOutput(out, weights, idx, load, logits if return_logits else None)
 
 
 # Load the light backends now (Triton's import is heavy, so it stays lazy): torch.compile then

@@ -1,7 +1,7 @@
 """Triton backend (GPU, or CPU tensors under TRITON_INTERPRET=1).
 
 The backend contract of moe_kernels.ops: ``unavailable_reason``, ``topk_gating``, ``router_losses``,
-``expert_load``, ``expert_mlp``, and ``moe_mlp_inference`` (the fused inference path of ``ops.moe_mlp``); plus
+``expert_load``, ``expert_mlp``, and ``moe_mlp`` (``ops.moe_mlp`` as one launch sequence, routed once); plus
 ``routing_plan`` (the RoutingPlan built on device) and ``LAUNCHES`` (kernel launch counts, reset with
 ``reset_launch_counts``). Importing this package never requires Triton:
 without it, ``unavailable_reason`` says why and every op raises.
@@ -16,7 +16,7 @@ import torch
 try:
     from moe_kernels.triton.experts import expert_mlp
     from moe_kernels.triton.gating import topk_gating
-    from moe_kernels.triton.moe_mlp import moe_mlp_inference
+    from moe_kernels.triton.moe import moe_mlp
     from moe_kernels.triton.routing import expert_load, routing_plan
     from moe_kernels.triton.runtime import LAUNCHES
     from moe_kernels.triton.runtime import unavailable_reason as _unavailable_reason
@@ -32,7 +32,7 @@ except ImportError as exc:  # triton missing or broken
 
         raise BackendUnavailableError(f"backend 'triton' cannot run: {_IMPORT_ERROR}")
 
-    expert_load = expert_mlp = moe_mlp_inference = router_losses = routing_plan = topk_gating = _unavailable
+    expert_load = expert_mlp = moe_mlp = router_losses = routing_plan = topk_gating = _unavailable
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -46,5 +46,5 @@ def reset_launch_counts() -> None:
     LAUNCHES.clear()
 
 
-__all__ = ["LAUNCHES", "expert_load", "expert_mlp", "moe_mlp_inference", "reset_launch_counts", "router_losses",
+__all__ = ["LAUNCHES", "expert_load", "expert_mlp", "moe_mlp", "reset_launch_counts", "router_losses",
            "routing_plan", "topk_gating", "unavailable_reason"]

@@ -116,8 +116,8 @@ def test_training_step_launch_counts(interpreter):
     assert launches == {
         "topk_gating_kernel": 1, "topk_gating_backward_kernel": 1,
         "router_losses_kernel": 1, "router_losses_reduce_kernel": 1, "router_losses_backward_kernel": 1,
-        "routing_histogram_kernel": 1,  # the expert load of the balance loss
-        "routing_one_block_kernel": 1,  # routed once: the backward reuses the forward's plan
+        # Routed once: one plan, whose counts are the balance loss's expert load and which the backward reuses.
+        "routing_one_block_kernel": 1,
         "grouped_gemm_kernel": 4, "combine_kernel": 2, "topk_weight_grad_kernel": 1, "grouped_weight_grad_kernel": 2,
     }, launches
 

@@ -355,6 +355,30 @@ def test_eval_forward_is_one_op_and_equals_the_router_path(backend, tokens, monk
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("balance_loss", ["switch", "cumo"])
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_training_forward_through_one_op_equals_the_router_path(backend, balance_loss, capacity_factor, monkeypatch):
+    """A training step through ops.moe_mlp (the jittered router input, capacity, losses from its logits and load)
+    against the same step with the router called as a module (a hook on it): output, losses, load, gradients."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    moe = SparseMoEMLP(16, 12, num_experts=8, top_k=2, activation="gelu", router_jitter=0.1, balance_loss=balance_loss,
+                       capacity_factor=capacity_factor, backend=backend)
+    x = torch.randn(3, 5, 16)
+    results = []
+    for hooked in (False, True):
+        if hooked:
+            moe.router.register_forward_hook(lambda module, args, out: None)
+        torch.manual_seed(7)  # the same jitter noise
+        x_leaf = x.clone().requires_grad_()
+        out = moe(x_leaf)
+        losses = (moe.router.last_balance_loss, moe.router.last_z_loss, moe.last_aux_loss)
+        grads = torch.autograd.grad(out.square().sum() + moe.last_aux_loss, [x_leaf, *moe.parameters()])
+        results.append((out, *losses, moe.last_expert_load, *grads))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_eval_forward_compiles_to_one_graph(backend, monkeypatch):
     """torch.compile(fullgraph=True) of an eval forward (ops.moe_mlp traced as the ops one by one, through their
     custom ops), over token counts that take the fused kernel eagerly and some that do not."""

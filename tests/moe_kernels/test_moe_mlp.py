@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from moe_kernels import ops, reference
 from moe_kernels.reference import GluSpec
-from moe_kernels.routing import build_routing_plan
+from moe_kernels.routing import apply_capacity, build_routing_plan
 from tests.helpers import RTOL, assert_lowp_close, cpu_backends, rel_err
 
 # (T, D, H, O, E, K) and the edge each covers.
@@ -45,11 +45,13 @@ def problem(shape, dtype=torch.float32, glu=False, bias=True, seed=0):
             rand(experts, d_out, scale=0.1) if bias else None)
 
 
-def one_by_one(x, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu):
-    """The reference: F.linear, then the reference's gating, expert MLP and load."""
-    weights, idx = reference.topk_gating(F.linear(x, router_weight), top_k, normalize)
-    out = reference.expert_mlp(x, weights, idx, w1, b1, w2, b2, activation, glu)
-    return out, weights, idx, reference.expert_load(idx, w1.shape[0])
+def one_by_one(x, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu, router_input=None, capacity=None):
+    """The reference: F.linear, then the reference's gating, load, capacity drops and expert MLP."""
+    logits = F.linear(x if router_input is None else router_input, router_weight)
+    weights, idx = reference.topk_gating(logits, top_k, normalize)
+    kept = idx if capacity is None else apply_capacity(idx, w1.shape[0], capacity)
+    out = reference.expert_mlp(x, weights, kept, w1, b1, w2, b2, activation, glu)
+    return out, weights, idx, reference.expert_load(idx, w1.shape[0]), logits
 
 
 def dtypes(backend: str) -> list[torch.dtype]:
@@ -71,7 +73,8 @@ def test_matches_the_ops_one_by_one(backend, dtype, shape, glu, activation):
     top_k = shape[-1]
     args = problem(shape, dtype, glu=bool(glu))
     got = ops.moe_mlp(*args, top_k, True, activation, glu, backend=backend)
-    out, weights, idx, load = one_by_one(*args, top_k, True, activation, glu)
+    out, weights, idx, load, _ = one_by_one(*args, top_k, True, activation, glu)
+    assert got.logits is None
     assert got.top_k_idx.dtype == torch.int64 and torch.equal(got.top_k_idx, idx)
     assert got.expert_load.dtype == torch.int64 and torch.equal(got.expert_load, load)
     assert got.expert_load.tolist() == torch.bincount(idx.reshape(-1), minlength=shape[4]).tolist()
@@ -92,7 +95,7 @@ def test_normalize_off(backend, normalize):
     shape = (5, 16, 8, 16, 8, 3)
     args = problem(shape)
     got = ops.moe_mlp(*args, 3, normalize, "gelu", False, backend=backend)
-    out, weights, idx, _ = one_by_one(*args, 3, normalize, "gelu", False)
+    out, weights, idx, _, _ = one_by_one(*args, 3, normalize, "gelu", False)
     assert torch.equal(got.top_k_idx, idx)
     torch.testing.assert_close(got.top_k_weights, weights, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.out, out, rtol=1e-5, atol=1e-6)
@@ -106,7 +109,7 @@ def test_strided_inputs(backend):
     x_t, router_t = x.t().contiguous().t(), router_weight.t().contiguous().t()
     assert not x_t.is_contiguous() and not router_t.is_contiguous()
     got = ops.moe_mlp(x_t, router_t, w1, b1, w2, b2, 2, True, "gelu", False, backend=backend)
-    out, _, idx, _ = one_by_one(x, router_weight, w1, b1, w2, b2, 2, True, "gelu", False)
+    out, _, idx, _, _ = one_by_one(x, router_weight, w1, b1, w2, b2, 2, True, "gelu", False)
     assert torch.equal(got.top_k_idx, idx)
     torch.testing.assert_close(got.out, out, rtol=1e-5, atol=1e-6)
 
@@ -132,9 +135,33 @@ def test_a_nan_token_poisons_only_itself(backend):
     assert ((got.top_k_idx >= 0) & (got.top_k_idx < 8)).all()
     assert got.top_k_weights[2].isnan().all() and got.out[2].isnan().all()
     keep = [0, 1, 3]
-    out, weights, idx, _ = one_by_one(x[keep], *rest, 2, True, "gelu", False)
+    out, weights, idx, _, _ = one_by_one(x[keep], *rest, 2, True, "gelu", False)
     assert torch.equal(got.top_k_idx[keep], idx)
     torch.testing.assert_close(got.out[keep], out, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("capacity", [None, 0, 3])
+def test_router_input_capacity_and_logits(backend, grad, capacity):
+    """A jittered router input, capacity drops (the ids and the load returned are the router's, before the drops)
+    and the logits, with and without gradients (into router_input as well)."""
+    shape = (11, 16, 8, 12, 4, 2)
+    args = [t.requires_grad_(grad) for t in problem(shape)]
+    router_input = (args[0].detach() * (1 + 0.1 * torch.rand(args[0].shape))).requires_grad_(grad)
+    got = ops.moe_mlp(*args, 2, True, "gelu", False, backend=backend, router_input=router_input, capacity=capacity,
+                      return_logits=True)
+    out, weights, idx, load, logits = one_by_one(*args, 2, True, "gelu", False, router_input, capacity)
+    assert torch.equal(got.top_k_idx, idx) and torch.equal(got.expert_load, load)
+    torch.testing.assert_close(got.logits, logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.top_k_weights, weights, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.out, out, rtol=1e-5, atol=1e-6)
+    if grad:
+        leaves = [*args, router_input]
+        loss_got = got.out.square().sum() + got.logits.square().sum()
+        loss_ref = out.square().sum() + logits.square().sum()
+        for g, e in zip(torch.autograd.grad(loss_got, leaves), torch.autograd.grad(loss_ref, leaves)):
+            assert rel_err(g, e) < 1e-5
 
 
 def test_triton_fused_path_launches_and_plan():
@@ -157,10 +184,13 @@ def test_triton_fused_path_launches_and_plan():
             _, ids, plan = routed
             for got, want in zip(plan, build_routing_plan(ids, shape[4])):
                 assert got == want if isinstance(want, int) else torch.equal(got, want)
+    # With gradients: the gating kernel, then one plan whose counts are the load (no histogram of its own).
     reset_launch_counts()
     args = [t.requires_grad_() for t in problem((2, 16, 8, 16, 4, 2))]
-    ops.moe_mlp(*args, 2, True, "gelu", False, backend="triton")
-    assert "route_one_block_kernel" not in LAUNCHES and LAUNCHES["topk_gating_kernel"] == 1
+    got = ops.moe_mlp(*args, 2, True, "gelu", False, backend="triton")
+    assert dict(LAUNCHES) == {"topk_gating_kernel": 1, "routing_one_block_kernel": 1, "grouped_gemm_kernel": 2,
+                              "combine_kernel": 1}, dict(LAUNCHES)
+    assert torch.equal(got.expert_load, reference.expert_load(got.top_k_idx, 4))
 
 
 @pytest.mark.parametrize("mutate, error, match", [
@@ -176,6 +206,11 @@ def test_triton_fused_path_launches_and_plan():
     (lambda a: a.update(x=a["x"].long()), TypeError, "x must be one of"),
     (lambda a: a.update(router_weight=a["router_weight"].to("meta")), ValueError, "one device"),
     (lambda a: a.update(activation="swish"), ValueError, "activation"),
+    (lambda a: a.update(router_input=a["x"][:2]), ValueError, r"router_input must be \[3, 16\] like x"),
+    (lambda a: a.update(router_input=a["x"].double()), TypeError, "router_input must have x's dtype"),
+    (lambda a: a.update(capacity=-1), ValueError, "capacity must be None"),
+    (lambda a: a.update(capacity=True), ValueError, "capacity must be None"),
+    (lambda a: a.update(return_logits=None), TypeError, "return_logits must be a bool"),
 ])
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_bad_arguments_raise_before_any_backend_runs(backend, mutate, error, match):

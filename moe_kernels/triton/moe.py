@@ -1,0 +1,50 @@
+"""Triton MoE MLP (``moe_kernels.ops.moe_mlp``), eager calls: the router's GEMM, gating, routing plan and experts as
+one launch sequence that routes once (the plan the experts run on also gives the expert load).
+
+Without gradients, for decode and small batches (T*K slots in one program): route_one_block_kernel, fc1, fc2,
+combine: four launches. Otherwise the router's GEMM (cuBLAS), topk_gating_kernel, the routing plan (one or three
+kernels), fc1, fc2, combine; with gradients through the eager autograd Functions of gating.py and experts.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from moe_kernels.reference import GluSpec
+from moe_kernels.triton.experts import _expert_mlp_forward, expert_mlp_and_load
+from moe_kernels.triton.gating import _topk_gating, topk_gating
+from moe_kernels.triton.routing import route_one_block
+from moe_kernels.triton.runtime import check_device, check_dtype, device_guard, eager
+
+
+def moe_mlp(x: Tensor, router_input: Tensor | None, router_weight: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
+            b2: Tensor | None, top_k: int, normalize: bool, activation: str, glu: bool | GluSpec,
+            capacity: int | None, return_logits: bool) -> tuple | None:
+    """``ops.moe_mlp``'s (out, top_k_weights, top_k_idx, expert_load, logits or None), arguments checked there; or
+    None for a call this path leaves to the ops one by one: traced or subclassed tensors (which need the custom
+    ops) and capacity drops."""
+    tensors = (x, router_input, router_weight, w1, b1, w2, b2)
+    if capacity is not None or not eager(*tensors):
+        return None
+    logits = None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        logits = F.linear(x if router_input is None else router_input, router_weight)
+        weights, ids = topk_gating(logits, top_k, normalize)
+        out, load = expert_mlp_and_load(x, weights, ids, w1, b1, w2, b2, activation, glu)
+        return out, weights, ids, load, logits if return_logits else None
+    check_dtype(x, "the Triton expert kernels")
+    interpret = check_device(*tensors)
+    routed = None
+    if router_input is None and not return_logits:
+        with device_guard(x):
+            routed = route_one_block(x, router_weight, top_k, normalize, interpret)
+    if routed is None:
+        logits = F.linear(x if router_input is None else router_input, router_weight)
+        weights, ids = _topk_gating(logits, top_k, normalize)
+        plan = None
+    else:
+        weights, ids, plan = routed
+    out, _, _, _, plan = _expert_mlp_forward(x, weights, ids, w1, b1, w2, b2, activation, glu, False, False, plan)
+    return out, weights, ids, plan.expert_counts, logits if return_logits else None
