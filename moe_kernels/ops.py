@@ -11,9 +11,9 @@ exposing five functions with the reference's signatures:
     expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu) -> y
 
 and may expose ``moe_mlp`` (``moe_mlp`` as one launch sequence; it returns None for a call it leaves to the
-five one by one, which is how ``moe_mlp`` runs on the others). Backends are imported lazily, so a missing extension or Triton never
-breaks ``import``. An explicitly named backend that cannot run raises ``BackendUnavailableError``: never a
-silent fallback. Only ``"auto"`` picks among them.
+five one by one, which is how ``moe_mlp`` runs on the others). Backends are imported lazily, so a missing
+extension or Triton never breaks ``import``. An explicitly named backend that cannot run raises
+``BackendUnavailableError``: never a silent fallback. Only ``"auto"`` picks among them.
 """
 
 from __future__ import annotations
