@@ -162,8 +162,9 @@ class SparseMoEMLP(nn.Module):
                                  capacity=capacity, return_logits=self.training)
             router.record_losses(routed.logits, routed.top_k_idx, routed.expert_load, num_samples)
             out, load = routed.out, routed.expert_load
-        # capacity keeps exactly min(count, capacity) per expert
-        self.last_expert_load = (load if capacity is None else load.clamp(max=capacity)).detach()
+        # Capacity keeps exactly min(count, capacity) per expert. Integer counts carry no autograd history, and
+        # the attribute is never a parameter, buffer or module: stored without nn.Module.__setattr__'s checks.
+        self.__dict__["last_expert_load"] = load if capacity is None else load.clamp(max=capacity)
         return out.reshape(*x.shape[:-1], self.out_features)
 
     def _forward_through_router(self, tokens: Tensor, num_samples: int, capacity: int | None, w1: Tensor,
