@@ -102,7 +102,7 @@ def resources(kernel, args: list, constexprs: dict, target: GPUTarget = HOPPER) 
 ALL_KERNELS = {"route_one_block_kernel", "topk_gating_kernel", "topk_gating_backward_kernel", "router_losses_kernel",
                "router_losses_reduce_kernel", "router_losses_backward_kernel", "routing_one_block_kernel",
                "routing_histogram_kernel", "routing_scan_kernel", "routing_scatter_kernel", "grouped_gemm_kernel",
-               "combine_kernel", "topk_weight_grad_kernel", "grouped_weight_grad_kernel"}
+               "combine_kernel", "topk_weight_grad_kernel", "grouped_weight_grad_kernel", "capacity_kernel"}
 
 
 def check_configurations() -> list[tuple]:
@@ -114,15 +114,17 @@ def check_configurations() -> list[tuple]:
 
 def compile_check(target: GPUTarget) -> list[str]:
     """Compile every specialization the layer launches (training step and inference, the configurations
-    above, 1 and 300 tokens) for ``target``; the failures, one line each (empty: all compiled). Run it in a
-    process of its own: after Triton's interpreter has run kernels, its compiler fails in that process."""
+    above, fp16 with capacity drops, 1 and 300 tokens) for ``target``; the failures, one line each (empty: all
+    compiled). Run it in a process of its own: after Triton's interpreter has run kernels, its compiler fails in
+    that process."""
     from cumo_layers import SparseMoEMLP
 
     with recording_gpu_launches() as recording:
         for dtype, activation, glu, bias in check_configurations():
             for tokens in (1, 300):  # one routing block, and several (histogram, scan, scatter)
                 layer = SparseMoEMLP(64, 32, num_experts=8, top_k=2, activation=activation, glu=glu, bias=bias,
-                                     backend="triton", dtype=dtype).train()
+                                     capacity_factor=1.25 if dtype == torch.float16 else None, backend="triton",
+                                     dtype=dtype).train()
                 x = torch.randn(tokens, 64, dtype=dtype, requires_grad=True)
                 out = layer(x)
                 torch.autograd.grad(out.float().sum() + layer.last_aux_loss, [x, *layer.parameters()])

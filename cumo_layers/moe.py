@@ -39,8 +39,8 @@ class SparseMoEMLP(nn.Module):
 
     A forward runs as one op, ``moe_kernels.ops.moe_mlp`` (router, gating, routing and experts), unless a hook is
     registered on ``router``, which then runs as its own module so that the hook sees it. The routing is counted
-    once per forward: its expert load feeds the balance loss and ``last_expert_load`` (on ``triton``, without
-    capacity, it is the count of the routing plan the experts run on).
+    once per forward: its expert load feeds the balance loss and ``last_expert_load`` (on ``triton`` it is the count
+    of the routing plan that the experts, or the capacity drops, run on).
     """
 
     def __init__(

@@ -4,6 +4,8 @@ one launch sequence that routes once (the plan the experts run on also gives the
 Without gradients, for decode and small batches (T*K slots in one program): route_one_block_kernel, fc1, fc2,
 combine: four launches. Otherwise the router's GEMM (cuBLAS), topk_gating_kernel, the routing plan (one or three
 kernels), fc1, fc2, combine; with gradients through the eager autograd Functions of gating.py and experts.py.
+Capacity drops add a plan of the ids in priority order and capacity_kernel (whose plan also gives the load), where
+``routing.apply_capacity`` runs about twenty-five aten ops.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from torch import Tensor
 from moe_kernels.reference import GluSpec
 from moe_kernels.triton.experts import _expert_mlp_forward, expert_mlp_and_load
 from moe_kernels.triton.gating import _topk_gating, topk_gating
-from moe_kernels.triton.routing import route_one_block
+from moe_kernels.triton.routing import capacity_drop, route_one_block
 from moe_kernels.triton.runtime import check_device, check_dtype, device_guard, eager
 
 
@@ -24,15 +26,19 @@ def moe_mlp(x: Tensor, router_input: Tensor | None, router_weight: Tensor, w1: T
             capacity: int | None, return_logits: bool) -> tuple | None:
     """``ops.moe_mlp``'s (out, top_k_weights, top_k_idx, expert_load, logits or None), arguments checked there; or
     None for a call this path leaves to the ops one by one: traced or subclassed tensors (which need the custom
-    ops) and capacity drops."""
+    ops)."""
     tensors = (x, router_input, router_weight, w1, b1, w2, b2)
-    if capacity is not None or not eager(*tensors):
+    if not eager(*tensors):
         return None
     logits = None
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+    if capacity is not None or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         logits = F.linear(x if router_input is None else router_input, router_weight)
         weights, ids = topk_gating(logits, top_k, normalize)
-        out, load = expert_mlp_and_load(x, weights, ids, w1, b1, w2, b2, activation, glu)
+        if capacity is None:
+            out, load = expert_mlp_and_load(x, weights, ids, w1, b1, w2, b2, activation, glu)
+        else:  # the load from the routing in priority order that the drops read, before them
+            kept, load = capacity_drop(ids, w1.shape[0], capacity, check_device(*tensors))
+            out = expert_mlp_and_load(x, weights, kept, w1, b1, w2, b2, activation, glu)[0]
         return out, weights, ids, load, logits if return_logits else None
     check_dtype(x, "the Triton expert kernels")
     interpret = check_device(*tensors)

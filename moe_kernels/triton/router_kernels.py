@@ -282,3 +282,27 @@ def route_one_block_kernel(
     _plan_one_block(tl.reshape(top_i, (BLOCK_T * BLOCK_K,)), tl.reshape(slots, (BLOCK_T * BLOCK_K,)),
                     tl.reshape(lane_mask, (BLOCK_T * BLOCK_K,)), counts_ptr, offsets_ptr, sorted_slots_ptr,
                     slot_rows_ptr, E, BLOCK_B)
+
+
+# ----------------------------------------------------------------------------------------------
+# Capacity
+
+
+@triton.jit
+def capacity_kernel(ids_ptr, slot_rows_ptr, offsets_ptr, kept_ptr, num_slots, T, E, capacity,
+                    TOP_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """GShard's capacity drop from the routing plan of the ids in priority order (position p = k * T + t: every
+    token's first choice, then every second choice): an assignment keeps its id while its row within its expert,
+    counted in that order, is below ``capacity``; otherwise, and for ids outside [0, E), it becomes E (dropped).
+
+    Reads ids [R] int64 (priority order), slot_rows [R], offsets [E+1]; writes kept [T, K] int64.
+    Grid: (cdiv(R, BLOCK_S),)."""
+    positions = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    mask = positions < num_slots
+    ids = tl.load(ids_ptr + positions, mask=mask, other=-1)
+    valid = (ids >= 0) & (ids < E)
+    rows = tl.load(slot_rows_ptr + positions, mask=mask, other=0)
+    starts = tl.load(offsets_ptr + tl.where(valid, ids, 0), mask=mask, other=0)
+    kept = tl.where(valid & (rows - starts < capacity), ids, E)
+    tokens = positions % T
+    tl.store(kept_ptr + tokens * TOP_K + positions // T, kept, mask=mask)

@@ -139,6 +139,29 @@ def route_one_block(x: Tensor, router_weight: Tensor, top_k: int, normalize: boo
     return weights, ids, RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
 
 
+@runtime.shape_cache
+def _capacity_launch(num_tokens: int, top_k: int, num_experts: int, capacity: int) -> runtime.Launch:
+    num_slots = num_tokens * top_k
+    block_s = min(1024, next_power_of_2(num_slots))
+    return runtime.Launch("capacity_kernel", (cdiv(num_slots, block_s),), (num_slots, num_tokens, num_experts, capacity),
+                          dict(TOP_K=top_k, BLOCK_S=block_s))
+
+
+def capacity_drop(top_k_idx: Tensor, num_experts: int, capacity: int, interpret: bool) -> tuple[Tensor, Tensor]:
+    """``moe_kernels.routing.apply_capacity`` on device, and the routing's expert load before the drops:
+    (kept [T, K] int64, ids past their expert's capacity set to E; load [E] int64). One routing plan of the ids in
+    priority order (k-major: a copy, then one or three kernels) and one kernel; its counts are the load."""
+    num_tokens, top_k = top_k_idx.shape
+    priority = top_k_idx.t().reshape(-1).to(torch.int64).contiguous()
+    kept = torch.empty(num_tokens, top_k, dtype=torch.int64, device=top_k_idx.device)
+    with device_guard(top_k_idx):
+        plan = routing_plan_from_ids(priority, num_experts, 1, interpret)
+        if priority.numel() > 0:
+            runtime.launch(_capacity_launch(num_tokens, top_k, num_experts, capacity), interpret, priority,
+                           plan.slot_rows, plan.expert_offsets, kept)
+    return kept, plan.expert_counts
+
+
 def _expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
     """The launcher of ``expert_load``, arguments already checked: the routing's histogram kernel (ids
     outside [0, E) land in the dropped bucket), then the sum over slot blocks when there are several."""

@@ -146,3 +146,18 @@ def test_no_zero_fill_on_the_fused_inference_path(stubbed_launches, tokens):
     with torch.no_grad(), OpLog() as log:
         ops.moe_mlp(x, layer.router.weight, layer.w1, None, layer.w2, None, 8, True, "silu", True, backend="triton")
     assert not [op for op in log.ops if op.endswith(FILLS)], log.ops
+
+
+def test_capacity_drops_run_as_kernels(stubbed_launches):
+    """A training forward with capacity: the drops are a routing plan of the ids in priority order and one kernel
+    (whose plan's counts are the balance loss's load). Besides the kernels: the router's GEMM, the priority-order
+    copy of the ids, the balance weights (a cast and a scale) and the load's clamp. PyTorch's apply_capacity was
+    about 25 aten ops (a sort among them), and the load a histogram kernel of its own: 33 ops in all."""
+    layer = SparseMoEMLP(32, 16, num_experts=16, top_k=8, activation="silu", glu=True, bias=False,
+                         capacity_factor=1.0, backend="triton").train()
+    x = torch.randn(4, 32, requires_grad=True)
+    with OpLog() as log:
+        layer(x)
+    assert len(log.compute_ops()) <= 5, log.compute_ops()
+    assert stubbed_launches.LAUNCHES["capacity_kernel"] == 1
+    assert "routing_histogram_kernel" not in stubbed_launches.LAUNCHES

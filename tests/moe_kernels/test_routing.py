@@ -79,3 +79,25 @@ def test_capacity_bounds_load(capacity):
     assert torch.equal(counts, demand.clamp(max=capacity))
     kept = out < 6
     assert torch.equal(out[kept], idx[kept])
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(0, 4, 2), (1, 4, 2), (37, 8, 3), (16, 4, 4), (300, 64, 8)])
+@pytest.mark.parametrize("routing", ["random", "one_expert"])
+@pytest.mark.parametrize("capacity", [0, 1, 5, 1000])
+def test_triton_capacity_drop_equals_apply_capacity(tokens, experts, top_k, routing, capacity, monkeypatch):
+    """The Triton capacity drop (a plan of the ids in priority order, then capacity_kernel) against the reference,
+    with ids already dropped in the input (expert-parallel sentinels), strided ids, one routing block and several;
+    the load it returns is the routing's before the drops."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from moe_kernels.triton import LAUNCHES, reset_launch_counts
+    from moe_kernels.triton.routing import capacity_drop
+
+    idx = routing_indices(tokens, experts, top_k, routing)
+    idx[::3, -1] = experts  # dropped before (an expert-parallel sentinel): stays dropped, takes no capacity
+    idx = idx.t().contiguous().t()  # column-major: strided ids
+    reset_launch_counts()
+    kept, load = capacity_drop(idx, experts, capacity, interpret=True)
+    assert torch.equal(kept, apply_capacity(idx, experts, capacity))
+    assert load.tolist() == torch.bincount(idx[idx < experts], minlength=experts).tolist()
+    assert LAUNCHES["capacity_kernel"] == (1 if tokens else 0)
