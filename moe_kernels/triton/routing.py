@@ -143,8 +143,8 @@ def route_one_block(x: Tensor, router_weight: Tensor, top_k: int, normalize: boo
 def _capacity_launch(num_tokens: int, top_k: int, num_experts: int, capacity: int) -> runtime.Launch:
     num_slots = num_tokens * top_k
     block_s = min(1024, next_power_of_2(num_slots))
-    return runtime.Launch("capacity_kernel", (cdiv(num_slots, block_s),), (num_slots, num_tokens, num_experts, capacity),
-                          dict(TOP_K=top_k, BLOCK_S=block_s))
+    return runtime.Launch("capacity_kernel", (cdiv(num_slots, block_s),),
+                          (num_slots, num_tokens, num_experts, capacity), dict(TOP_K=top_k, BLOCK_S=block_s))
 
 
 def capacity_drop(top_k_idx: Tensor, num_experts: int, capacity: int, interpret: bool) -> tuple[Tensor, Tensor]:
