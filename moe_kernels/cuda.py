@@ -182,6 +182,12 @@ def expert_mlp(
 ) -> Tensor:
     """The CUDA expert MLP (contract: ``moe_kernels.ops.expert_mlp``); float32/float16/bfloat16
     only (torch._grouped_mm); GLU: the plain one only (a GluSpec variant raises NotImplementedError)."""
+    return _expert_mlp_and_plan(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)[0]
+
+
+def _expert_mlp_and_plan(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
+                         w2: Tensor, b2: Tensor | None, activation: str,
+                         glu: bool | GluSpec) -> tuple[Tensor, RoutingPlan]:
     spec = as_glu(glu)
     if spec is not None and spec != PLAIN_GLU:
         raise NotImplementedError(f"backend 'cuda' runs the plain GLU (act(gate) * up, gate rows then up rows) only, "
@@ -193,4 +199,17 @@ def expert_mlp(
     if x.dtype not in GROUPED_MM_DTYPES:
         raise TypeError(f"backend 'cuda' runs {[str(d) for d in GROUPED_MM_DTYPES]} (torch._grouped_mm), got {x.dtype}")
     plan = routing_plan(top_k_idx, w1.shape[0])
-    return expert_mlp_from_plan(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, plan)
+    return expert_mlp_from_plan(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, plan), plan
+
+
+def moe_mlp(x: Tensor, router_input: Tensor | None, router_weight: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor,
+            b2: Tensor | None, top_k: int, normalize: bool, activation: str, glu: bool | GluSpec,
+            capacity: int | None, return_logits: bool) -> tuple | None:
+    """``ops.moe_mlp`` routed once: the routing plan the experts run on gives the expert load (``expert_load`` is
+    PyTorch's scatter here, five more kernels). Capacity drops are left to the ops one by one (None)."""
+    if capacity is not None:
+        return None
+    logits = F.linear(x if router_input is None else router_input, router_weight)
+    weights, idx = topk_gating(logits, top_k, normalize)
+    out, plan = _expert_mlp_and_plan(x, weights, idx, w1, b1, w2, b2, activation, glu)
+    return out, weights, idx, plan.expert_counts, logits if return_logits else None

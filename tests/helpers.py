@@ -17,9 +17,12 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 def cpu_backends() -> list[str]:
     """The backends that run on CPU tensors here: torch, cpu when its extension is built, and triton when Triton
     imports (asked with TRITON_INTERPRET=1 set, as the tests that use this list set it while they run: the
-    variable is read at call time, and a test collected without it would silently drop triton)."""
+    variable is read at call time, and a test collected without it would silently drop triton). Triton is
+    imported first, without the variable: imported under it, its library would stay interpreted in this process
+    and the GPU tests of compiled kernels would skip."""
     from moe_kernels import ops
 
+    ops.preload("triton")
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:

@@ -356,3 +356,27 @@ def test_cuda_backend_traces_in_one_graph_without_a_gpu(monkeypatch, dtype):
     # aten::where, which has no autograd kernel on meta: its gradient is checked on a GPU instead).
     for name, t in zip(("w1", "b1", "w2", "b2"), (w1, b1, w2, b2)):
         assert t.grad is not None and t.grad.shape == t.shape and t.grad.dtype == dtype, name
+
+
+@pytest.mark.parametrize("capacity", [None, 3])
+def test_moe_mlp_routes_once_torch_side_cpu(monkeypatch, capacity):
+    """cuda.moe_mlp on CPU tensors with the reference's gating and plan standing in for the CUDA ops: equal to the
+    ops one by one, and the load is the plan's count (capacity: left to the ops one by one)."""
+    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+    monkeypatch.setattr(cuda_backend, "topk_gating", reference.topk_gating)
+    monkeypatch.setattr(cuda_backend, "routing_plan", build_routing_plan)
+    x, _, _, w1, b1, w2, b2 = random_problem(Shape(9, 16, 8, 12, 4, 2))
+    router_weight = torch.randn(4, 16, requires_grad=True)
+    got = cuda_backend.moe_mlp(x, None, router_weight, w1, b1, w2, b2, 2, True, "gelu", False, capacity, True)
+    if capacity is not None:
+        assert got is None
+        return
+    expected = ops.moe_mlp(x, router_weight, w1, b1, w2, b2, 2, True, "gelu", False, backend="torch",
+                           return_logits=True)
+    for name, g, e in zip(expected._fields, got, expected):
+        if g.is_floating_point():
+            assert_close(g, e, torch.float32, name)
+        else:
+            assert torch.equal(g, e), name
+    grads = torch.autograd.grad(got[0].sum(), router_weight)
+    assert_close(grads[0], torch.autograd.grad(expected.out.sum(), router_weight)[0], torch.float32, "d router")

@@ -220,3 +220,39 @@ def test_bad_arguments_raise_before_any_backend_runs(backend, mutate, error, mat
     mutate(kwargs)
     with pytest.raises(error, match=match):
         ops.moe_mlp(**kwargs)
+
+
+GPU_SHAPES = [((1, 2048, 64, 2048, 64, 8), "decode: the one-block router kernel, broadcast product"),
+              ((16, 1024, 32, 1024, 64, 8), "16 x 8 slots: the one-block router kernel, tl.dot"),
+              ((4, 1024, 128, 1024, 4, 2), "CuMo's 4 experts, top-2"),
+              ((300, 256, 64, 256, 16, 4), "the router's GEMM, gating and plan apart")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [s for s, _ in GPU_SHAPES], ids=[why for _, why in GPU_SHAPES])
+def test_on_gpu(monkeypatch, backend, dtype, shape):
+    """Compiled kernels: the routing equals the reference's (fp32: every token; bf16, whose logits are rounded, at
+    least 99% of tokens: a near tie may round either way), and the output equals the reference's over the
+    backend's own routing, within the low-precision rule."""
+    from tests.helpers import require_compiled_kernels
+
+    if backend == "triton":
+        require_compiled_kernels(monkeypatch)
+    elif ops.unavailable_reason("cuda", "cuda") is not None:
+        pytest.skip(ops.unavailable_reason("cuda", "cuda"))
+    top_k = shape[-1]
+    args = [None if t is None else t.cuda() for t in problem(shape, dtype, glu=True, bias=backend == "triton")]
+    got = ops.moe_mlp(*args, top_k, True, "silu", True, backend=backend)
+    out, weights, idx, load, _ = one_by_one(*args, top_k, True, "silu", True)
+    same = (got.top_k_idx == idx).all(dim=1)
+    assert same.all() if dtype == torch.float32 else same.float().mean() >= 0.99, f"{int((~same).sum())} tokens differ"
+    assert torch.equal(got.expert_load, torch.bincount(got.top_k_idx.reshape(-1), minlength=shape[4]))
+    # fp32 softmax of logits rounded to x's dtype: a logit may round the other way (summation order).
+    tolerance = 1e-5 if dtype == torch.float32 else RTOL[dtype]
+    torch.testing.assert_close(got.top_k_weights[same], weights[same], rtol=tolerance, atol=tolerance)
+    x, _, w1, b1, w2, b2 = (None if t is None else t.double() for t in args)
+    exact = reference.expert_mlp(x, got.top_k_weights.double(), got.top_k_idx, w1, b1, w2, b2, "silu", True)
+    lowp = reference.expert_mlp(args[0], got.top_k_weights, got.top_k_idx, *args[2:], "silu", True)
+    assert_lowp_close(got.out, lowp, exact, f"{backend} moe_mlp", floor=1e-5 if dtype == torch.float32 else 1e-3)
