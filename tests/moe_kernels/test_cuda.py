@@ -380,3 +380,28 @@ def test_moe_mlp_routes_once_torch_side_cpu(monkeypatch, capacity):
             assert torch.equal(g, e), name
     grads = torch.autograd.grad(got[0].sum(), router_weight)
     assert_close(grads[0], torch.autograd.grad(expected.out.sum(), router_weight)[0], torch.float32, "d router")
+
+
+@needs_extension
+def test_cuda_moe_mlp_traces_in_one_graph_without_a_gpu(monkeypatch):
+    """cuda.moe_mlp (router GEMM, the extension's gating and plan, the experts) under torch.compile(fullgraph=True),
+    forward and backward, on meta tensors standing in for CUDA ones, as above."""
+    from moe_kernels import contract
+
+    check_one_device = contract.check_one_device
+    monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
+    monkeypatch.setattr(contract, "check_one_device", lambda op, named, allow_meta=False: check_one_device(op, named, True))
+    x, _, _, w1, b1, w2, b2 = [None if t is None else t.to("meta") for t in
+                               random_problem(Shape(37, 64, 96, 64, 8, 2), glu=True)]
+    router_weight = torch.empty(8, 64, device="meta")
+    leaves = [t.to(torch.bfloat16).requires_grad_() for t in (x, router_weight, w1, b1, w2, b2)]
+    x, router_weight, w1, b1, w2, b2 = leaves
+
+    def layer(x, router_weight, w1, b1, w2, b2):
+        return cuda_backend.moe_mlp(x, None, router_weight, w1, b1, w2, b2, 2, True, "silu", True, None, True)
+
+    out, weights, idx, load, logits = torch.compile(layer, backend="aot_eager", fullgraph=True)(*leaves)
+    assert (out.shape, weights.shape, idx.shape, load.shape, logits.shape) == ((37, 64), (37, 2), (37, 2), (8,), (37, 8))
+    out.sum().backward()
+    for name, t in zip(("router_weight", "w1", "b1", "w2", "b2"), leaves[1:]):
+        assert t.grad is not None and t.grad.shape == t.shape, name
