@@ -390,7 +390,8 @@ def test_cuda_moe_mlp_traces_in_one_graph_without_a_gpu(monkeypatch):
 
     check_one_device = contract.check_one_device
     monkeypatch.setattr(cuda_backend, "_require", lambda device: None)
-    monkeypatch.setattr(contract, "check_one_device", lambda op, named, allow_meta=False: check_one_device(op, named, True))
+    monkeypatch.setattr(contract, "check_one_device",
+                        lambda op, named, allow_meta=False: check_one_device(op, named, True))
     x, _, _, w1, b1, w2, b2 = [None if t is None else t.to("meta") for t in
                                random_problem(Shape(37, 64, 96, 64, 8, 2), glu=True)]
     router_weight = torch.empty(8, 64, device="meta")
@@ -401,7 +402,8 @@ def test_cuda_moe_mlp_traces_in_one_graph_without_a_gpu(monkeypatch):
         return cuda_backend.moe_mlp(x, None, router_weight, w1, b1, w2, b2, 2, True, "silu", True, None, True)
 
     out, weights, idx, load, logits = torch.compile(layer, backend="aot_eager", fullgraph=True)(*leaves)
-    assert (out.shape, weights.shape, idx.shape, load.shape, logits.shape) == ((37, 64), (37, 2), (37, 2), (8,), (37, 8))
+    shapes = (out.shape, weights.shape, idx.shape, load.shape, logits.shape)
+    assert shapes == ((37, 64), (37, 2), (37, 2), (8,), (37, 8))
     out.sum().backward()
     for name, t in zip(("router_weight", "w1", "b1", "w2", "b2"), leaves[1:]):
         assert t.grad is not None and t.grad.shape == t.shape, name
