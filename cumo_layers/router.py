@@ -181,7 +181,6 @@ class TopKRouter(nn.Module):
         elif self.last_aux_loss is not None:  # (a module attribute store costs microseconds: only when needed)
             self.last_balance_loss = self.last_z_loss = self.last_aux_loss = None
 
-
     def _record_aux_losses(self, logits: Tensor, idx: Tensor, load: Tensor, num_samples: int) -> None:
         dtype = torch.promote_types(logits.dtype, torch.float32)
         if self.balance_loss == "cumo":
