@@ -378,6 +378,14 @@ def test_training_forward_through_one_op_equals_the_router_path(backend, balance
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_backward_hook_on_the_router_sees_the_backward():
+    moe = SparseMoEMLP(16, 12, num_experts=4, top_k=2)
+    seen = []
+    moe.router.register_full_backward_hook(lambda module, grad_in, grad_out: seen.append(grad_out[0].shape))
+    moe(torch.randn(5, 16, requires_grad=True)).sum().backward()
+    assert seen == [(5, 2)]  # the gradient of the router's top-k weights
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_eval_forward_compiles_to_one_graph(backend, monkeypatch):
     """torch.compile(fullgraph=True) of an eval forward (ops.moe_mlp traced as the ops one by one, through their
