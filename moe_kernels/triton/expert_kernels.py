@@ -173,10 +173,12 @@ def grouped_gemm_kernel(
                      GLU_A, GLU_B); STORE_AUX keeps the pre-activation [R, N or 2N] in aux for the backward.
     EPILOGUE 2 (fc2 backward into fc1's output): acc is d act; aux holds the pre-activation;
                      out = d pre-activation [R, N or 2N] (gate and up in aux's columns with GLU).
-    Grid: ((cdiv(R, BLOCK_M) + E) * cdiv(N, BLOCK_N),), grouped GROUP_M row tiles at a time.
+    Grid: ((cdiv(R, BLOCK_M) + min(E, R)) * cdiv(N, BLOCK_N),), grouped GROUP_M row tiles at a time: the
+    experts' tiles number sum_e ceil(count_e / BLOCK_M) <= cdiv(R, BLOCK_M) + (experts with rows, at most
+    min(E, R)), so at decode (R = K rows) the grid holds about K + 1 row tiles, not E + 1.
     """
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(R, BLOCK_M) + E
+    num_pid_m = tl.cdiv(R, BLOCK_M) + tl.minimum(E, R)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     pids_in_group = GROUP_M * num_pid_n
     first_pid_m = (pid // pids_in_group) * GROUP_M

@@ -161,3 +161,23 @@ def test_capacity_drops_run_as_kernels(stubbed_launches):
     assert len(log.compute_ops()) <= 5, log.compute_ops()
     assert stubbed_launches.LAUNCHES["capacity_kernel"] == 1
     assert "routing_histogram_kernel" not in stubbed_launches.LAUNCHES
+
+
+def test_decode_gemm_grid_holds_the_tiles_a_routing_can_have(interpreter, monkeypatch):
+    """At decode (R = K = 8 rows over E = 16 experts) at most 8 experts have rows, so a GEMM's grid holds
+    cdiv(R, BLOCK_M) + min(E, R) = 1 + 8 row tiles (not E + 1 = 17, most of them exiting at once), and every
+    output is still right."""
+    from moe_kernels.triton import runtime
+
+    grids, real_launch = [], runtime.launch
+    monkeypatch.setattr(runtime, "launch", lambda spec, interpret, *tensors: (
+        grids.append((spec.name, spec.grid, spec.constexprs.get("BLOCK_N"))), real_launch(spec, interpret, *tensors)))
+    layer, x = _decode_layer(), torch.randn(1, 32)
+    with torch.no_grad():
+        out = layer(x)
+    gemms = [(grid, block_n) for name, grid, block_n in grids if name == "grouped_gemm_kernel"]
+    # fc1: N = H = 16 columns; fc2: N = 32 output columns; 32-column tiles under the interpreter.
+    assert [grid[0] for grid, _ in gemms] == [(1 + 8) * -(-16 // gemms[0][1]), (1 + 8) * -(-32 // gemms[1][1])]
+    expected = ops.moe_mlp(x, layer.router.weight, layer.w1, None, layer.w2, None, 8, True, "silu", True,
+                           backend="torch").out
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
