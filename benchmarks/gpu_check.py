@@ -211,8 +211,8 @@ def timings(log: Log, deadline: float, device: str = "cuda", peers: list[str] = 
 def layer_host_time(log: Log, backends: tuple[str, ...] = ("triton", "cuda")) -> dict:
     """The whole SparseMoEMLP forward at decode (router, gating, routing, experts), bf16, eval: for
     triton with its kernels bound (``runtime.BoundKernels``) and launched through Triton's own path,
-    its parts (router alone, ``ops.expert_mlp`` alone), the cuda backend, and an ``nn.Linear`` of the
-    same width as the unit of host cost."""
+    its parts (router alone, ``ops.expert_mlp`` alone), the same through the ops one by one (without the
+    one-block router kernel), the cuda backend, and an ``nn.Linear`` of the same width as the unit of host cost."""
     import torch
 
     from cumo_layers import SparseMoEMLP
@@ -235,6 +235,10 @@ def layer_host_time(log: Log, backends: tuple[str, ...] = ("triton", "cuda")) ->
         "triton router alone": (lambda: triton_layer.router(x), True),
         "triton expert_mlp alone": (lambda: ops.expert_mlp(x, weights, idx, triton_layer.w1, None, triton_layer.w2,
                                                            None, "silu", True, backend="triton"), True),
+        # The same function through the ops one by one (router GEMM, gating kernel, routing kernel, experts):
+        # what the one-block router kernel replaced; its graph_ms against the layer's is that kernel's device cost.
+        "triton ops one by one": (lambda: ops.expert_mlp(x, *triton_layer.router(x)[:2], triton_layer.w1, None,
+                                                         triton_layer.w2, None, "silu", True, backend="triton"), True),
     }
     if "cuda" in layers:
         cases["cuda"] = (lambda: layers["cuda"](x), True)
