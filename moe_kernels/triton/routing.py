@@ -56,11 +56,14 @@ def _histogram_launch(num_slots: int, num_experts: int) -> runtime.Launch:
 
 @runtime.shape_cache
 def _routing_launches(num_slots: int, num_experts: int) -> tuple[runtime.Launch, ...]:
-    """One launch when the slots fit one block (decode, small batch), else histogram, scan, scatter."""
+    """One launch when the slots fit one program (decode, small batch: the one-block plan holds slots x buckets
+    as route_one_block_kernel does, e.g. 16 tokens x 8 slots over 64 experts), else histogram, scan, scatter."""
     block_s, block_e, num_blocks = routing_blocks(num_slots, num_experts)
-    if num_blocks == 1:
+    one_block = max(16, next_power_of_2(num_slots))
+    if one_block <= ROUTING_MAX_SLOTS and one_block * block_e <= ROUTE_TILE:  # as route_one_block_kernel's
         return (runtime.Launch("routing_one_block_kernel", (1,), (num_slots, num_experts),
-                               dict(BLOCK_S=block_s, BLOCK_E=block_e)),)
+                               dict(BLOCK_S=one_block, BLOCK_E=block_e, num_warps=8 if one_block * block_e > 4096
+                                    else 4)),)
     return (_histogram_launch(num_slots, num_experts),
             runtime.Launch("routing_scan_kernel", (1,), (num_blocks, num_experts),
                            dict(BLOCK_B=max(1, ROUTING_TILE // block_e), BLOCK_E=block_e)),

@@ -101,7 +101,9 @@ def test_rejects_fp64():
 @pytest.mark.parametrize("shape", [s for s, _ in ODD_SHAPES] + [
     Shape(300, 8, 8, 8, 7, 2),  # 600 slots: several histogram blocks; E+1 = 8 buckets, a full power of two
     Shape(100, 8, 8, 8, 1000, 2),  # E=1000: 16-slot blocks, the single-program scan carries over steps
-], ids=[why for _, why in ODD_SHAPES] + ["several slot blocks", "many experts"])
+    Shape(16, 8, 8, 8, 64, 8),  # 128 slots x 128 buckets: the largest one-program plan
+    Shape(17, 8, 8, 8, 64, 8),  # one token more: three kernels
+], ids=[why for _, why in ODD_SHAPES] + ["several slot blocks", "many experts", "largest one-block", "past one block"])
 def test_routing_plan_matches_reference(shape, routing):
     idx = reference_idx = random_problem(shape, routing="random" if routing == "dropped" else routing)[2]
     if routing == "dropped":

@@ -14,12 +14,12 @@ EXPERT_BACKWARD_KERNELS = {"topk_weight_grad_kernel": 1, "grouped_weight_grad_ke
 
 
 def routing_kernels(shape) -> dict:
-    """One launch when the T*K slots fit one routing block (decode, small batch), else three."""
-    from moe_kernels.triton.routing import routing_blocks
-
-    if shape.tokens * shape.top_k == 0:
+    """One launch when the T*K slots fit one program (decode, small batch: at most 128 slots, and slots times the
+    E + 1 buckets, each rounded up to a power of two, at most 16384), else three."""
+    slots = shape.tokens * shape.top_k
+    if slots == 0:
         return {}
-    if routing_blocks(shape.tokens * shape.top_k, shape.experts)[2] == 1:
+    if max(16, 1 << (slots - 1).bit_length()) * (1 << shape.experts.bit_length()) <= 16384 and slots <= 128:
         return {"routing_one_block_kernel": 1}
     return {"routing_histogram_kernel": 1, "routing_scan_kernel": 1, "routing_scatter_kernel": 1}
 
