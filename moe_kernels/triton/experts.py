@@ -171,7 +171,7 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
     """The forward launcher, arguments already checked against the contract: (out, pre, hidden_rows,
     rows, the routing plan); pre and rows are None where save_pre / keep_rows do not keep them (an
     inference call allocates neither). ``plan``: the routing plan of top_k_idx when this backend's own
-    kernels built it already (``moe_mlp_inference``), else it is built here."""
+    kernels built it already (``moe.moe_mlp``), else it is built here."""
     glu = as_glu(glu)
     check_dtype(x, "the Triton expert kernels")
     interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
