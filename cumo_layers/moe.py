@@ -37,8 +37,9 @@ class SparseMoEMLP(nn.Module):
     (samples: the leading dim of a [B, N, D] input). ``last_expert_load`` holds the [E] assignment
     counts of the last forward (after capacity drops).
 
-    A forward runs as one op, ``moe_kernels.ops.moe_mlp`` (router, gating, routing and experts), unless a hook
-    (forward or backward) is registered on ``router``, which then runs as its own module so that the hook sees it. The routing is counted
+    A forward runs as one op, ``moe_kernels.ops.moe_mlp`` (router, gating, routing and experts), unless ``router``
+    has a hook (forward or backward) or is not a plain ``TopKRouter`` (a subclass with its own forward): then the
+    router runs as its own module, so that the hook or the override sees every forward. The routing is counted
     once per forward: its expert load feeds the balance loss and ``last_expert_load`` (on ``triton`` it is the count
     of the routing plan that the experts, or the capacity drops, run on).
     """
@@ -154,8 +155,9 @@ class SparseMoEMLP(nn.Module):
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
         router = self.router
-        if (router._forward_hooks or router._forward_pre_hooks or router._backward_hooks
-                or router._backward_pre_hooks):  # a hook sees the router run as its own module
+        # A router of another class (a subclass with its own forward) or with hooks runs as its own module.
+        if (type(router) is not TopKRouter or router._forward_hooks or router._forward_pre_hooks
+                or router._backward_hooks or router._backward_pre_hooks):
             out, load = self._forward_through_router(tokens, num_samples, capacity, w1, b1, w2, b2)
         else:
             routed = ops.moe_mlp(tokens, router.weight.to(x.dtype), w1, b1, w2, b2, self.top_k, router.normalize_top_k,

@@ -378,6 +378,27 @@ def test_training_forward_through_one_op_equals_the_router_path(backend, balance
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_router_subclass_with_its_own_forward_is_called():
+    """A router swapped for a subclass (here: a fixed preference for expert 3) is run as a module, not bypassed."""
+    from cumo_layers import TopKRouter
+
+    class Biased(TopKRouter):
+        def forward(self, x, num_samples=1, count_load=False):
+            route = super().forward(x, num_samples, count_load)
+            idx = route.top_k_idx.clone()
+            idx[:, 0] = 3
+            return route._replace(top_k_idx=idx, expert_load=torch.bincount(idx.reshape(-1), minlength=4))
+
+    moe = SparseMoEMLP(16, 12, num_experts=4, top_k=1).eval()
+    biased = Biased(16, 4, 1)
+    biased.load_state_dict(moe.router.state_dict())
+    moe.router = biased
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        moe(x)
+    assert moe.last_expert_load.tolist() == [0, 0, 0, 6]
+
+
 def test_a_backward_hook_on_the_router_sees_the_backward():
     moe = SparseMoEMLP(16, 12, num_experts=4, top_k=2)
     seen = []
