@@ -14,12 +14,15 @@ from moe_kernels.triton.runtime import cdiv, check_device, device_guard, eager, 
 
 @runtime.shape_cache
 def _gating_launch(name: str, num_tokens: int, num_experts: int, strides: tuple, top_k: int,
-                   normalize: bool) -> runtime.Launch:
-    """topk_gating_kernel or its backward: BLOCK_T tokens of all E logits per program."""
+                   normalize: bool, block_tokens: int = 0) -> runtime.Launch:
+    """topk_gating_kernel or its backward: BLOCK_T tokens of all E logits per program. ``block_tokens`` (forward
+    only): the routing blocks' tokens, when the kernel counts each block's ids for the routing plan."""
     block_t, block_e = row_tiles(num_experts)
-    return runtime.Launch(name, (cdiv(num_tokens, block_t),), (num_tokens, num_experts, *strides),
-                          dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_E=block_e,
-                               BLOCK_K=next_power_of_2(top_k)))
+    meta = dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_T=block_tokens or block_t, BLOCK_E=block_e,
+                BLOCK_K=next_power_of_2(top_k))
+    if name == "topk_gating_kernel":
+        meta.update(HISTOGRAM=block_tokens > 0, BLOCK_B=next_power_of_2(num_experts + 1) if block_tokens else 1)
+    return runtime.Launch(name, (cdiv(num_tokens, meta["BLOCK_T"]),), (num_tokens, num_experts, *strides), meta)
 
 
 @torch.library.custom_op("cumo_triton::topk_gating", mutates_args=())
@@ -28,16 +31,19 @@ def _topk_gating_op(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor
     return _topk_gating(logits, top_k, normalize)
 
 
-def _topk_gating(logits: Tensor, top_k: int, normalize: bool) -> tuple[Tensor, Tensor]:
-    """The gating launcher, arguments already checked."""
+def _topk_gating(logits: Tensor, top_k: int, normalize: bool, block_counts: Tensor | None = None,
+                 block_tokens: int = 0) -> tuple[Tensor, Tensor]:
+    """The gating launcher, arguments already checked. ``block_counts`` [blocks, E+1] int64: filled with the
+    histogram of each routing block of ``block_tokens`` tokens (``routing.gate_and_plan``)."""
     interpret = check_device(logits)
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)
     ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=logits.device)
     if num_tokens > 0:
-        spec = _gating_launch("topk_gating_kernel", num_tokens, num_experts, logits.stride(), top_k, normalize)
+        spec = _gating_launch("topk_gating_kernel", num_tokens, num_experts, logits.stride(), top_k, normalize,
+                              block_tokens if block_counts is not None else 0)
         with device_guard(logits):
-            runtime.launch(spec, interpret, logits, weights, ids)
+            runtime.launch(spec, interpret, logits, weights, ids, block_counts if block_counts is not None else ids)
     return weights, ids
 
 

@@ -2,8 +2,10 @@
 one launch sequence that routes once (the plan the experts run on also gives the expert load).
 
 Without gradients, for decode and small batches (T*K slots in one program): route_one_block_kernel, fc1, fc2,
-combine: four launches. Otherwise the router's GEMM (cuBLAS), topk_gating_kernel, the routing plan (one or three
-kernels), fc1, fc2, combine; with gradients through the eager autograd Functions of gating.py and experts.py.
+combine: four launches. Past that: the router's GEMM (cuBLAS), topk_gating_kernel counting the routing blocks'
+ids as it writes them, the plan's scan and scatter, fc1, fc2, combine: seven. With gradients: the router's GEMM,
+the gating kernel, the plan (one or three kernels), fc1, fc2, combine, through the eager autograd Functions of
+gating.py and experts.py.
 Capacity drops add a plan of the ids in priority order and capacity_kernel (whose plan also gives the load), where
 ``routing.apply_capacity`` runs about twenty-five aten ops.
 """
@@ -16,8 +18,8 @@ from torch import Tensor
 
 from moe_kernels.reference import GluSpec
 from moe_kernels.triton.experts import _expert_mlp_forward, expert_mlp_and_load
-from moe_kernels.triton.gating import _topk_gating, topk_gating
-from moe_kernels.triton.routing import capacity_drop, route_one_block
+from moe_kernels.triton.gating import topk_gating
+from moe_kernels.triton.routing import capacity_drop, gate_and_plan, route_one_block
 from moe_kernels.triton.runtime import check_device, check_dtype, device_guard, eager
 
 
@@ -48,8 +50,7 @@ def moe_mlp(x: Tensor, router_input: Tensor | None, router_weight: Tensor, w1: T
             routed = route_one_block(x, router_weight, top_k, normalize, interpret)
     if routed is None:
         logits = F.linear(x if router_input is None else router_input, router_weight)
-        weights, ids = _topk_gating(logits, top_k, normalize)
-        plan = None
+        weights, ids, plan = gate_and_plan(logits, top_k, normalize, interpret)
     else:
         weights, ids, plan = routed
     out, _, _, _, plan = _expert_mlp_forward(x, weights, ids, w1, b1, w2, b2, activation, glu, False, False, plan)

@@ -62,15 +62,19 @@ def _top_k(probs, experts, expert_mask, TOP_K: tl.constexpr, NORMALIZE: tl.const
 
 @triton.jit
 def topk_gating_kernel(
-    logits_ptr, weights_ptr, ids_ptr, T, E, stride_lt, stride_le,
+    logits_ptr, weights_ptr, ids_ptr, block_counts_ptr, T, E, stride_lt, stride_le,
     TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+    HISTOGRAM: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """fp32 softmax over E, top-k, optional renormalisation (``_top_k``).
+    """fp32 softmax over E, top-k, optional renormalisation (``_top_k``); with HISTOGRAM also what
+    routing_histogram_kernel would count of the ids it writes: the program's BLOCK_T tokens are one routing block.
 
-    Reads logits [T, E]; writes weights [T, K] fp32 and ids [T, K] int64. Grid: (cdiv(T, BLOCK_T),).
+    Reads logits [T, E]; writes weights [T, K] fp32 and ids [T, K] int64 (and block_counts [cdiv(T, BLOCK_T), E+1]
+    int64, BLOCK_B > E). Grid: (cdiv(T, BLOCK_T),).
     """
-    tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    block = tl.program_id(0).to(tl.int64)
+    tokens = block * BLOCK_T + tl.arange(0, BLOCK_T)
     token_mask = tokens < T
     experts = tl.arange(0, BLOCK_E)
     expert_mask = experts < E
@@ -81,6 +85,13 @@ def topk_gating_kernel(
     out_offsets = tokens[:, None] * TOP_K + ks[None, :]
     tl.store(weights_ptr + out_offsets, top_w, mask=out_mask)
     tl.store(ids_ptr + out_offsets, top_i, mask=out_mask)
+    if HISTOGRAM:
+        lane_ids = tl.reshape(top_i, (BLOCK_T * BLOCK_K,))
+        lane_mask = tl.reshape(out_mask, (BLOCK_T * BLOCK_K,))
+        bins = tl.arange(0, BLOCK_B)
+        one_hot = ((lane_ids[:, None] == bins[None, :]) & lane_mask[:, None]).to(tl.int32)
+        counts = tl.sum(one_hot, axis=0).to(tl.int64)
+        tl.store(block_counts_ptr + block * (E + 1) + bins, counts, mask=bins < E + 1)
 
 
 @triton.jit
@@ -175,14 +186,16 @@ def routing_one_block_kernel(ids_ptr, counts_ptr, offsets_ptr, sorted_slots_ptr,
 
 @triton.jit
 def routing_histogram_kernel(ids_ptr, block_counts_ptr, num_slots, E,
-                             BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
-    """Per slot-block histogram over the E+1 buckets.
+                             SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+    """Per slot-block histogram over the E+1 buckets; a block is SLOTS slots (whole tokens: a multiple of K),
+    BLOCK_S >= SLOTS lanes.
 
     Reads ids [R] int64; writes block_counts [num_blocks, E+1] int64. Grid: (num_blocks,).
     """
     block = tl.program_id(0).to(tl.int64)
-    slots = block * BLOCK_S + tl.arange(0, BLOCK_S)
-    slot_mask = slots < num_slots
+    lanes = tl.arange(0, BLOCK_S)
+    slots = block * SLOTS + lanes
+    slot_mask = (lanes < SLOTS) & (slots < num_slots)
     buckets = _buckets(ids_ptr, slots, slot_mask, E)
     bins = tl.arange(0, BLOCK_E)
     one_hot = (buckets[:, None] == bins[None, :]) & slot_mask[:, None]
@@ -212,17 +225,25 @@ def routing_scan_kernel(block_counts_ptr, counts_ptr, offsets_ptr, num_blocks, E
 
 @triton.jit
 def routing_scatter_kernel(ids_ptr, block_bases_ptr, offsets_ptr, sorted_slots_ptr, slot_rows_ptr,
-                           num_slots, E, BLOCK_S: tl.constexpr):
+                           num_slots, E, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
     """row(slot) = offsets[bucket] + rank of the block within the bucket + rank within the block
-    (slots of the same bucket earlier in the block): a stable sort. Writes slot_rows [R] and its
-    inverse sorted_slots [R]. Grid: (num_blocks,)."""
+    (slots of the same bucket earlier in the block): a stable sort. Blocks as routing_histogram_kernel's.
+    The rank within the block: a cumulative sum over the lanes x buckets one-hot when there are fewer buckets
+    (BLOCK_E) than lanes, else a lanes x lanes comparison, whichever tile is smaller.
+    Writes slot_rows [R] and its inverse sorted_slots [R]. Grid: (num_blocks,)."""
     block = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_S)
-    slots = block * BLOCK_S + lanes
-    slot_mask = slots < num_slots
+    slots = block * SLOTS + lanes
+    slot_mask = (lanes < SLOTS) & (slots < num_slots)
     buckets = _buckets(ids_ptr, slots, slot_mask, E)
-    earlier_same = (buckets[:, None] == buckets[None, :]) & (lanes[None, :] < lanes[:, None])
-    rank = tl.sum(earlier_same.to(tl.int64), axis=1)
+    if BLOCK_E < BLOCK_S:
+        bins = tl.arange(0, BLOCK_E)
+        one_hot = ((buckets[:, None] == bins[None, :]) & slot_mask[:, None]).to(tl.int32)
+        rank = tl.sum(tl.where(one_hot > 0, tl.cumsum(one_hot, axis=0) - one_hot, 0), axis=1).to(tl.int64)
+    else:
+        earlier_same = ((buckets[:, None] == buckets[None, :]) & (lanes[None, :] < lanes[:, None])
+                        & slot_mask[None, :])
+        rank = tl.sum(earlier_same.to(tl.int64), axis=1)
     base = tl.load(offsets_ptr + buckets, mask=slot_mask, other=0)
     base += tl.load(block_bases_ptr + block * (E + 1) + buckets, mask=slot_mask, other=0)
     rows = base + rank

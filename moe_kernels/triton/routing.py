@@ -7,12 +7,15 @@ T tokens, D features, K top_k, E experts, R = T*K slots. Kernels in router_kerne
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
 from moe_kernels.contract import check_expert_load_args
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton import runtime
+from moe_kernels.triton.gating import _topk_gating
 from moe_kernels.triton.runtime import cdiv, check_device, device_guard, dot_options, eager, next_power_of_2
 
 # Routing metadata: a histogram/scatter program holds ROUTING_TILE (slot, bucket) pairs, at most
@@ -39,38 +42,54 @@ def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
                              top_k_idx.shape[1], interpret)
 
 
-def routing_blocks(num_slots: int, num_experts: int) -> tuple[int, int, int]:
-    """(slots per block, bucket tile, number of blocks) of the routing kernels."""
+class RoutingBlocks(NamedTuple):
+    """How the routing kernels split the R = T*K slots: blocks of whole tokens (so that the gating kernel's
+    programs can count their own block), ``tokens`` a power of two; ``lanes`` = tokens * next_pow2(K) >= slots."""
+
+    tokens: int
+    slots: int
+    lanes: int
+    buckets: int  # the E + 1 buckets, rounded up to a power of two
+    count: int
+
+
+def routing_blocks(num_slots: int, num_experts: int, top_k: int) -> RoutingBlocks:
     block_e = next_power_of_2(num_experts + 1)
     block_s = max(16, min(ROUTING_MAX_SLOTS, ROUTING_TILE // block_e))
-    return block_s, block_e, cdiv(num_slots, block_s)
+    tokens = max(1, block_s // next_power_of_2(top_k))
+    return RoutingBlocks(tokens, tokens * top_k, tokens * next_power_of_2(top_k), block_e,
+                         cdiv(num_slots, tokens * top_k))
 
 
 @runtime.shape_cache
-def _histogram_launch(num_slots: int, num_experts: int) -> runtime.Launch:
+def _histogram_launch(num_slots: int, num_experts: int, top_k: int) -> runtime.Launch:
     """Per slot-block counts over the E experts and a dropped bucket: [blocks, E + 1]."""
-    block_s, block_e, num_blocks = routing_blocks(num_slots, num_experts)
-    return runtime.Launch("routing_histogram_kernel", (num_blocks,), (num_slots, num_experts),
-                          dict(BLOCK_S=block_s, BLOCK_E=block_e))
+    blocks = routing_blocks(num_slots, num_experts, top_k)
+    return runtime.Launch("routing_histogram_kernel", (blocks.count,), (num_slots, num_experts),
+                          dict(SLOTS=blocks.slots, BLOCK_S=blocks.lanes, BLOCK_E=blocks.buckets))
 
 
 @runtime.shape_cache
-def _routing_launches(num_slots: int, num_experts: int) -> tuple[runtime.Launch, ...]:
+def _routing_launches(num_slots: int, num_experts: int, top_k: int) -> tuple[runtime.Launch, ...]:
     """One launch when the slots fit one program (decode, small batch: the one-block plan holds slots x buckets
     as route_one_block_kernel does, e.g. 16 tokens x 8 slots over 64 experts), else histogram, scan, scatter."""
-    block_s, block_e, num_blocks = routing_blocks(num_slots, num_experts)
+    blocks = routing_blocks(num_slots, num_experts, top_k)
     one_block = max(16, next_power_of_2(num_slots))
-    if one_block <= ROUTING_MAX_SLOTS and one_block * block_e <= ROUTE_TILE:  # as route_one_block_kernel's
+    if one_block <= ROUTING_MAX_SLOTS and one_block * blocks.buckets <= ROUTE_TILE:  # as route_one_block_kernel's
         return (runtime.Launch("routing_one_block_kernel", (1,), (num_slots, num_experts),
-                               dict(BLOCK_S=one_block, BLOCK_E=block_e, num_warps=8 if one_block * block_e > 4096
-                                    else 4)),)
-    return (_histogram_launch(num_slots, num_experts),
-            runtime.Launch("routing_scan_kernel", (1,), (num_blocks, num_experts),
-                           dict(BLOCK_B=max(1, ROUTING_TILE // block_e), BLOCK_E=block_e)),
-            runtime.Launch("routing_scatter_kernel", (num_blocks,), (num_slots, num_experts), dict(BLOCK_S=block_s)))
+                               dict(BLOCK_S=one_block, BLOCK_E=blocks.buckets,
+                                    num_warps=8 if one_block * blocks.buckets > 4096 else 4)),)
+    return (_histogram_launch(num_slots, num_experts, top_k),
+            runtime.Launch("routing_scan_kernel", (1,), (blocks.count, num_experts),
+                           dict(BLOCK_B=max(1, ROUTING_TILE // blocks.buckets), BLOCK_E=blocks.buckets)),
+            runtime.Launch("routing_scatter_kernel", (blocks.count,), (num_slots, num_experts),
+                           dict(SLOTS=blocks.slots, BLOCK_S=blocks.lanes, BLOCK_E=blocks.buckets)))
 
 
-def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: bool) -> RoutingPlan:
+def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: bool,
+                          block_counts: Tensor | None = None) -> RoutingPlan:
+    """The plan of flat ids [R] int64; ``block_counts``: the routing blocks' histogram when the gating kernel
+    counted it already (``gate_and_plan``), else counted here."""
     num_slots = ids.numel()
     device = ids.device
     sorted_slots = torch.empty(num_slots, dtype=torch.int64, device=device)
@@ -81,17 +100,34 @@ def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: 
         return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
     counts = torch.empty(num_experts, dtype=torch.int64, device=device)  # the scan writes both
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
-    launches = _routing_launches(num_slots, num_experts)
+    launches = _routing_launches(num_slots, num_experts, top_k)
     if len(launches) == 1:
         runtime.launch(launches[0], interpret, ids, counts, offsets, sorted_slots, slot_rows)
         return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
     histogram, scan, scatter = launches
-    # one row of per-expert counts per histogram program
-    block_counts = torch.empty(histogram.grid[0], num_experts + 1, dtype=torch.int64, device=device)
-    runtime.launch(histogram, interpret, ids, block_counts)
+    if block_counts is None:  # one row of per-expert counts per histogram program
+        block_counts = torch.empty(histogram.grid[0], num_experts + 1, dtype=torch.int64, device=device)
+        runtime.launch(histogram, interpret, ids, block_counts)
     runtime.launch(scan, interpret, block_counts, counts, offsets)
     runtime.launch(scatter, interpret, ids, block_counts, offsets, sorted_slots, slot_rows)
     return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
+
+
+def gate_and_plan(logits: Tensor, top_k: int, normalize: bool,
+                  interpret: bool) -> tuple[Tensor, Tensor, RoutingPlan | None]:
+    """``topk_gating`` and, past one routing block, the routing plan of its ids, the gating kernel counting each
+    block's ids on the way (the histogram kernel's launch saved): (weights, ids, plan); plan None when the slots
+    fit one block (``routing_plan_from_ids`` then builds it in one launch). Arguments already checked."""
+    num_tokens, num_experts = logits.shape
+    num_slots = num_tokens * top_k
+    if num_slots == 0 or len(_routing_launches(num_slots, num_experts, top_k)) == 1:
+        return (*_topk_gating(logits, top_k, normalize), None)
+    blocks = routing_blocks(num_slots, num_experts, top_k)
+    block_counts = torch.empty(blocks.count, num_experts + 1, dtype=torch.int64, device=logits.device)
+    weights, ids = _topk_gating(logits, top_k, normalize, block_counts, blocks.tokens)
+    with device_guard(logits):
+        plan = routing_plan_from_ids(ids.view(-1), num_experts, top_k, interpret, block_counts)
+    return weights, ids, plan
 
 
 @runtime.shape_cache
@@ -172,7 +208,7 @@ def _expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
     ids = top_k_idx.reshape(-1).to(torch.int64).contiguous()
     if ids.numel() == 0:
         return torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
-    launch = _histogram_launch(ids.numel(), num_experts)
+    launch = _histogram_launch(ids.numel(), num_experts, top_k_idx.shape[1])
     block_counts = torch.empty(launch.grid[0], num_experts + 1, dtype=torch.int64, device=ids.device)
     with device_guard(ids):
         runtime.launch(launch, interpret, ids, block_counts)
