@@ -171,7 +171,7 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
     """The forward launcher, arguments already checked against the contract: (out, pre, hidden_rows,
     rows, the routing plan); pre and rows are None where save_pre / keep_rows do not keep them (an
     inference call allocates neither). ``plan``: the routing plan of top_k_idx when this backend's own
-    kernels built it already (``moe.moe_mlp``), else it is built here."""
+    kernels built it already (``moe.moe_mlp``, ``routing.gate_and_plan``), else it is built here."""
     glu = as_glu(glu)
     check_dtype(x, "the Triton expert kernels")
     interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
@@ -367,11 +367,11 @@ class _EagerExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, glu_interleaved, glu_a, glu_b,
-                save_pre, keep_rows):
+                save_pre, keep_rows, plan):
         inputs = (x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, glu_interleaved, glu_a, glu_b,
                   save_pre, keep_rows)
         *outputs, ctx.plan = _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation,
-                                                 _spec(glu, glu_interleaved, glu_a, glu_b), save_pre, keep_rows)
+                                                 _spec(glu, glu_interleaved, glu_a, glu_b), save_pre, keep_rows, plan)
         outputs = _op_outputs(*outputs, w1.shape[1])
         _expert_mlp_setup(ctx, inputs, outputs)
         ctx.mark_non_differentiable(ctx.plan.expert_counts)
@@ -379,7 +379,7 @@ class _EagerExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):
-        return _expert_mlp_grads(ctx, grad_out, direct=True)
+        return *_expert_mlp_grads(ctx, grad_out, direct=True), None
 
 
 def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
@@ -389,10 +389,11 @@ def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, 
 
 
 def expert_mlp_and_load(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
-                        w2: Tensor, b2: Tensor | None, activation: str = "gelu",
-                        glu: bool | GluSpec = False) -> tuple[Tensor, Tensor | None]:
-    """``expert_mlp`` and, when it ran eagerly, the counts of the routing plan it built (the expert load: routed
-    once); None under tracing, whose custom op keeps its plan inside."""
+                        w2: Tensor, b2: Tensor | None, activation: str = "gelu", glu: bool | GluSpec = False,
+                        plan: RoutingPlan | None = None) -> tuple[Tensor, Tensor | None]:
+    """``expert_mlp`` and, when it ran eagerly, the counts of the routing plan it ran on (the expert load: routed
+    once); None under tracing, whose custom op keeps its plan inside. ``plan``: top_k_idx's routing plan when this
+    backend's kernels built it already (``routing.gate_and_plan``; eager calls), else it is built here."""
     grad_enabled = torch.is_grad_enabled()
 
     def needs_grad(t: Tensor | None) -> bool:
@@ -403,10 +404,10 @@ def expert_mlp_and_load(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
     if eager(x, top_k_weights, top_k_idx, w1, b1, w2, b2):
         if not (save_pre or keep_rows or needs_grad(w2) or needs_grad(b2)):  # inference: the launchers alone
             out, _, _, _, plan = _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu,
-                                                     False, False)
+                                                     False, False, plan)
             return out, plan.expert_counts
         outputs = _EagerExpertMLP.apply(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, *glu_code(glu),
-                                        save_pre, keep_rows)
+                                        save_pre, keep_rows, plan)
         return outputs[0], outputs[-1]
     return _expert_mlp_forward_op(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, *glu_code(glu), save_pre,
                                   keep_rows)[0], None

@@ -4,8 +4,8 @@ one launch sequence that routes once (the plan the experts run on also gives the
 Without gradients, for decode and small batches (T*K slots in one program): route_one_block_kernel, fc1, fc2,
 combine: four launches. Past that: the router's GEMM (cuBLAS), topk_gating_kernel counting the routing blocks'
 ids as it writes them, the plan's scan and scatter, fc1, fc2, combine: seven. With gradients: the router's GEMM,
-the gating kernel, the plan (one or three kernels), fc1, fc2, combine, through the eager autograd Functions of
-gating.py and experts.py.
+the gating kernel (counting the blocks), the plan (one or two kernels), fc1, fc2, combine, through the eager
+autograd Functions of gating.py and experts.py.
 Capacity drops add a plan of the ids in priority order and capacity_kernel (whose plan also gives the load), where
 ``routing.apply_capacity`` runs about twenty-five aten ops.
 """
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_kernels.reference import GluSpec
-from moe_kernels.triton.experts import _expert_mlp_forward, expert_mlp_and_load
+from moe_kernels.triton.experts import expert_mlp_and_load
 from moe_kernels.triton.gating import topk_gating
 from moe_kernels.triton.routing import capacity_drop, gate_and_plan, route_one_block
 from moe_kernels.triton.runtime import check_device, check_dtype, device_guard, eager
@@ -32,26 +32,23 @@ def moe_mlp(x: Tensor, router_input: Tensor | None, router_weight: Tensor, w1: T
     tensors = (x, router_input, router_weight, w1, b1, w2, b2)
     if not eager(*tensors):
         return None
-    logits = None
-    if capacity is not None or (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
-        logits = F.linear(x if router_input is None else router_input, router_weight)
-        weights, ids = topk_gating(logits, top_k, normalize)
-        if capacity is None:
-            out, load = expert_mlp_and_load(x, weights, ids, w1, b1, w2, b2, activation, glu)
-        else:  # the load from the routing in priority order that the drops read, before them
-            kept, load = capacity_drop(ids, w1.shape[0], capacity, check_device(*tensors))
-            out = expert_mlp_and_load(x, weights, kept, w1, b1, w2, b2, activation, glu)[0]
-        return out, weights, ids, load, logits if return_logits else None
     check_dtype(x, "the Triton expert kernels")
     interpret = check_device(*tensors)
-    routed = None
-    if router_input is None and not return_logits:
+    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    logits = routed = None
+    if not (wants_grad or return_logits) and router_input is None and capacity is None:
         with device_guard(x):
             routed = route_one_block(x, router_weight, top_k, normalize, interpret)
-    if routed is None:
-        logits = F.linear(x if router_input is None else router_input, router_weight)
-        weights, ids, plan = gate_and_plan(logits, top_k, normalize, interpret)
-    else:
+    if routed is not None:
         weights, ids, plan = routed
-    out, _, _, _, plan = _expert_mlp_forward(x, weights, ids, w1, b1, w2, b2, activation, glu, False, False, plan)
-    return out, weights, ids, plan.expert_counts, logits if return_logits else None
+    else:
+        logits = F.linear(x if router_input is None else router_input, router_weight)
+        if capacity is None:
+            weights, ids, plan = gate_and_plan(logits, top_k, normalize, interpret)
+        else:  # the load: the count of the plan in priority order that the drops read, before them
+            weights, ids = topk_gating(logits, top_k, normalize)
+            kept, load = capacity_drop(ids, w1.shape[0], capacity, interpret)
+            out = expert_mlp_and_load(x, weights, kept, w1, b1, w2, b2, activation, glu)[0]
+            return out, weights, ids, load, logits if return_logits else None
+    out, load = expert_mlp_and_load(x, weights, ids, w1, b1, w2, b2, activation, glu, plan)
+    return out, weights, ids, load, logits if return_logits else None

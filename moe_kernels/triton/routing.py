@@ -15,7 +15,7 @@ from torch import Tensor
 from moe_kernels.contract import check_expert_load_args
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton import runtime
-from moe_kernels.triton.gating import _topk_gating
+from moe_kernels.triton.gating import topk_gating
 from moe_kernels.triton.runtime import cdiv, check_device, device_guard, dot_options, eager, next_power_of_2
 
 # Routing metadata: a histogram/scatter program holds ROUTING_TILE (slot, bucket) pairs, at most
@@ -115,16 +115,17 @@ def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: 
 
 def gate_and_plan(logits: Tensor, top_k: int, normalize: bool,
                   interpret: bool) -> tuple[Tensor, Tensor, RoutingPlan | None]:
-    """``topk_gating`` and, past one routing block, the routing plan of its ids, the gating kernel counting each
-    block's ids on the way (the histogram kernel's launch saved): (weights, ids, plan); plan None when the slots
-    fit one block (``routing_plan_from_ids`` then builds it in one launch). Arguments already checked."""
+    """``topk_gating`` (differentiable in eager logits that require a gradient) and, past one routing block, the
+    routing plan of its ids, the gating kernel counting each block's ids on the way (the histogram kernel's launch
+    saved): (weights, ids, plan); plan None when the slots fit one block (``routing_plan_from_ids`` then builds it
+    in one launch). Eager calls, arguments already checked."""
     num_tokens, num_experts = logits.shape
     num_slots = num_tokens * top_k
     if num_slots == 0 or len(_routing_launches(num_slots, num_experts, top_k)) == 1:
-        return (*_topk_gating(logits, top_k, normalize), None)
+        return (*topk_gating(logits, top_k, normalize), None)
     blocks = routing_blocks(num_slots, num_experts, top_k)
     block_counts = torch.empty(blocks.count, num_experts + 1, dtype=torch.int64, device=logits.device)
-    weights, ids = _topk_gating(logits, top_k, normalize, block_counts, blocks.tokens)
+    weights, ids = topk_gating(logits, top_k, normalize, block_counts, blocks.tokens)
     with device_guard(logits):
         plan = routing_plan_from_ids(ids.view(-1), num_experts, top_k, interpret, block_counts)
     return weights, ids, plan

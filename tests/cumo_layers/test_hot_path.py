@@ -107,17 +107,20 @@ def test_training_step_aten_ops(stubbed_launches):
     assert len(log.compute_ops()) <= 10, log.compute_ops()
 
 
-def test_training_step_launch_counts(interpreter):
-    """Forward and backward of the whole layer (router included), every parameter trained."""
+@pytest.mark.parametrize("tokens", [5, 300])
+def test_training_step_launch_counts(interpreter, tokens):
+    """Forward and backward of the whole layer (router included), every parameter trained. Routed once: one plan,
+    whose counts are the balance loss's expert load and which the backward reuses; past one routing block (300
+    tokens x 2 slots) the gating kernel counts the blocks and the plan is the scan and the scatter."""
     layer = SparseMoEMLP(32, 16, num_experts=4, top_k=2, activation="gelu", backend="triton")
-    x = torch.randn(5, 32, requires_grad=True)
+    x = torch.randn(tokens, 32, requires_grad=True)
     (layer(x).square().mean() + layer.last_aux_loss).backward()
     launches = dict(interpreter.LAUNCHES)
+    one_block = {"routing_one_block_kernel": 1}
+    routing = one_block if tokens == 5 else {"routing_scan_kernel": 1, "routing_scatter_kernel": 1}
     assert launches == {
         "topk_gating_kernel": 1, "topk_gating_backward_kernel": 1,
-        "router_losses_kernel": 1, "router_losses_reduce_kernel": 1, "router_losses_backward_kernel": 1,
-        # Routed once: one plan, whose counts are the balance loss's expert load and which the backward reuses.
-        "routing_one_block_kernel": 1,
+        "router_losses_kernel": 1, "router_losses_reduce_kernel": 1, "router_losses_backward_kernel": 1, **routing,
         "grouped_gemm_kernel": 4, "combine_kernel": 2, "topk_weight_grad_kernel": 1, "grouped_weight_grad_kernel": 2,
     }, launches
 
