@@ -155,9 +155,7 @@ class SparseMoEMLP(nn.Module):
         if self.capacity_factor is not None:
             capacity = expert_capacity(self.capacity_factor, tokens.shape[0], self.top_k, self.num_experts)
         router = self.router
-        # A router of another class (a subclass with its own forward) or with hooks runs as its own module.
-        if (type(router) is not TopKRouter or router._forward_hooks or router._forward_pre_hooks
-                or router._backward_hooks or router._backward_pre_hooks):
+        if self._router_runs_as_module():
             out, load = self._forward_through_router(tokens, num_samples, capacity, w1, b1, w2, b2)
         else:
             routed = ops.moe_mlp(tokens, router.weight.to(x.dtype), w1, b1, w2, b2, self.top_k, router.normalize_top_k,
@@ -169,6 +167,13 @@ class SparseMoEMLP(nn.Module):
         # the attribute is never a parameter, buffer or module: stored without nn.Module.__setattr__'s checks.
         self.__dict__["last_expert_load"] = load if capacity is None else load.clamp(max=capacity)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def _router_runs_as_module(self) -> bool:
+        """A router of another class (a subclass with its own forward) or with a hook runs as its own module, so
+        that the override or the hook sees every forward; a plain TopKRouter is read for its weight and settings."""
+        router = self.router
+        return bool(type(router) is not TopKRouter or router._forward_hooks or router._forward_pre_hooks
+                    or router._backward_hooks or router._backward_pre_hooks)
 
     def _forward_through_router(self, tokens: Tensor, num_samples: int, capacity: int | None, w1: Tensor,
                                 b1: Tensor | None, w2: Tensor, b2: Tensor | None) -> tuple[Tensor, Tensor]:

@@ -208,7 +208,9 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         num_samples = x.shape[0] if x.dim() == 3 else int(num_tokens > 0)
 
         with self._phase("gating"):
-            route = self.router(tokens, num_samples=max(num_samples, 1))
+            # The load and losses are counted over every rank below: the router's own would be thrown away.
+            route = (self.router(tokens, num_samples=max(num_samples, 1)) if self._router_runs_as_module()
+                     else self.router.gate(tokens))
             exchanged = self._exchange_counts(route.top_k_idx, num_samples)
             choice_counts = exchanged[:, :-2].view(world, top_k, self.num_experts)
             global_tokens, global_samples = exchanged[:, -2:].sum(0).tolist()
@@ -222,6 +224,8 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
             if self.training:
                 self._set_aux_losses(route.logits, route.top_k_idx, choice_counts.sum((0, 1)),
                                      (num_tokens, global_tokens), (num_samples, global_samples))
+            else:
+                self.router.clear_losses()
             kept_per_expert = kept.sum(1)  # [W, E]
             self.last_expert_load = kept_per_expert.sum(0).to(tokens.device, non_blocking=True)
             by_rank = kept_per_expert.view(world, world, self.num_local_experts)  # [source, owner, local expert]

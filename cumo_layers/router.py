@@ -154,6 +154,16 @@ class TopKRouter(nn.Module):
         """x: [T, in_features] float, T = num_samples * tokens per sample in sample order (only the
         ``"cumo"`` balance loss reads the samples) -> RouterOutput. The expert load is counted in
         training, or when ``count_load``."""
+        route = self.gate(x)
+        if self.training or count_load:
+            route = route._replace(expert_load=ops.expert_load(route.top_k_idx, self.num_experts, backend=self.backend))
+        self.record_losses(route.logits, route.top_k_idx, route.expert_load, num_samples)
+        return route
+
+    def gate(self, x: Tensor) -> RouterOutput:
+        """The routing alone: the logits (of x jittered, in training with jitter), their top-k weights and ids; no
+        expert load (None) and no loss recorded, for a caller that counts and weighs the routing itself (the
+        expert-parallel layer counts over every rank)."""
         if not x.is_floating_point():
             raise TypeError(f"TopKRouter expects a floating point input, got dtype {x.dtype}")
         if x.dim() != 2 or x.shape[1] != self.in_features:
@@ -162,9 +172,7 @@ class TopKRouter(nn.Module):
         # The gating op reads low-precision logits and computes in fp32: no cast kernel on the hot path.
         logits = F.linear(x if jittered is None else jittered, self.weight.to(x.dtype))
         weights, idx = ops.topk_gating(logits, self.top_k, self.normalize_top_k, backend=self.backend)
-        load = ops.expert_load(idx, self.num_experts, backend=self.backend) if self.training or count_load else None
-        self.record_losses(logits, idx, load, num_samples)
-        return RouterOutput(weights, idx, logits, load)
+        return RouterOutput(weights, idx, logits, None)
 
     def jittered(self, x: Tensor) -> Tensor | None:
         """The router's input in a training forward with jitter: x * U(1 - jitter, 1 + jitter); else None."""
@@ -178,7 +186,12 @@ class TopKRouter(nn.Module):
         [T, K], load [E] from ``expert_load``); in eval None (the arguments are not read)."""
         if self.training:
             self._record_aux_losses(logits, idx, load, num_samples)
-        elif self.last_aux_loss is not None:  # (a module attribute store costs microseconds: only when needed)
+        else:
+            self.clear_losses()
+
+    def clear_losses(self) -> None:
+        """``last_*_loss`` back to None (what an eval forward leaves)."""
+        if self.last_aux_loss is not None:  # (a module attribute store costs microseconds: only when needed)
             self.last_balance_loss = self.last_z_loss = self.last_aux_loss = None
 
     def _record_aux_losses(self, logits: Tensor, idx: Tensor, load: Tensor, num_samples: int) -> None:

@@ -173,3 +173,16 @@ def test_router_rejects_bad_settings(kwargs, error):
 def test_router_rejects_integer_input():
     with pytest.raises(TypeError, match="floating point"):
         TopKRouter(8, 4, 2)(torch.ones(3, 8, dtype=torch.int64))
+
+
+def test_gate_routes_without_counting_or_recording():
+    """TopKRouter.gate: forward's routing (same weights, ids, logits) without the load and without touching the
+    recorded losses (the expert-parallel layer counts and weighs over every rank itself)."""
+    router = TopKRouter(8, 4, 2).train()
+    x = torch.randn(6, 8)
+    route = router(x)
+    recorded = router.last_aux_loss
+    gated = router.gate(x)
+    assert gated.expert_load is None and router.last_aux_loss is recorded
+    for got, expected in zip(gated[:3], route[:3]):
+        assert torch.equal(got, expected)
