@@ -68,6 +68,7 @@ router_losses = reference.router_losses
 # The expert load (ops.expert_load) is PyTorch's scatter: on the CPU a fused kernel would save nothing.
 expert_load = reference.expert_load
 
+
 def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
     """logits: [T, E] float -> (top_k_weights [T, K] float32, top_k_idx [T, K] int64)."""
     _require_extension()

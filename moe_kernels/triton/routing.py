@@ -22,9 +22,14 @@ from moe_kernels.triton.runtime import cdiv, check_device, device_guard, dot_opt
 # ROUTING_MAX_SLOTS slots; the scan walks ROUTING_TILE (block, bucket) counts per step.
 ROUTING_TILE = 8192
 ROUTING_MAX_SLOTS = 128
-# route_one_block_kernel: one program holds the padded (token, slot) lanes, at most ROUTING_MAX_SLOTS, times
-# the E + 1 buckets, at most ROUTE_TILE (T = 16, K = 8, E = 64 fits: the small-batch regime).
+# A whole plan in one program (routing_one_block_kernel, route_one_block_kernel): at most ROUTING_MAX_SLOTS padded
+# slot lanes, times the E + 1 buckets (padded) at most ROUTE_TILE (T = 16, K = 8, E = 64 fits: the small batch).
 ROUTE_TILE = 16384
+
+
+def fits_one_program(lanes: int, buckets: int) -> bool:
+    """Whether a plan of ``lanes`` padded slots over ``buckets`` padded buckets is built by one program."""
+    return lanes <= ROUTING_MAX_SLOTS and lanes * buckets <= ROUTE_TILE
 
 
 def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
@@ -75,7 +80,7 @@ def _routing_launches(num_slots: int, num_experts: int, top_k: int) -> tuple[run
     as route_one_block_kernel does, e.g. 16 tokens x 8 slots over 64 experts), else histogram, scan, scatter."""
     blocks = routing_blocks(num_slots, num_experts, top_k)
     one_block = max(16, next_power_of_2(num_slots))
-    if one_block <= ROUTING_MAX_SLOTS and one_block * blocks.buckets <= ROUTE_TILE:  # as route_one_block_kernel's
+    if fits_one_program(one_block, blocks.buckets):
         return (runtime.Launch("routing_one_block_kernel", (1,), (num_slots, num_experts),
                                dict(BLOCK_S=one_block, BLOCK_E=blocks.buckets,
                                     num_warps=8 if one_block * blocks.buckets > 4096 else 4)),)
@@ -114,17 +119,15 @@ def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: 
 
 
 def gate_and_plan(logits: Tensor, top_k: int, normalize: bool,
-                  interpret: bool) -> tuple[Tensor, Tensor, RoutingPlan | None]:
-    """``topk_gating`` (differentiable in eager logits that require a gradient) and, past one routing block, the
-    routing plan of its ids, the gating kernel counting each block's ids on the way (the histogram kernel's launch
-    saved): (weights, ids, plan); plan None when the slots fit one block (``routing_plan_from_ids`` then builds it
-    in one launch). Eager calls, arguments already checked."""
+                  interpret: bool) -> tuple[Tensor, Tensor, RoutingPlan]:
+    """``topk_gating`` (differentiable in eager logits that require a gradient) and the routing plan of its ids:
+    (weights, ids, plan). Past one routing block the gating kernel counts each block's ids as it writes them, so
+    the plan needs no histogram kernel. Eager calls, arguments already checked."""
     num_tokens, num_experts = logits.shape
     num_slots = num_tokens * top_k
-    if num_slots == 0 or len(_routing_launches(num_slots, num_experts, top_k)) == 1:
-        return (*topk_gating(logits, top_k, normalize), None)
-    blocks = routing_blocks(num_slots, num_experts, top_k)
-    block_counts = torch.empty(blocks.count, num_experts + 1, dtype=torch.int64, device=logits.device)
+    block_counts, blocks = None, routing_blocks(num_slots, num_experts, top_k)
+    if num_slots and len(_routing_launches(num_slots, num_experts, top_k)) > 1:
+        block_counts = torch.empty(blocks.count, num_experts + 1, dtype=torch.int64, device=logits.device)
     weights, ids = topk_gating(logits, top_k, normalize, block_counts, blocks.tokens)
     with device_guard(logits):
         plan = routing_plan_from_ids(ids.view(-1), num_experts, top_k, interpret, block_counts)
@@ -136,8 +139,7 @@ def _route_launch(num_tokens: int, d_in: int, num_experts: int, strides: tuple, 
                   dtype: torch.dtype, interpret: bool, allow_tf32: bool) -> runtime.Launch | None:
     """route_one_block_kernel's launch, or None when the slots do not fit one program."""
     block_t, block_k, block_b = next_power_of_2(num_tokens), next_power_of_2(top_k), next_power_of_2(num_experts + 1)
-    lanes = block_t * block_k
-    if lanes > ROUTING_MAX_SLOTS or lanes * block_b > ROUTE_TILE:
+    if not fits_one_program(block_t * block_k, block_b):
         return None
     block_e = max(16, next_power_of_2(num_experts))  # tl.dot's smallest N
     if interpret:
