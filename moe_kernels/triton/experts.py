@@ -45,13 +45,27 @@ def _grouped_gemm(a: Tensor, weight: Tensor, b_strides: tuple[int, int], plan: R
     at weight[e] + k * b_strides[0] + n * b_strides[1]; K = a.shape[1]; N = num_cols; glu: fc1's
     GLU variant (the activation epilogues)."""
     aux_t = aux if aux is not None else out
-    strides = (a.stride(0), a.stride(1), weight.stride(0), *b_strides, bias.stride(0) if bias is not None else 0,
-               aux_t.stride(0), aux_t.stride(1), out.stride(0), out.stride(1))
+    strides = _gemm_strides(a.stride(), weight.stride(0), b_strides, bias.stride(0) if bias is not None else 0,
+                            aux_t.stride(), out.stride())
     spec = _gemm_launch(plan.sorted_slots.numel(), num_cols, a.shape[1], weight.shape[0], strides, plan.top_k,
                         gather, bias is not None, row_scale is not None, epilogue, glu_code(glu), activation,
-                        store_aux, a.dtype, a.get_device(), interpret, torch.backends.cuda.matmul.allow_tf32)
+                        store_aux, a.dtype, a.get_device(), interpret, runtime.allow_tf32())
+    _launch_gemm(spec, interpret, a, weight, plan, out, bias, row_scale, aux)
+
+
+def _gemm_strides(a: tuple[int, int], weight_expert: int, b: tuple[int, int], bias: int, aux: tuple[int, int],
+                  out: tuple[int, int]) -> tuple[int, ...]:
+    """grouped_gemm_kernel's stride arguments, in its signature's order."""
+    return (*a, weight_expert, *b, bias, *aux, *out)
+
+
+def _launch_gemm(spec: runtime.Launch, interpret: bool, a: Tensor, weight: Tensor, plan: RoutingPlan, out: Tensor,
+                 bias: Tensor | None = None, row_scale: Tensor | None = None, aux: Tensor | None = None) -> None:
+    """grouped_gemm_kernel's tensors in its signature's order (an absent one: ``out``, which the kernel does not
+    read for it)."""
     runtime.launch(spec, interpret, a, weight, bias if bias is not None else out,
-                   row_scale if row_scale is not None else out, aux_t, out, plan.sorted_slots, plan.expert_offsets)
+                   row_scale if row_scale is not None else out, aux if aux is not None else out, out,
+                   plan.sorted_slots, plan.expert_offsets)
 
 
 @runtime.shape_cache
@@ -76,7 +90,7 @@ def _weight_grad(a: Tensor, b: Tensor, plan: RoutingPlan, grad_w: Tensor, grad_b
                grad_bias.stride(0) if grad_bias is not None else 0)
     spec = _weight_grad_launch(tuple(grad_w.shape), plan.sorted_slots.numel(), strides, plan.top_k, gather_a,
                                gather_b, row_scale is not None, grad_bias is not None, a.dtype, a.get_device(),
-                               interpret, torch.backends.cuda.matmul.allow_tf32)
+                               interpret, runtime.allow_tf32())
     runtime.launch(spec, interpret, a, b, row_scale if row_scale is not None else grad_w, plan.sorted_slots,
                    plan.expert_offsets, grad_w, grad_bias if grad_bias is not None else grad_w)
 
@@ -98,6 +112,11 @@ def _combine(rows: Tensor, ids: Tensor, weights: Tensor | None, plan: RoutingPla
     """out[t] = sum over kept k of (weights[t, k] *) rows[slot_rows[t*K + k]]."""
     spec = _combine_launch(*out.shape, num_experts, (*rows.stride(), *out.stride()), plan.top_k, weights is not None,
                            interpret)
+    _launch_combine(spec, interpret, rows, ids, weights, plan, out)
+
+
+def _launch_combine(spec: runtime.Launch, interpret: bool, rows: Tensor, ids: Tensor, weights: Tensor | None,
+                    plan: RoutingPlan, out: Tensor) -> None:
     runtime.launch(spec, interpret, rows, plan.slot_rows, ids, weights if weights is not None else rows, out)
 
 
@@ -166,20 +185,21 @@ def _expert_mlp_forward_op(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, 
 
 def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
                         w2: Tensor, b2: Tensor | None, activation: str, glu: bool | GluSpec, save_pre: bool,
-                        keep_rows: bool, plan: RoutingPlan | None = None
+                        keep_rows: bool, plan: RoutingPlan | None = None, interpret: bool | None = None
                         ) -> tuple[Tensor, Tensor | None, Tensor, Tensor | None, RoutingPlan]:
     """The forward launcher, arguments already checked against the contract: (out, pre, hidden_rows,
     rows, the routing plan); pre and rows are None where save_pre / keep_rows do not keep them (an
     inference call allocates neither). ``plan``: the routing plan of top_k_idx when this backend's own
-    kernels built it already (``moe.moe_mlp``, ``routing.gate_and_plan``), else it is built here."""
-    glu = as_glu(glu)
-    check_dtype(x, "the Triton expert kernels")
-    interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
+    kernels built it already (``moe.moe_mlp``, ``routing.gate_and_plan``), else it is built here;
+    ``interpret``: ``runtime.check_device``'s answer when the caller has it (and checked the dtype)."""
+    if interpret is None:
+        check_dtype(x, "the Triton expert kernels")
+        interpret = check_device(x, top_k_weights, top_k_idx, w1, b1, w2, b2)
     num_tokens, top_k = top_k_idx.shape
     num_experts, hidden1, _ = w1.shape
     out_features, hidden = w2.shape[1], w2.shape[2]
-    ids = top_k_idx.reshape(-1).to(torch.int64).contiguous()
-    weights = top_k_weights.reshape(-1).float().contiguous()
+    ids = runtime.flat(top_k_idx, torch.int64)
+    weights = runtime.flat(top_k_weights, torch.float32)
     b1 = b1.contiguous() if b1 is not None else None
     b2 = b2.contiguous() if b2 is not None else None
     num_rows = num_tokens * top_k
@@ -191,15 +211,43 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
         if plan is None:
             plan = routing_plan_from_ids(ids, num_experts, top_k, interpret)
         if num_rows > 0:
-            # fc1: token rows gathered in-kernel; B[e][d, h] = w1[e, h, d].
-            _grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret,
-                          gather=True, bias=b1, aux=pre, epilogue=EPILOGUE_ACTIVATION,
-                          glu=glu, activation=activation, store_aux=save_pre)
-            # fc2: the top-k weight is folded into the epilogue unless its gradient is needed.
-            _grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, rows, out_features, interpret,
-                          gather=False, bias=b2, row_scale=None if keep_rows else weights)
-            _combine(rows, ids, weights if keep_rows else None, plan, num_experts, out, interpret)
+            fc1, fc2, combine = _forward_launches(num_tokens, top_k, x.stride(), w1.shape, w1.stride(), w2.shape,
+                                                  w2.stride(), b1 is not None, b2 is not None, activation,
+                                                  glu_code(glu), save_pre, keep_rows, x.dtype,
+                                                  x.get_device(), interpret, runtime.allow_tf32())
+            _launch_gemm(fc1, interpret, x, w1, plan, hidden_rows, bias=b1, aux=pre)
+            _launch_gemm(fc2, interpret, hidden_rows, w2, plan, rows, bias=b2, row_scale=None if keep_rows else weights)
+            _launch_combine(combine, interpret, rows, ids, weights if keep_rows else None, plan, out)
     return out, pre, hidden_rows, rows if keep_rows else None, plan
+
+
+@runtime.shape_cache
+def _forward_launches(num_tokens: int, top_k: int, x_strides: tuple[int, int], w1_shape: tuple[int, int, int],
+                      w1_strides: tuple[int, int, int], w2_shape: tuple[int, int, int], w2_strides: tuple[int, int, int],
+                      has_b1: bool, has_b2: bool, activation: str, glu: tuple, save_pre: bool, keep_rows: bool,
+                      dtype: torch.dtype, device: int, interpret: bool,
+                      allow_tf32: bool) -> tuple[runtime.Launch, runtime.Launch, runtime.Launch]:
+    """A forward's fc1, fc2 and combine, built once per shape: its buffers are fresh and contiguous (pre [R, H1]
+    when saved, hidden_rows [R, H], rows [R, O], out [T, O]; biases made contiguous)."""
+    num_experts, hidden1, d_in = w1_shape
+    _, out_features, hidden = w2_shape
+    num_rows = num_tokens * top_k
+    # fc1: token rows gathered in-kernel; B[e][d, h] = w1[e, h, d]; pre (aux) kept when saved.
+    aux = (hidden1, 1) if save_pre else (hidden, 1)
+    fc1 = _gemm_launch(num_rows, hidden, d_in, num_experts,
+                       _gemm_strides(x_strides, w1_strides[0], (w1_strides[2], w1_strides[1]), hidden1 if has_b1 else 0,
+                                     aux, (hidden, 1)),
+                       top_k, True, has_b1, False, EPILOGUE_ACTIVATION, glu, activation, save_pre, dtype, device,
+                       interpret, allow_tf32)
+    # fc2: the top-k weight is folded into the epilogue unless its gradient is needed.
+    fc2 = _gemm_launch(num_rows, out_features, hidden, num_experts,
+                       _gemm_strides((hidden, 1), w2_strides[0], (w2_strides[2], w2_strides[1]),
+                                     out_features if has_b2 else 0, (out_features, 1), (out_features, 1)),
+                       top_k, False, has_b2, not keep_rows, EPILOGUE_PLAIN, glu_code(None), "gelu", False, dtype,
+                       device, interpret, allow_tf32)
+    combine = _combine_launch(num_tokens, out_features, num_experts, (out_features, 1, out_features, 1), top_k,
+                              keep_rows, interpret)
+    return fc1, fc2, combine
 
 
 def _op_outputs(out: Tensor, pre: Tensor | None, hidden_rows: Tensor, rows: Tensor | None,
@@ -247,8 +295,8 @@ def _expert_mlp_backward_launch(grad_out: Tensor, x: Tensor, top_k_weights: Tens
     spec = as_glu(glu)
     interpret = check_device(grad_out, x, w1, w2, pre, hidden_rows, rows)
     num_tokens, top_k = top_k_idx.shape
-    ids = top_k_idx.reshape(-1).to(torch.int64).contiguous()
-    weights = top_k_weights.reshape(-1).float().contiguous()
+    ids = runtime.flat(top_k_idx, torch.int64)
+    weights = runtime.flat(top_k_weights, torch.float32)
     num_experts, hidden1, d_in = w1.shape
     out_features, hidden = w2.shape[1], w2.shape[2]
     num_rows = num_tokens * top_k

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from moe_kernels.reference import GluSpec
-from moe_kernels.triton.experts import expert_mlp_and_load
+from moe_kernels.triton.experts import _expert_mlp_forward, expert_mlp_and_load
 from moe_kernels.triton.gating import topk_gating
 from moe_kernels.triton.routing import capacity_drop, gate_and_plan, route_one_block
 from moe_kernels.triton.runtime import check_device, check_dtype, device_guard, eager
@@ -35,20 +35,20 @@ def moe_mlp(x: Tensor, router_input: Tensor | None, router_weight: Tensor, w1: T
     check_dtype(x, "the Triton expert kernels")
     interpret = check_device(*tensors)
     wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    logits = routed = None
     if not (wants_grad or return_logits) and router_input is None and capacity is None:
         with device_guard(x):
             routed = route_one_block(x, router_weight, top_k, normalize, interpret)
-    if routed is not None:
-        weights, ids, plan = routed
-    else:
-        logits = F.linear(x if router_input is None else router_input, router_weight)
-        if capacity is None:
-            weights, ids, plan = gate_and_plan(logits, top_k, normalize, interpret)
-        else:  # the load: the count of the plan in priority order that the drops read, before them
-            weights, ids = topk_gating(logits, top_k, normalize)
-            kept, load = capacity_drop(ids, w1.shape[0], capacity, interpret)
-            out = expert_mlp_and_load(x, weights, kept, w1, b1, w2, b2, activation, glu)[0]
-            return out, weights, ids, load, logits if return_logits else None
+        if routed is not None:  # inference at decode and small batches: four launches
+            weights, ids, plan = routed
+            out = _expert_mlp_forward(x, weights, ids, w1, b1, w2, b2, activation, glu, False, False, plan,
+                                      interpret)[0]
+            return out, weights, ids, plan.expert_counts, None
+    logits = F.linear(x if router_input is None else router_input, router_weight)
+    if capacity is not None:  # the load: the count of the plan in priority order that the drops read, before them
+        weights, ids = topk_gating(logits, top_k, normalize)
+        kept, load = capacity_drop(ids, w1.shape[0], capacity, interpret)
+        out = expert_mlp_and_load(x, weights, kept, w1, b1, w2, b2, activation, glu)[0]
+        return out, weights, ids, load, logits if return_logits else None
+    weights, ids, plan = gate_and_plan(logits, top_k, normalize, interpret)
     out, load = expert_mlp_and_load(x, weights, ids, w1, b1, w2, b2, activation, glu, plan)
     return out, weights, ids, load, logits if return_logits else None

@@ -167,7 +167,7 @@ def route_one_block(x: Tensor, router_weight: Tensor, top_k: int, normalize: boo
     if num_tokens == 0:
         return None
     spec = _route_launch(num_tokens, d_in, num_experts, (*x.stride(), *router_weight.stride()), top_k, normalize,
-                         x.dtype, interpret, torch.backends.cuda.matmul.allow_tf32)
+                         x.dtype, interpret, runtime.allow_tf32())
     if spec is None:
         return None
     device, num_slots = x.device, num_tokens * top_k

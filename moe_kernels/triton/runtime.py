@@ -250,6 +250,23 @@ def check_dtype(t: Tensor, what: str) -> None:
         raise TypeError(f"{what} take {[str(d) for d in SUPPORTED_DTYPES]}, got {t.dtype}")
 
 
+_get_allow_tf32 = getattr(torch._C, "_get_cublas_allow_tf32", None) or (lambda: torch.backends.cuda.matmul.allow_tf32)
+
+
+def allow_tf32() -> bool:
+    """``torch.backends.cuda.matmul.allow_tf32``, read without its module's ``__getattr__`` (a forward reads it
+    for every GEMM launch it builds)."""
+    return _get_allow_tf32()
+
+
+def flat(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t``'s elements as a contiguous tensor of ``dtype`` for a kernel that indexes them flat: ``t`` itself when
+    it is one already (no Python-level reshape, cast or copy call on the hot path)."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    return t.reshape(-1).to(dtype).contiguous()
+
+
 def dot_options(dtype: torch.dtype, interpret: bool, allow_tf32: bool) -> dict:
     """tl.dot settings: fp32 promises fp32 accuracy (1e-5), so no TF32 unless the user asks torch
     for it (``allow_tf32``: torch.backends.cuda.matmul.allow_tf32); under the interpreter bf16 operands
