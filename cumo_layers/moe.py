@@ -128,7 +128,7 @@ class SparseMoEMLP(nn.Module):
                 f"SparseMoEMLP expects input [..., {self.in_features}] (in_features={self.in_features}), "
                 f"got shape {tuple(x.shape)}"
             )
-        if x.device.type == "meta":
+        if x.is_meta:
             raise ValueError("SparseMoEMLP got an input on the meta device, which holds no data")
         if x.dtype != self.w1.dtype and not torch.is_autocast_enabled(x.device.type):
             raise TypeError(
@@ -148,7 +148,7 @@ class SparseMoEMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x, w1, b1, w2, b2 = self._checked_inputs(x)
-        tokens = x.reshape(-1, self.in_features)
+        tokens = x if x.dim() == 2 else x.reshape(-1, self.in_features)
         # A [B, N, D] input has B samples (CuMo's balance loss is per sample); other ranks count as one.
         num_samples = x.shape[0] if x.dim() == 3 and x.shape[0] > 0 else 1
         capacity = None
@@ -158,7 +158,10 @@ class SparseMoEMLP(nn.Module):
         if self._router_runs_as_module():
             out, load = self._forward_through_router(tokens, num_samples, capacity, w1, b1, w2, b2)
         else:
-            routed = ops.moe_mlp(tokens, router.weight.to(x.dtype), w1, b1, w2, b2, self.top_k, router.normalize_top_k,
+            router_weight = router.weight
+            if router_weight.dtype != x.dtype:
+                router_weight = router_weight.to(x.dtype)
+            routed = ops.moe_mlp(tokens, router_weight, w1, b1, w2, b2, self.top_k, router.normalize_top_k,
                                  self.activation, self.glu, self.backend, router_input=router.jittered(tokens),
                                  capacity=capacity, return_logits=self.training)
             router.record_losses(routed.logits, routed.top_k_idx, routed.expert_load, num_samples)
@@ -166,7 +169,7 @@ class SparseMoEMLP(nn.Module):
         # Capacity keeps exactly min(count, capacity) per expert. Integer counts carry no autograd history, and
         # the attribute is never a parameter, buffer or module: stored without nn.Module.__setattr__'s checks.
         self.__dict__["last_expert_load"] = load if capacity is None else load.clamp(max=capacity)
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def _router_runs_as_module(self) -> bool:
         """A router of another class (a subclass with its own forward) or with a hook runs as its own module, so
