@@ -281,8 +281,9 @@ def _expert_mlp_backward_op(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, 
     check_dtype(x, "the Triton expert kernels")
     _check_saved_rows(grad_out, x, top_k_idx, w1, w2, pre, hidden_rows, rows, need_x or need_w1 or need_b1,
                       need_weights)
-    return _expert_mlp_backward_launch(grad_out, x, top_k_weights, top_k_idx, w1, w2, pre, hidden_rows, rows,
-                                       activation, spec, need_x, need_weights, need_w1, need_b1, need_w2, need_b2)
+    grads = _expert_mlp_backward_launch(grad_out, x, top_k_weights, top_k_idx, w1, w2, pre, hidden_rows, rows,
+                                        activation, spec, need_x, need_weights, need_w1, need_b1, need_w2, need_b2)
+    return tuple(x.new_empty(0) if g is None else g for g in grads)  # an op returns tensors
 
 
 def _expert_mlp_backward_launch(grad_out: Tensor, x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor,
@@ -290,8 +291,9 @@ def _expert_mlp_backward_launch(grad_out: Tensor, x: Tensor, top_k_weights: Tens
                                 glu: bool | GluSpec, need_x: bool, need_weights: bool, need_w1: bool, need_b1: bool,
                                 need_w2: bool, need_b2: bool, plan: RoutingPlan | None = None
                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """The backward launcher, arguments already checked (by the op, or saved by the forward). ``plan``:
-    the forward's routing plan, if the caller kept it (else it is rebuilt from top_k_idx)."""
+    """The backward launcher, arguments already checked (by the op, or saved by the forward): (grad_x,
+    grad_weights, grad_w1, grad_b1, grad_w2, grad_b2), None where not wanted. ``plan``: the forward's routing
+    plan, if the caller kept it (else it is rebuilt from top_k_idx)."""
     spec = as_glu(glu)
     interpret = check_device(grad_out, x, w1, w2, pre, hidden_rows, rows)
     num_tokens, top_k = top_k_idx.shape
@@ -301,11 +303,7 @@ def _expert_mlp_backward_launch(grad_out: Tensor, x: Tensor, top_k_weights: Tens
     out_features, hidden = w2.shape[1], w2.shape[2]
     num_rows = num_tokens * top_k
     grad_out = grad_out.to(x.dtype)
-
-    def none():
-        return x.new_empty(0)
-
-    grad_x = grad_weights = none()
+    grad_x = grad_weights = None
     grad_w2_t = torch.empty_like(w2, memory_format=torch.contiguous_format) if (need_w2 or need_b2) else None
     grad_b2_t = torch.empty(num_experts, out_features, dtype=w2.dtype, device=w2.device) if need_b2 else None
     grad_w1_t = torch.empty_like(w1, memory_format=torch.contiguous_format) if (need_w1 or need_b1) else None
@@ -354,7 +352,7 @@ def _expert_mlp_backward_launch(grad_out: Tensor, x: Tensor, top_k_weights: Tens
                                   interpret, gather=False)
                     _combine(grad_x_rows, ids, None, plan, num_experts, grad_x, interpret)
     pick = [(need_w1, grad_w1_t), (need_b1, grad_b1_t), (need_w2, grad_w2_t), (need_b2, grad_b2_t)]
-    return grad_x, grad_weights, *[t if wanted else none() for wanted, t in pick]
+    return grad_x, grad_weights, *[t if wanted else None for wanted, t in pick]
 
 
 @_expert_mlp_backward_op.register_fake

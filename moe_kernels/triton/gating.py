@@ -14,14 +14,17 @@ from moe_kernels.triton.runtime import cdiv, check_device, device_guard, eager, 
 
 @runtime.shape_cache
 def _gating_launch(name: str, num_tokens: int, num_experts: int, strides: tuple, top_k: int,
-                   normalize: bool, block_tokens: int = 0) -> runtime.Launch:
+                   normalize: bool, block_tokens: int = 0, accumulate: bool = False) -> runtime.Launch:
     """topk_gating_kernel or its backward: BLOCK_T tokens of all E logits per program. ``block_tokens`` (forward
-    only): the routing blocks' tokens, when the kernel counts each block's ids for the routing plan."""
+    only): the routing blocks' tokens, when the kernel counts each block's ids for the routing plan;
+    ``accumulate`` (backward only): an incoming logits gradient is added."""
     block_t, block_e = row_tiles(num_experts)
     meta = dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_T=block_tokens or block_t, BLOCK_E=block_e,
                 BLOCK_K=next_power_of_2(top_k))
     if name == "topk_gating_kernel":
         meta.update(HISTOGRAM=block_tokens > 0, BLOCK_B=next_power_of_2(num_experts + 1) if block_tokens else 1)
+    else:
+        meta.update(ACCUMULATE=accumulate)
     return runtime.Launch(name, (cdiv(num_tokens, meta["BLOCK_T"]),), (num_tokens, num_experts, *strides), meta)
 
 
@@ -60,16 +63,21 @@ def _topk_gating_backward_op(logits: Tensor, ids: Tensor, grad_weights: Tensor, 
     return _topk_gating_backward(logits, ids, grad_weights, top_k, normalize)
 
 
-def _topk_gating_backward(logits: Tensor, ids: Tensor, grad_weights: Tensor, top_k: int, normalize: bool) -> Tensor:
-    """The gating backward launcher: d logits from d weights (the softmax is recomputed)."""
+def _topk_gating_backward(logits: Tensor, ids: Tensor, grad_weights: Tensor, top_k: int, normalize: bool,
+                          grad_in: Tensor | None = None) -> Tensor:
+    """The gating backward launcher: d logits from d weights (the softmax is recomputed), plus ``grad_in`` [T, E]
+    (the logits' gradient from their other uses, added in the kernel) when given."""
     interpret = check_device(logits, ids, grad_weights)
     num_tokens, num_experts = logits.shape
     grad_logits = torch.empty_like(logits, memory_format=torch.contiguous_format)
     if num_tokens > 0:
+        accumulate = grad_in is not None
         spec = _gating_launch("topk_gating_backward_kernel", num_tokens, num_experts,
-                              (*logits.stride(), *grad_logits.stride()), top_k, normalize)
+                              (*logits.stride(), *(grad_in.stride() if accumulate else (0, 0)), *grad_logits.stride()),
+                              top_k, normalize, accumulate=accumulate)
         with device_guard(logits):
-            runtime.launch(spec, interpret, logits, ids, grad_weights.float().contiguous(), grad_logits)
+            runtime.launch(spec, interpret, logits, ids, runtime.flat(grad_weights, torch.float32),
+                           grad_in if accumulate else grad_logits, grad_logits)
     return grad_logits
 
 

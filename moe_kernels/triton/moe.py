@@ -3,9 +3,10 @@ one launch sequence that routes once (the plan the experts run on also gives the
 
 Without gradients, for decode and small batches (T*K slots in one program): route_one_block_kernel, fc1, fc2,
 combine: four launches. Past that: the router's GEMM (cuBLAS), topk_gating_kernel counting the routing blocks'
-ids as it writes them, the plan's scan and scatter, fc1, fc2, combine: seven. With gradients: the router's GEMM,
-the gating kernel (counting the blocks), the plan (one or two kernels), fc1, fc2, combine, through the eager
-autograd Functions of gating.py and experts.py.
+ids as it writes them, the plan's scan and scatter, fc1, fc2, combine: seven.
+With gradients, the same launches as one autograd node (``_EagerMoE``), whose backward runs the experts' backward
+on the forward's plan, the gating backward (adding the logits' gradient from the router's losses in the kernel)
+and the router GEMM's two products, the experts' input gradient accumulated into the router's by one addmm.
 Capacity drops add a plan of the ids in priority order and capacity_kernel (whose plan also gives the load), where
 ``routing.apply_capacity`` runs about twenty-five aten ops.
 """
@@ -16,9 +17,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from moe_kernels.contract import double_backward_error
 from moe_kernels.reference import GluSpec
-from moe_kernels.triton.experts import _expert_mlp_forward, expert_mlp_and_load
-from moe_kernels.triton.gating import topk_gating
+from moe_kernels.routing import RoutingPlan
+from moe_kernels.triton.experts import _expert_mlp_backward_launch, _expert_mlp_forward
+from moe_kernels.triton.gating import _topk_gating_backward, topk_gating
 from moe_kernels.triton.routing import capacity_drop, gate_and_plan, route_one_block
 from moe_kernels.triton.runtime import check_device, check_dtype, device_guard, eager
 
@@ -34,21 +37,90 @@ def moe_mlp(x: Tensor, router_input: Tensor | None, router_weight: Tensor, w1: T
         return None
     check_dtype(x, "the Triton expert kernels")
     interpret = check_device(*tensors)
-    wants_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if not (wants_grad or return_logits) and router_input is None and capacity is None:
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        out, weights, ids, load, logits = _EagerMoE.apply(x, router_input, router_weight, w1, b1, w2, b2, top_k,
+                                                          normalize, activation, glu, capacity, interpret)
+        return out, weights, ids, load, logits if return_logits else None
+    if not return_logits and router_input is None and capacity is None:
         with device_guard(x):
             routed = route_one_block(x, router_weight, top_k, normalize, interpret)
-        if routed is not None:  # inference at decode and small batches: four launches
+        if routed is not None:  # decode and small batches: four launches
             weights, ids, plan = routed
             out = _expert_mlp_forward(x, weights, ids, w1, b1, w2, b2, activation, glu, False, False, plan,
                                       interpret)[0]
             return out, weights, ids, plan.expert_counts, None
     logits = F.linear(x if router_input is None else router_input, router_weight)
-    if capacity is not None:  # the load: the count of the plan in priority order that the drops read, before them
-        weights, ids = topk_gating(logits, top_k, normalize)
-        kept, load = capacity_drop(ids, w1.shape[0], capacity, interpret)
-        out = expert_mlp_and_load(x, weights, kept, w1, b1, w2, b2, activation, glu)[0]
-        return out, weights, ids, load, logits if return_logits else None
-    weights, ids, plan = gate_and_plan(logits, top_k, normalize, interpret)
-    out, load = expert_mlp_and_load(x, weights, ids, w1, b1, w2, b2, activation, glu, plan)
-    return out, weights, ids, load, logits if return_logits else None
+    weights, ids, kept, plan, load = _route(logits, top_k, normalize, w1.shape[0], capacity, interpret)
+    out, *_, plan = _expert_mlp_forward(x, weights, kept, w1, b1, w2, b2, activation, glu, False, False, plan,
+                                        interpret)
+    return out, weights, ids, plan.expert_counts if load is None else load, logits if return_logits else None
+
+
+def _route(logits: Tensor, top_k: int, normalize: bool, num_experts: int, capacity: int | None,
+           interpret: bool) -> tuple[Tensor, Tensor, Tensor, RoutingPlan | None, Tensor | None]:
+    """The gating of the logits (no autograd) and what the experts run on: (weights, ids, kept ids, the plan of the
+    kept ids or None, the load or None). Dropless, the kept ids are the ids and their plan's counts the load; with
+    capacity, the load is the count of the plan in priority order that the drops read, before them, and the
+    experts build the plan of what is kept."""
+    if capacity is None:
+        weights, ids, plan = gate_and_plan(logits, top_k, normalize, interpret)
+        return weights, ids, ids, plan, None
+    weights, ids = topk_gating(logits, top_k, normalize)
+    kept, load = capacity_drop(ids, num_experts, capacity, interpret)
+    return weights, ids, kept, None, load
+
+
+class _EagerMoE(torch.autograd.Function):
+    """Eager training of the whole MoE MLP as one autograd node. Against a router GEMM node, a gating Function and
+    an expert Function: one Function call and one node fewer each, no separate accumulation of the input
+    gradient (an addmm) or of the logits' gradient (the gating backward kernel adds it), on a host where each
+    aten op and autograd node costs ~10-20 us. Differentiable in x, router_input, router_weight, w1, b1, w2,
+    b2; the top-k weights and the logits are differentiable outputs, the ids and the load are not."""
+
+    @staticmethod
+    def forward(ctx, x, router_input, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu, capacity,
+                interpret):
+        router_in = x if router_input is None else router_input
+        logits = F.linear(router_in, router_weight)
+        weights, ids, kept, plan, load = _route(logits, top_k, normalize, w1.shape[0], capacity, interpret)
+        needs = ctx.needs_input_grad
+        # The router's gradients need the top-k weights' gradient, which reads the unweighted expert rows.
+        ctx.router_grad = needs[2] or needs[1] or (router_input is None and needs[0])
+        save_pre = needs[0] or needs[3] or needs[4]
+        out, pre, hidden_rows, rows, ctx.plan = _expert_mlp_forward(x, weights, kept, w1, b1, w2, b2, activation,
+                                                                    glu, save_pre, ctx.router_grad, plan, interpret)
+        load = ctx.plan.expert_counts if load is None else load
+        ctx.save_for_backward(x, router_in, router_weight, w1, w2, logits, weights, ids, kept, pre, hidden_rows, rows)
+        ctx.separate_router_input = router_input is not None
+        ctx.top_k, ctx.normalize, ctx.activation, ctx.glu = top_k, normalize, activation, glu
+        ctx.mark_non_differentiable(ids, load)
+        ctx.set_materialize_grads(False)
+        return out, weights, ids, load, logits
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_weights, _grad_ids, _grad_load, grad_logits):
+        if torch.is_grad_enabled():  # backward(create_graph=True): this backward is not differentiable
+            raise RuntimeError(double_backward_error("triton"))
+        x, router_in, router_weight, w1, w2, logits, weights, ids, kept, pre, hidden_rows, rows = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_x = grad_w1 = grad_b1 = grad_w2 = grad_b2 = None
+        grad_router_input = grad_router_weight = None
+        if grad_out is not None:
+            wanted = (needs[0], ctx.router_grad, needs[3], needs[4], needs[5], needs[6])
+            grads = _expert_mlp_backward_launch(grad_out, x, weights, kept, w1, w2, pre, hidden_rows, rows,
+                                                ctx.activation, ctx.glu, *wanted, plan=ctx.plan)
+            grad_x, grad_experts_weights, grad_w1, grad_b1, grad_w2, grad_b2 = (
+                g if need else None for g, need in zip(grads, wanted))
+            if grad_experts_weights is not None:
+                grad_weights = grad_experts_weights if grad_weights is None else grad_experts_weights + grad_weights
+        if ctx.router_grad and (grad_weights is not None or grad_logits is not None):
+            if grad_weights is not None:
+                grad_logits = _topk_gating_backward(logits, ids, grad_weights, ctx.top_k, ctx.normalize, grad_logits)
+            if needs[2]:
+                grad_router_weight = grad_logits.t().mm(router_in)
+            if ctx.separate_router_input:
+                grad_router_input = grad_logits.mm(router_weight) if needs[1] else None
+            elif needs[0]:
+                grad_x = grad_logits.mm(router_weight) if grad_x is None else torch.addmm(grad_x, grad_logits,
+                                                                                        router_weight)
+        return grad_x, grad_router_input, grad_router_weight, grad_w1, grad_b1, grad_w2, grad_b2, *(None,) * 6

@@ -96,16 +96,17 @@ def topk_gating_kernel(
 
 @triton.jit
 def topk_gating_backward_kernel(
-    logits_ptr, ids_ptr, grad_weights_ptr, grad_logits_ptr, T, E,
-    stride_lt, stride_le, stride_gt, stride_ge,
-    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr,
+    logits_ptr, ids_ptr, grad_weights_ptr, grad_in_ptr, grad_logits_ptr, T, E,
+    stride_lt, stride_le, stride_it, stride_ie, stride_gt, stride_ge,
+    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, ACCUMULATE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Gradient of topk_gating w.r.t. the logits (softmax recomputed, not stored).
 
     s_k = p[id_k]; w_k = s_k / S (S = sum_k s_k) -> dL/ds_k = (dw_k - sum_j dw_j w_j) / S;
     dL/dlogits = p * (g - sum_e g_e p_e), g scattering dL/ds_k to the chosen experts.
-    Reads logits [T, E], ids [T, K], grad_weights [T, K] fp32; writes grad_logits [T, E].
+    Reads logits [T, E], ids [T, K], grad_weights [T, K] fp32 and, with ACCUMULATE, grad_in [T, E]: the logits'
+    gradient from their other uses (the router's losses), added in fp32; writes grad_logits [T, E].
     Grid: (cdiv(T, BLOCK_T),).
     """
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -136,8 +137,12 @@ def topk_gating_backward_kernel(
         g_k = tl.sum(tl.where(ks[None, :] == k, grad_picked, 0.0), axis=1)
         grad_probs = tl.where(experts[None, :] == id_k[:, None], g_k[:, None], grad_probs)
     grad_logits = probs * (grad_probs - tl.sum(grad_probs * probs, axis=1)[:, None])
+    mask = token_mask[:, None] & expert_mask[None, :]
+    if ACCUMULATE:
+        grad_logits += tl.load(grad_in_ptr + tokens[:, None] * stride_it + experts[None, :] * stride_ie, mask=mask,
+                               other=0.0).to(tl.float32)
     tl.store(grad_logits_ptr + tokens[:, None] * stride_gt + experts[None, :] * stride_ge,
-             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=token_mask[:, None] & expert_mask[None, :])
+             grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=mask)
 
 
 # ----------------------------------------------------------------------------------------------

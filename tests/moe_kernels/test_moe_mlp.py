@@ -128,6 +128,68 @@ def test_gradients_match_the_reference(backend, tokens):
         assert rel_err(g, e) < 1e-5, name
 
 
+NAMES = ("x", "router_weight", "w1", "b1", "w2", "b2")
+TRAINED = {"everything": NAMES, "x alone": ("x",), "router alone": ("router_weight",),
+           "experts alone": ("w1", "b1", "w2", "b2")}
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("outputs", [("out",), ("top_k_weights",), ("logits",), ("out", "top_k_weights", "logits")],
+                         ids=["out", "weights", "logits", "all outputs"])
+@pytest.mark.parametrize("trained", list(TRAINED))
+def test_gradients_through_each_output(backend, outputs, trained):
+    """The top-k weights and the logits are differentiable outputs (the layer's losses read the logits), alone or
+    with the output; any subset of the inputs may be trained. A random probe per output weighs the loss."""
+    shape = (9, 16, 8, 12, 4, 2)
+    args = [t.requires_grad_(name in TRAINED[trained]) for name, t in zip(NAMES, problem(shape))]
+    got = ops.moe_mlp(*args, 2, True, "gelu", False, backend=backend, return_logits=True)._asdict()
+    out, weights, _, _, logits = one_by_one(*args, 2, True, "gelu", False)
+    expected = dict(out=out, top_k_weights=weights, logits=logits)
+    probes = {name: torch.randn(expected[name].shape) for name in outputs}
+    leaves = [t for t in args if t.requires_grad]
+
+    def loss(values):
+        return sum((values[name] * probes[name]).sum() for name in outputs)
+
+    loss_ref = loss(expected)
+    if not loss_ref.requires_grad:  # e.g. the logits do not depend on the experts: nothing flows back
+        loss_got = loss(got)
+        grads = torch.autograd.grad(loss_got, leaves, allow_unused=True) if loss_got.requires_grad else ()
+        assert all(g is None or not g.any() for g in grads)
+        return
+    got_grads = torch.autograd.grad(loss(got), leaves, allow_unused=True)
+    for name, g, e in zip([n for n, t in zip(NAMES, args) if t.requires_grad], got_grads,
+                          torch.autograd.grad(loss_ref, leaves, allow_unused=True)):
+        if e is None:
+            assert g is None or not g.any(), name
+        else:
+            assert rel_err(g, e) < 1e-5, name
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_low_precision_gradients(backend):
+    """The training path in fp16 (bf16 on the compiled CPU backend; the interpreter's bf16 tl.dot is wrong), the
+    logits' gradient from a loss on them included, against fp64: at most 2x the error of the reference run in the
+    same precision (flash-attention's rule)."""
+    dtype = dtypes(backend)[1]
+    shape = (40, 32, 16, 24, 8, 2)
+    args = problem(shape, dtype)
+    probe = torch.randn(shape[0], shape[3], dtype=torch.float64)
+
+    def grads(fn, inputs):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        out, _, _, _, logits = fn(leaves)
+        loss = (out.double() * probe).sum() + logits.double().square().sum()
+        return torch.autograd.grad(loss, leaves)
+
+    got = grads(lambda a: ops.moe_mlp(*a, 2, True, "gelu", False, backend=backend, return_logits=True), args)
+    lowp = grads(lambda a: one_by_one(*a, 2, True, "gelu", False), args)
+    exact = grads(lambda a: one_by_one(*a, 2, True, "gelu", False), [t.double() for t in args])
+    for name, g, r, e in zip(NAMES, got, lowp, exact):
+        assert g.dtype == dtype, name
+        assert_lowp_close(g, r, e, name)
+
+
 @pytest.mark.parametrize("backend", cpu_backends())
 def test_a_nan_token_poisons_only_itself(backend):
     shape = (4, 16, 8, 16, 8, 2)
