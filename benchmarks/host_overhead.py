@@ -9,8 +9,9 @@ C launcher itself (a few us a launch) and the first launch of each specializatio
 Triton (the GPU run measures both). Beside it, in the same run, a plain ``torch.add`` of two small
 tensors: the unit of host cost any PyTorch op pays. Reported: microseconds per call and that cost in
 ``torch.add`` units, for the whole SparseMoEMLP layer (router included; an inference forward and a
-training step), for ``moe_kernels.moe_mlp`` (what its eval forward runs) and for ``moe_kernels.expert_mlp`` and
-``topk_gating`` alone, at decode and small-batch shapes.
+training step), for ``moe_kernels.moe_mlp`` (what its eval forward runs; and its training step without the
+router's losses, which ``make gpu-check`` times) and for ``moe_kernels.expert_mlp`` and ``topk_gating`` alone, at
+decode and small-batch shapes.
 """
 
 from __future__ import annotations
@@ -122,6 +123,10 @@ def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) ->
                              backend="triton").train()
         x_small = torch.randn(tokens, 64, requires_grad=True)
         leaves = [x_small, *small.parameters()]
+        # ops.moe_mlp's training step without the losses: what make gpu-check times as cumo-triton's training.
+        results["moe_mlp train"] = per_call_us(lambda: torch.autograd.grad(
+            ops.moe_mlp(x_small, small.router.weight, small.w1, None, small.w2, None, top_k, True, "silu", True,
+                        backend="triton").out.sum(), leaves), repeats=REPEATS // 4)
 
         def layer_step():
             out = small(x_small)

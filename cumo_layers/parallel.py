@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from cumo_layers.checkpoint import CheckpointError, read_config, read_tensors, write_checkpoint
 from cumo_layers.moe import SparseMoEMLP
-from cumo_layers.router import cumo_balance_weights, expert_load, switch_balance_weights
+from cumo_layers.router import cumo_balance_weights, expert_load, switch_balance_scale
 from cumo_layers.serialization import moe_settings
 from moe_kernels import ops
 from moe_kernels.reference import combine
@@ -188,17 +188,18 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         router = self.router
         (num_tokens, global_tokens), (num_samples, global_samples) = tokens, samples
         dtype = torch.promote_types(logits.dtype, torch.float32)
+        scale = 1.0
         if global_tokens == 0:
             weights = logits.new_zeros(1, self.num_experts, dtype=dtype)
         elif router.balance_loss == "cumo":
             weights = cumo_balance_weights(top_k_idx, self.num_experts, max(num_samples, 1), dtype)
-            weights = weights * (num_samples / global_samples)
-        else:
-            load = global_load.to(logits.device, non_blocking=True)
-            weights = switch_balance_weights(load, global_tokens, top_k_idx.shape[1], self.num_experts, dtype)
+            scale = num_samples / global_samples
+        else:  # the global load as it is, scaled in the loss kernel
+            weights = global_load.to(logits.device, non_blocking=True).unsqueeze(0)
+            scale = switch_balance_scale(global_tokens, top_k_idx.shape[1], self.num_experts)
         router.last_balance_loss, router.last_z_loss, router.last_aux_loss = ops.router_losses(
             logits, weights, num_tokens / max(global_tokens, 1), router.balance_loss_coef, router.z_loss_coef,
-            backend=router.backend)
+            backend=router.backend, balance_scale=scale)
 
     def forward(self, x: Tensor) -> Tensor:
         x, w1, b1, w2, b2 = self._checked_inputs(x)

@@ -42,8 +42,14 @@ class RouterOutput(NamedTuple):
 def switch_balance_weights(load: Tensor, num_tokens: int, top_k: int, num_experts: int,
                            dtype: torch.dtype = torch.float32) -> Tensor:
     """[1, E]: Switch/GShard's ``E * sum_e f_e * P_e`` as ``sum_t sum_e p_te * w_e``, with f_e = load_e / (T*K)
-    and P_e = mean_t p_te, so w_e = E * load_e / (T*K*T). load: [E] assignments per expert (``expert_load``)."""
-    return (load.to(dtype) * (num_experts / max(num_tokens * top_k * num_tokens, 1))).unsqueeze(0)
+    and P_e = mean_t p_te, so w_e = load_e * ``switch_balance_scale``. load: [E] assignments per expert
+    (``expert_load``). ``ops.router_losses`` takes the load and the scale as they are (no cast or scale kernel)."""
+    return (load.to(dtype) * switch_balance_scale(num_tokens, top_k, num_experts)).unsqueeze(0)
+
+
+def switch_balance_scale(num_tokens: int, top_k: int, num_experts: int) -> float:
+    """E / (T*K*T): Switch's balance weight of one assignment (``switch_balance_weights``)."""
+    return num_experts / max(num_tokens * top_k * num_tokens, 1)
 
 
 def cumo_balance_weights(top_k_idx: Tensor, num_experts: int, num_samples: int = 1,
@@ -196,12 +202,17 @@ class TopKRouter(nn.Module):
 
     def _record_aux_losses(self, logits: Tensor, idx: Tensor, load: Tensor, num_samples: int) -> None:
         dtype = torch.promote_types(logits.dtype, torch.float32)
+        num_tokens = logits.shape[0]
         if self.balance_loss == "cumo":
-            weights = cumo_balance_weights(idx, self.num_experts, num_samples, dtype)
-        else:
-            weights = switch_balance_weights(load, logits.shape[0], self.top_k, self.num_experts, dtype)
-        self.last_balance_loss, self.last_z_loss, self.last_aux_loss = ops.router_losses(
-            logits, weights, 1.0, self.balance_loss_coef, self.z_loss_coef, backend=self.backend)
+            weights, scale = cumo_balance_weights(idx, self.num_experts, num_samples, dtype), 1.0
+        elif torch.compiler.is_compiling():  # T may be symbolic (no float argument): a tensor op, which gets fused
+            weights, scale = switch_balance_weights(load, num_tokens, self.top_k, self.num_experts, dtype), 1.0
+        else:  # the load as it is: the loss kernel reads the counts and scales them
+            weights, scale = load.unsqueeze(0), switch_balance_scale(num_tokens, self.top_k, self.num_experts)
+        losses = ops.router_losses(logits, weights, 1.0, self.balance_loss_coef, self.z_loss_coef,
+                                   backend=self.backend, balance_scale=scale)
+        # Plain attributes (never parameters, buffers or modules): stored without nn.Module.__setattr__'s checks.
+        self.__dict__.update(zip(("last_balance_loss", "last_z_loss", "last_aux_loss"), losses))
 
     def __getstate__(self) -> dict:
         # The last losses are graph outputs (non-leaf tensors) that copy.deepcopy and pickle refuse;

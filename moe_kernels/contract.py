@@ -114,18 +114,20 @@ def check_logits(logits: Tensor, op: str, allow_meta: bool = False) -> None:
 
 
 def check_router_losses_args(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float,
-                             z_coef: float, allow_meta: bool = False) -> None:
-    """logits: [T, E] float, E >= 1; balance_weights: [S, E] float with S >= 1 dividing T; the three weights
-    finite real numbers."""
+                             z_coef: float, balance_scale: float = 1.0, allow_meta: bool = False) -> None:
+    """logits: [T, E] float, E >= 1; balance_weights: [S, E] float or integer (counts) with S >= 1 dividing T; the
+    three weights and balance_scale finite real numbers."""
     check_logits(logits, "router_losses", allow_meta)
     _check_tensor("balance_weights", balance_weights, 2)
-    _check_float("balance_weights", balance_weights)
+    if balance_weights.dtype.is_complex or balance_weights.dtype == torch.bool:
+        raise TypeError(f"balance_weights must be float or integer (counts), got {balance_weights.dtype}")
     num_tokens, num_experts = logits.shape
     num_samples = balance_weights.shape[0]
     if balance_weights.shape[1] != num_experts or num_samples < 1 or num_tokens % num_samples:
         raise ValueError(f"balance_weights must be [S, {num_experts}] with S >= 1 dividing the {num_tokens} tokens, "
                          f"got shape {_shape(balance_weights)}")
-    for name, value in (("z_scale", z_scale), ("balance_coef", balance_coef), ("z_coef", z_coef)):
+    for name, value in (("z_scale", z_scale), ("balance_coef", balance_coef), ("z_coef", z_coef),
+                        ("balance_scale", balance_scale)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
     check_one_device("router_losses", {"logits": logits, "balance_weights": balance_weights}, allow_meta)

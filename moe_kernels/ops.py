@@ -6,7 +6,7 @@ exposing five functions with the reference's signatures:
 
     unavailable_reason(device: torch.device) -> str | None   # None: it can run on that device
     topk_gating(logits, top_k, normalize) -> (top_k_weights, top_k_idx)
-    router_losses(logits, balance_weights, z_scale, balance_coef, z_coef) -> (balance, z, aux)
+    router_losses(logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale) -> (balance, z, aux)
     expert_load(top_k_idx, num_experts) -> [E] int64
     expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu) -> y
 
@@ -145,16 +145,18 @@ def expert_load(top_k_idx: Tensor, num_experts: int, backend: str = "auto") -> T
 
 
 def router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float, z_coef: float,
-                  backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
+                  backend: str = "auto", *, balance_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """The router's balance, z and weighted auxiliary loss from its logits (the math:
     ``moe_kernels.reference.router_losses``): (balance, z, aux), three scalars, float32 (float64 for
-    float64 logits). Differentiable in the logits. The ``triton`` backend runs it as two small kernels
-    forward and one backward, where PyTorch's softmax, logsumexp and the loss arithmetic are about twenty
-    kernels forward and ten backward, each a launch on the host's critical path.
+    float64 logits). Differentiable in the logits. The balance weights may be integer counts, scaled by
+    ``balance_scale`` (Switch's loss is the expert load times one number: no cast or scale kernel before it).
+    The ``triton`` backend runs it as two small kernels forward and one backward, where PyTorch's softmax,
+    logsumexp and the loss arithmetic are about twenty kernels forward and ten backward, each a launch on the
+    host's critical path.
     """
-    check_router_losses_args(logits, balance_weights, z_scale, balance_coef, z_coef)
+    check_router_losses_args(logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale)
     return resolve_backend(backend, logits.device).router_losses(logits, balance_weights, z_scale, balance_coef,
-                                                                 z_coef)
+                                                                 z_coef, balance_scale)
 
 
 def expert_mlp(

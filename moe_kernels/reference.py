@@ -174,23 +174,23 @@ def expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
 
 
 def router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float,
-                  z_coef: float) -> tuple[Tensor, Tensor, Tensor]:
+                  z_coef: float, balance_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """The router's auxiliary losses from its logits, softmax and log-sum-exp per row in fp32:
 
-        balance = sum_t sum_e softmax(logits_t)_e * balance_weights[s(t), e]
+        balance = balance_scale * sum_t sum_e softmax(logits_t)_e * balance_weights[s(t), e]
         z       = z_scale * mean_t logsumexp(logits_t)^2
         aux     = balance_coef * balance + z_coef * z
 
-    logits: [T, E] float; balance_weights: [S, E] float (no gradient), S dividing T, token t in sample
+    logits: [T, E] float; balance_weights: [S, E] float or integer (no gradient), S dividing T, token t in sample
     s(t) = t // (T / S) -> three scalars, float32 (float64 for float64 logits), 0 when T = 0.
     Differentiable in the logits. Any load-balancing loss linear in the probabilities fits: Switch's
-    (S = 1, the weights E * f_e / T) and CuMo's per-sample one (cumo_layers.router builds both).
+    (S = 1, the expert load scaled by E / (T*K*T)) and CuMo's per-sample one (cumo_layers.router builds both).
     """
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     num_tokens, num_experts = logits.shape
     num_samples = balance_weights.shape[0]
     probs = torch.softmax(logits, dim=-1).reshape(num_samples, num_tokens // num_samples, num_experts)
-    balance = (probs * balance_weights.to(logits.dtype).unsqueeze(1)).sum()
+    balance = (probs * balance_weights.to(logits.dtype).unsqueeze(1)).sum() * balance_scale
     z = torch.logsumexp(logits, dim=-1).square().sum() * (z_scale / max(num_tokens, 1))
     return balance, z, balance * balance_coef + z * z_coef
 

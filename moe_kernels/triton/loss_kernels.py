@@ -25,20 +25,20 @@ def _rows(logits_ptr, weights_ptr, tokens, token_mask, experts, expert_mask, tok
     total = tl.sum(exp, axis=1)
     samples = tokens // tokens_per_sample
     weights = tl.load(weights_ptr + samples[:, None] * stride_ws + experts[None, :] * stride_we,
-                      mask=mask, other=0.0).to(tl.float32)
+                      mask=mask, other=0).to(tl.float32)  # float weights or integer counts
     return exp / total[:, None], shift + tl.log(total), weights
 
 
 @triton.jit
 def router_losses_kernel(
     logits_ptr, weights_ptr, partials_ptr, T, E, tokens_per_sample,
-    stride_lt, stride_le, stride_ws, stride_we, z_weight,
+    stride_lt, stride_le, stride_ws, stride_we, z_weight, balance_scale,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """Each program's share of balance = sum p * w and z = z_weight * sum lse^2 (z_weight = z_scale / T) over its
-    BLOCK_T tokens.
+    """Each program's share of balance = balance_scale * sum p * w and z = z_weight * sum lse^2 (z_weight =
+    z_scale / T) over its BLOCK_T tokens.
 
-    Reads logits [T, E], balance weights [S, E]; writes partials [2, programs] fp32 (balance shares, then
+    Reads logits [T, E], balance weights [S, E] (float or integer counts); writes partials [2, programs] fp32 (balance shares, then
     z shares; summed in a fixed order by router_losses_reduce_kernel). Grid: (cdiv(T, BLOCK_T),).
     """
     pid = tl.program_id(0)
@@ -49,7 +49,7 @@ def router_losses_kernel(
     probs, lse, weights = _rows(logits_ptr, weights_ptr, tokens, token_mask, experts, expert_mask, tokens_per_sample,
                                 stride_lt, stride_le, stride_ws, stride_we)
     mask = token_mask[:, None] & expert_mask[None, :]
-    balance = tl.sum(tl.sum(tl.where(mask, probs * weights, 0.0), axis=1), axis=0)
+    balance = tl.sum(tl.sum(tl.where(mask, probs * weights, 0.0), axis=1), axis=0) * balance_scale
     z = tl.sum(tl.where(token_mask, lse * lse, 0.0), axis=0) * z_weight
     tl.store(partials_ptr + pid, balance)
     tl.store(partials_ptr + tl.num_programs(0) + pid, z)
@@ -79,12 +79,12 @@ def router_losses_reduce_kernel(
 @triton.jit
 def router_losses_backward_kernel(
     logits_ptr, weights_ptr, grad_balance_ptr, grad_z_ptr, grad_aux_ptr, grad_logits_ptr, T, E, tokens_per_sample,
-    stride_lt, stride_le, stride_ws, stride_we, stride_gt, stride_ge, z_weight, balance_coef, z_coef,
+    stride_lt, stride_le, stride_ws, stride_we, stride_gt, stride_ge, z_weight, balance_coef, z_coef, balance_scale,
     HAS_GRAD_BALANCE: tl.constexpr, HAS_GRAD_Z: tl.constexpr, HAS_GRAD_AUX: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
-    """d logits = p * (g_b * (w - sum_e p_e w_e) + g_z * 2 * z_weight * lse), with g_b = dL/dbalance +
-    balance_coef * dL/daux and g_z = dL/dz + z_coef * dL/daux (the softmax's Jacobian applied to the balance
+    """d logits = p * (g_b * balance_scale * (w - sum_e p_e w_e) + g_z * 2 * z_weight * lse), with g_b =
+    dL/dbalance + balance_coef * dL/daux and g_z = dL/dz + z_coef * dL/daux (the softmax's Jacobian applied to the balance
     weights, and the log-sum-exp's, whose gradient is p). Softmax and lse are recomputed, not stored.
 
     Reads logits [T, E], weights [S, E] and the three scalar gradients (those present); writes grad_logits
@@ -107,6 +107,6 @@ def router_losses_backward_kernel(
     probs, lse, weights = _rows(logits_ptr, weights_ptr, tokens, token_mask, experts, expert_mask, tokens_per_sample,
                                 stride_lt, stride_le, stride_ws, stride_we)
     centred = weights - tl.sum(probs * weights, axis=1)[:, None]
-    grad = probs * (grad_b * centred + (2.0 * z_weight * grad_z) * lse[:, None])
+    grad = probs * ((grad_b * balance_scale) * centred + (2.0 * z_weight * grad_z) * lse[:, None])
     tl.store(grad_logits_ptr + tokens[:, None] * stride_gt + experts[None, :] * stride_ge,
              grad.to(grad_logits_ptr.dtype.element_ty), mask=token_mask[:, None] & expert_mask[None, :])

@@ -43,7 +43,7 @@ def _reduce_launch(num_partials: int, balance_coef: float, z_coef: float) -> run
 
 
 def _router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float,
-                   z_coef: float) -> tuple[Tensor, Tensor, Tensor]:
+                   z_coef: float, balance_scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """The forward launchers, arguments already checked against the contract."""
     check_dtype(logits, "the Triton router losses")
     interpret = check_device(logits, balance_weights)
@@ -54,7 +54,8 @@ def _router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, bala
         if num_tokens > 0:
             launch = _rows_launch("router_losses_kernel", num_tokens, num_experts,
                                   num_tokens // balance_weights.shape[0],
-                                  (*logits.stride(), *balance_weights.stride(), z_scale / num_tokens), ())
+                                  (*logits.stride(), *balance_weights.stride(), z_scale / num_tokens,
+                                   float(balance_scale)), ())
             num_partials = launch.grid[0]
             partials = torch.empty(2, num_partials, dtype=torch.float32, device=logits.device)
             runtime.launch(launch, interpret, logits, balance_weights, partials)
@@ -65,7 +66,7 @@ def _router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, bala
 
 def _router_losses_backward(logits: Tensor, balance_weights: Tensor, grad_balance: Tensor | None,
                             grad_z: Tensor | None, grad_aux: Tensor | None, z_scale: float, balance_coef: float,
-                            z_coef: float) -> Tensor:
+                            z_coef: float, balance_scale: float) -> Tensor:
     """d logits [T, E], in the logits' dtype, from the gradients of the three losses (None: not used)."""
     grads = {"grad_balance": grad_balance, "grad_z": grad_z, "grad_aux": grad_aux}
     for name, grad in grads.items():
@@ -79,7 +80,7 @@ def _router_losses_backward(logits: Tensor, balance_weights: Tensor, grad_balanc
         launch = _rows_launch("router_losses_backward_kernel", num_tokens, num_experts,
                               num_tokens // balance_weights.shape[0],
                               (*logits.stride(), *balance_weights.stride(), *grad_logits.stride(), z_scale / num_tokens,
-                               float(balance_coef), float(z_coef)), flags)
+                               float(balance_coef), float(z_coef), float(balance_scale)), flags)
         with device_guard(logits):
             runtime.launch(launch, interpret, logits, balance_weights,
                            *[grad if grad is not None else logits for grad in grads.values()], grad_logits)
@@ -88,27 +89,27 @@ def _router_losses_backward(logits: Tensor, balance_weights: Tensor, grad_balanc
 
 @torch.library.custom_op("cumo_triton::router_losses", mutates_args=())
 def _router_losses_op(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float,
-                      z_coef: float) -> tuple[Tensor, Tensor, Tensor]:
-    check_router_losses_args(logits, balance_weights, z_scale, balance_coef, z_coef)
-    return _router_losses(logits, balance_weights, z_scale, balance_coef, z_coef)
+                      z_coef: float, balance_scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    check_router_losses_args(logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale)
+    return _router_losses(logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale)
 
 
 @_router_losses_op.register_fake
-def _(logits, balance_weights, z_scale, balance_coef, z_coef):
+def _(logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale):
     return tuple(logits.new_empty((), dtype=torch.float32) for _ in range(3))
 
 
 @torch.library.custom_op("cumo_triton::router_losses_backward", mutates_args=())
 def _router_losses_backward_op(logits: Tensor, balance_weights: Tensor, grad_balance: Tensor | None,
                                grad_z: Tensor | None, grad_aux: Tensor | None, z_scale: float, balance_coef: float,
-                               z_coef: float) -> Tensor:
-    check_router_losses_args(logits, balance_weights, z_scale, balance_coef, z_coef)
+                               z_coef: float, balance_scale: float) -> Tensor:
+    check_router_losses_args(logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale)
     return _router_losses_backward(logits, balance_weights, grad_balance, grad_z, grad_aux, z_scale, balance_coef,
-                                   z_coef)
+                                   z_coef, balance_scale)
 
 
 @_router_losses_backward_op.register_fake
-def _(logits, balance_weights, grad_balance, grad_z, grad_aux, z_scale, balance_coef, z_coef):
+def _(logits, balance_weights, grad_balance, grad_z, grad_aux, z_scale, balance_coef, z_coef, balance_scale):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
@@ -120,10 +121,10 @@ def _setup(ctx, inputs, output):
 
 def _grads(ctx, grad_balance: Tensor | None, grad_z: Tensor | None, grad_aux: Tensor | None, direct: bool) -> tuple:
     if grad_balance is None and grad_z is None and grad_aux is None:
-        return (None,) * 5
+        return (None,) * 6
     backward = _router_losses_backward if direct else _router_losses_backward_op
     grad_logits = backward(*ctx.saved_tensors, grad_balance, grad_z, grad_aux, *ctx.scalars)
-    return grad_logits, None, None, None, None
+    return grad_logits, None, None, None, None, None
 
 
 _router_losses_op.register_autograd(lambda ctx, *grads: _grads(ctx, *grads, direct=False), setup_context=_setup)
@@ -134,9 +135,9 @@ class _EagerRouterLosses(torch.autograd.Function):
     experts._EagerExpertMLP)."""
 
     @staticmethod
-    def forward(ctx, logits, balance_weights, z_scale, balance_coef, z_coef):
-        output = _router_losses(logits, balance_weights, z_scale, balance_coef, z_coef)
-        _setup(ctx, (logits, balance_weights, z_scale, balance_coef, z_coef), output)
+    def forward(ctx, logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale):
+        output = _router_losses(logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale)
+        _setup(ctx, (logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale), output)
         return output
 
     @staticmethod
@@ -145,11 +146,12 @@ class _EagerRouterLosses(torch.autograd.Function):
 
 
 def router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, balance_coef: float,
-                  z_coef: float) -> tuple[Tensor, Tensor, Tensor]:
+                  z_coef: float, balance_scale: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
     """(balance, z, aux) fp32 scalars (arguments checked by moe_kernels/ops.py); float32, float16 or bfloat16
-    logits. The balance weights get no gradient."""
+    logits; float or integer balance weights (read in fp32, times balance_scale), which get no gradient."""
+    args = (logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale)
     if eager(logits, balance_weights):
         if torch.is_grad_enabled() and logits.requires_grad:
-            return _EagerRouterLosses.apply(logits, balance_weights, z_scale, balance_coef, z_coef)
-        return _router_losses(logits, balance_weights, z_scale, balance_coef, z_coef)
-    return _router_losses_op(logits, balance_weights, z_scale, balance_coef, z_coef)
+            return _EagerRouterLosses.apply(*args)
+        return _router_losses(*args)
+    return _router_losses_op(*args)

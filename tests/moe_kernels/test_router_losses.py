@@ -29,14 +29,14 @@ def launches() -> dict:
 
 
 def check_against_reference(backend: str, logits: torch.Tensor, weights: torch.Tensor,
-                            used: tuple[bool, bool, bool] = (True, True, True)):
+                            used: tuple[bool, bool, bool] = (True, True, True), balance_scale: float = 1.0):
     """The three losses and the logits' gradient (through the losses marked used, with random weights)
     against the reference's. Both compute in fp32 from the same logits: the fp32 tolerance for the losses,
     the logits' dtype's for the gradient (rounded to it once in both)."""
     actual_in = logits.detach().clone().requires_grad_()
     expected_in = logits.detach().clone().requires_grad_()
-    actual = ops.router_losses(actual_in, weights, *COEFS, backend=backend)
-    expected = reference.router_losses(expected_in, weights, *COEFS)
+    actual = ops.router_losses(actual_in, weights, *COEFS, backend=backend, balance_scale=balance_scale)
+    expected = reference.router_losses(expected_in, weights, *COEFS, balance_scale)
     for name, a, e in zip(("balance", "z", "aux"), actual, expected):
         assert a.shape == () and a.dtype == torch.float32, name
         torch.testing.assert_close(a, e, rtol=RTOL[torch.float32], atol=1e-6, msg=name)
@@ -64,6 +64,21 @@ def test_gradient_through_one_loss(backend, used):
     """Only one loss reaches the result: the others' gradients stay None (nothing zero-filled)."""
     torch.manual_seed(1)
     check_against_reference(backend, torch.randn(9, 6), torch.rand(3, 6), used)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("counts_dtype", [torch.int64, torch.int32])
+def test_integer_counts_times_a_scale(backend, counts_dtype):
+    """Switch's balance weights are the expert load times one number: the op reads the counts and the scale (no
+    cast or scale kernel before it), and the losses and gradient are those of the float weights they stand for."""
+    torch.manual_seed(3)
+    logits = torch.randn(70, 64)  # two programs of the Triton kernels
+    counts = torch.randint(0, 40, (1, 64), dtype=counts_dtype)
+    scale = 64 / (70 * 2 * 70)
+    check_against_reference(backend, logits, counts, balance_scale=scale)
+    as_floats = ops.router_losses(logits, counts.float() * scale, *COEFS, backend=backend)
+    for a, e in zip(ops.router_losses(logits, counts, *COEFS, backend=backend, balance_scale=scale), as_floats):
+        torch.testing.assert_close(a, e, rtol=RTOL[torch.float32], atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
@@ -114,9 +129,9 @@ def test_triton_custom_ops_pass_opcheck():
     from moe_kernels.triton import losses as triton_losses
 
     logits, weights = torch.randn(6, 7, requires_grad=True), torch.rand(2, 7)
-    torch.library.opcheck(triton_losses._router_losses_op, (logits, weights, *COEFS))
+    torch.library.opcheck(triton_losses._router_losses_op, (logits, weights, *COEFS, 0.5))
     grads = (torch.tensor(0.3), None, torch.tensor(1.0))
-    torch.library.opcheck(triton_losses._router_losses_backward_op, (logits.detach(), weights, *grads, *COEFS))
+    torch.library.opcheck(triton_losses._router_losses_backward_op, (logits.detach(), weights, *grads, *COEFS, 0.5))
 
 
 def test_triton_compiles_to_one_graph():
@@ -137,10 +152,12 @@ def test_triton_compiles_to_one_graph():
     (torch.randn(6, 4), torch.rand(2, 5), COEFS, ValueError, r"balance_weights must be \[S, 4\]"),
     (torch.randn(6, 4), torch.rand(4), COEFS, ValueError, "balance_weights must have 2 dims"),
     (torch.randn(6, 4), torch.rand(1, 4), (1.0, float("nan"), 0.1), ValueError, "balance_coef must be a finite"),
+    (torch.randn(6, 4), torch.ones(1, 4, dtype=torch.bool), COEFS, TypeError, "float or integer"),
+    (torch.randn(6, 4), torch.rand(1, 4), COEFS + (float("inf"),), ValueError, "balance_scale must be a finite"),
 ])
 def test_bad_arguments_raise_the_same_error_everywhere(backend, logits, weights, coefs, error, match):
     with pytest.raises(error, match=match):
-        ops.router_losses(logits, weights, *coefs, backend=backend)
+        ops.router_losses(logits, weights, *coefs[:3], backend=backend, balance_scale=(coefs[3:] or (1.0,))[0])
 
 
 def test_triton_refuses_float64_by_name():
@@ -155,7 +172,7 @@ def test_triton_backward_checks_its_gradients():
 
     with pytest.raises(ValueError, match="grad_z must be a 0-d tensor"):
         triton_losses._router_losses_backward_op(torch.randn(5, 7), torch.rand(1, 7), None, torch.randn(5), None,
-                                                 *COEFS)
+                                                 *COEFS, 1.0)
 
 
 @pytest.mark.parametrize("balance", ["switch", "cumo"])
