@@ -28,6 +28,7 @@ import torch
 
 REPEATS = 200
 ROUNDS = 7
+TRAIN_ROUNDS = 15  # a training step allocates weight-sized gradients: noisier on a CPU, so more rounds
 
 
 def per_call_us(fn, repeats: int = REPEATS, rounds: int = ROUNDS) -> float:
@@ -126,13 +127,13 @@ def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) ->
         # ops.moe_mlp's training step without the losses: what make gpu-check times as cumo-triton's training.
         results["moe_mlp train"] = per_call_us(lambda: torch.autograd.grad(
             ops.moe_mlp(x_small, small.router.weight, small.w1, None, small.w2, None, top_k, True, "silu", True,
-                        backend="triton").out.sum(), leaves), repeats=REPEATS // 4)
+                        backend="triton").out.sum(), leaves), repeats=REPEATS // 4, rounds=TRAIN_ROUNDS)
 
         def layer_step():
             out = small(x_small)
             torch.autograd.grad(out.sum() + small.last_aux_loss, leaves)
 
-        results["layer train"] = per_call_us(layer_step, repeats=REPEATS // 4)
+        results["layer train"] = per_call_us(layer_step, repeats=REPEATS // 4, rounds=TRAIN_ROUNDS)
     return results
 
 
