@@ -74,7 +74,7 @@ def make_case(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", d
     """Operands of one problem and the two launch sequences timed: the forward GEMMs and the weight grads
     (device, dtype, interpret: a CPU run under Triton's interpreter checks the plumbing in tests)."""
     from moe_kernels.reference import PLAIN_GLU
-    from moe_kernels.triton import experts as ex
+    from moe_kernels.triton import expert_launches as ex
     from moe_kernels.triton.routing import routing_plan_from_ids
 
     gen = torch.Generator(device=device).manual_seed(0)
@@ -95,15 +95,15 @@ def make_case(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", d
     spec = PLAIN_GLU if glu else None
 
     def forward():
-        ex._grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret, gather=True,
-                         aux=pre, epilogue=ex.EPILOGUE_ACTIVATION, glu=spec, activation="silu", store_aux=True)
-        ex._grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, out_rows, d_out, interpret,
-                         gather=False, row_scale=weights)
+        ex.grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret, gather=True,
+                        aux=pre, epilogue=ex.EPILOGUE_ACTIVATION, glu=spec, activation="silu", store_aux=True)
+        ex.grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, out_rows, d_out, interpret,
+                        gather=False, row_scale=weights)
 
     def weight_grads():
-        ex._weight_grad(grad_out, hidden_rows, plan, grad_w2, None, interpret, gather_a=True, gather_b=False,
-                        row_scale=weights)
-        ex._weight_grad(pre, x, plan, grad_w1, None, interpret, gather_a=False, gather_b=True)
+        ex.weight_grad(grad_out, hidden_rows, plan, grad_w2, None, interpret, gather_a=True, gather_b=False,
+                       row_scale=weights)
+        ex.weight_grad(pre, x, plan, grad_w1, None, interpret, gather_a=False, gather_b=True)
 
     forward()  # the saved rows the weight gradients read hold real values
     return forward, weight_grads

@@ -1,8 +1,8 @@
-"""Triton expert MLP: launchers and torch.library custom ops (with fakes and autograd).
+"""Triton expert MLP: the forward and backward launchers and the torch.library custom ops (with fakes and autograd).
 
 T tokens, K top_k, E experts, D input features, H hidden (H1 = H or 2*H with GLU), O output
-features, R = T*K rows. The kernels live in expert_kernels.py, how they launch in runtime.py; this file
-sizes buffers, picks block sizes, launches, and wires the backward.
+features, R = T*K rows. The kernels live in expert_kernels.py, how each launches in expert_launches.py; this file
+sizes buffers, launches, and wires the backward.
 """
 
 from __future__ import annotations
@@ -11,137 +11,21 @@ import torch
 from torch import Tensor
 
 from moe_kernels.contract import check_expert_mlp_args, double_backward_error
-from moe_kernels.reference import ACTIVATIONS, GluSpec, as_glu, glu_code, glu_from_code
+from moe_kernels.reference import GluSpec, as_glu, glu_code, glu_from_code
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton import runtime
-from moe_kernels.triton.routing import routing_plan_from_ids
-from moe_kernels.triton.runtime import (
-    ELEMENTWISE_TILE,
-    cdiv,
-    check_device,
-    check_dtype,
-    device_guard,
-    dot_options,
-    eager,
-    next_power_of_2,
+from moe_kernels.triton.expert_launches import (
+    EPILOGUE_ACTIVATION_GRAD,
+    combine,
+    forward_launches,
+    grouped_gemm,
+    launch_combine,
+    launch_gemm,
+    topk_weight_grad_launch,
+    weight_grad,
 )
-from moe_kernels.triton.tiles import INTERPRET_GEMM, INTERPRET_WEIGHT_GRAD, gemm_config, weight_grad_config
-
-# The kernels' constexpr activation codes: positions in the reference's table (expert_kernels.py spells the order).
-ACTIVATION_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
-EPILOGUE_PLAIN, EPILOGUE_ACTIVATION, EPILOGUE_ACTIVATION_GRAD = 0, 1, 2
-
-
-# ----------------------------------------------------------------------------------------------
-# Grouped GEMM, combine
-
-
-def _grouped_gemm(a: Tensor, weight: Tensor, b_strides: tuple[int, int], plan: RoutingPlan, out: Tensor,
-                  num_cols: int, interpret: bool, *, gather: bool, bias: Tensor | None = None,
-                  row_scale: Tensor | None = None, aux: Tensor | None = None,
-                  epilogue: int = EPILOGUE_PLAIN, glu: GluSpec | None = None, activation: str = "gelu",
-                  store_aux: bool = False) -> None:
-    """out rows of expert e = epilogue(A rows @ B[e] (+ bias[e]) (* row_scale)), B[e][k, n] read
-    at weight[e] + k * b_strides[0] + n * b_strides[1]; K = a.shape[1]; N = num_cols; glu: fc1's
-    GLU variant (the activation epilogues)."""
-    aux_t = aux if aux is not None else out
-    strides = _gemm_strides(a.stride(), weight.stride(0), b_strides, bias.stride(0) if bias is not None else 0,
-                            aux_t.stride(), out.stride())
-    spec = _gemm_launch(plan.sorted_slots.numel(), num_cols, a.shape[1], weight.shape[0], strides, plan.top_k,
-                        gather, bias is not None, row_scale is not None, epilogue, glu_code(glu), activation,
-                        store_aux, a.dtype, a.get_device(), interpret, runtime.allow_tf32())
-    _launch_gemm(spec, interpret, a, weight, plan, out, bias, row_scale, aux)
-
-
-def _gemm_strides(a: tuple[int, int], weight_expert: int, b: tuple[int, int], bias: int, aux: tuple[int, int],
-                  out: tuple[int, int]) -> tuple[int, ...]:
-    """grouped_gemm_kernel's stride arguments, in its signature's order."""
-    return (*a, weight_expert, *b, bias, *aux, *out)
-
-
-def _launch_gemm(spec: runtime.Launch, interpret: bool, a: Tensor, weight: Tensor, plan: RoutingPlan, out: Tensor,
-                 bias: Tensor | None = None, row_scale: Tensor | None = None, aux: Tensor | None = None) -> None:
-    """grouped_gemm_kernel's tensors in its signature's order (an absent one: ``out``, which the kernel does not
-    read for it)."""
-    runtime.launch(spec, interpret, a, weight, bias if bias is not None else out,
-                   row_scale if row_scale is not None else out, aux if aux is not None else out, out,
-                   plan.sorted_slots, plan.expert_offsets)
-
-
-@runtime.shape_cache
-def _gemm_launch(num_rows: int, num_cols: int, reduce_dim: int, num_experts: int, strides: tuple, top_k: int,
-                 gather: bool, has_bias: bool, scale_rows: bool, epilogue: int, glu: tuple, activation: str,
-                 store_aux: bool, dtype: torch.dtype, device: int, interpret: bool, allow_tf32: bool) -> runtime.Launch:
-    glu_kind, interleaved, glu_a, glu_b = glu  # kind 0: no GLU; the kernel's GLU_KIND counts from plain
-    meta = dict(TOP_K=top_k, GATHER_A=gather, HAS_BIAS=has_bias, SCALE_ROWS=scale_rows, EPILOGUE=epilogue,
-                GLU=glu_kind > 0, ACTIVATION=ACTIVATION_CODES[activation], STORE_AUX=store_aux,
-                GLU_KIND=max(glu_kind - 1, 0), INTERLEAVED=interleaved, GLU_A=glu_a, GLU_B=glu_b,
-                BLOCK_E=next_power_of_2(num_experts), **dot_options(dtype, interpret, allow_tf32))
-    meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, dtype, glu_kind > 0, device))
-    # Row tiles: at most cdiv(R, BLOCK_M) + the experts with rows (<= min(E, R)); expert_kernels.py says why.
-    grid = ((cdiv(num_rows, meta["BLOCK_M"]) + min(num_experts, num_rows)) * cdiv(num_cols, meta["BLOCK_N"]),)
-    return runtime.Launch("grouped_gemm_kernel", grid, (num_rows, num_cols, reduce_dim, num_experts, *strides), meta)
-
-
-def _weight_grad(a: Tensor, b: Tensor, plan: RoutingPlan, grad_w: Tensor, grad_bias: Tensor | None,
-                 interpret: bool, *, gather_a: bool, gather_b: bool, row_scale: Tensor | None = None) -> None:
-    """grad_w[e] = A_e^T B_e over expert e's rows, grad_bias[e] = column sums of A_e."""
-    strides = (a.stride(0), a.stride(1), b.stride(0), b.stride(1), *grad_w.stride(),
-               grad_bias.stride(0) if grad_bias is not None else 0)
-    spec = _weight_grad_launch(tuple(grad_w.shape), plan.sorted_slots.numel(), strides, plan.top_k, gather_a,
-                               gather_b, row_scale is not None, grad_bias is not None, a.dtype, a.get_device(),
-                               interpret, runtime.allow_tf32())
-    runtime.launch(spec, interpret, a, b, row_scale if row_scale is not None else grad_w, plan.sorted_slots,
-                   plan.expert_offsets, grad_w, grad_bias if grad_bias is not None else grad_w)
-
-
-@runtime.shape_cache
-def _weight_grad_launch(shape: tuple[int, int, int], num_rows: int, strides: tuple, top_k: int, gather_a: bool,
-                        gather_b: bool, scale_a: bool, has_bias: bool, dtype: torch.dtype, device: int,
-                        interpret: bool, allow_tf32: bool) -> runtime.Launch:
-    num_experts, p_dim, q_dim = shape
-    meta = dict(TOP_K=top_k, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, HAS_BIAS=has_bias,
-                **dot_options(dtype, interpret, allow_tf32))
-    meta.update(INTERPRET_WEIGHT_GRAD if interpret else weight_grad_config(num_rows / num_experts, dtype, device))
-    grid = (cdiv(p_dim, meta["BLOCK_P"]) * cdiv(q_dim, meta["BLOCK_Q"]), num_experts)
-    return runtime.Launch("grouped_weight_grad_kernel", grid, (p_dim, q_dim, num_experts, *strides), meta)
-
-
-def _combine(rows: Tensor, ids: Tensor, weights: Tensor | None, plan: RoutingPlan, num_experts: int,
-             out: Tensor, interpret: bool) -> None:
-    """out[t] = sum over kept k of (weights[t, k] *) rows[slot_rows[t*K + k]]."""
-    spec = _combine_launch(*out.shape, num_experts, (*rows.stride(), *out.stride()), plan.top_k, weights is not None,
-                           interpret)
-    _launch_combine(spec, interpret, rows, ids, weights, plan, out)
-
-
-def _launch_combine(spec: runtime.Launch, interpret: bool, rows: Tensor, ids: Tensor, weights: Tensor | None,
-                    plan: RoutingPlan, out: Tensor) -> None:
-    runtime.launch(spec, interpret, rows, plan.slot_rows, ids, weights if weights is not None else rows, out)
-
-
-@runtime.shape_cache
-def _combine_launch(num_tokens: int, num_cols: int, num_experts: int, strides: tuple, top_k: int,
-                    apply_weights: bool, interpret: bool) -> runtime.Launch:
-    block_n = min(next_power_of_2(max(num_cols, 1)), 16 if interpret else 128)
-    block_t = max(1, min(64, ELEMENTWISE_TILE // block_n))
-    return runtime.Launch("combine_kernel", (cdiv(num_tokens, block_t), cdiv(num_cols, block_n)),
-                          (num_tokens, num_cols, num_experts, *strides),
-                          dict(TOP_K=top_k, APPLY_WEIGHTS=apply_weights, BLOCK_T=block_t, BLOCK_N=block_n))
-
-
-@runtime.shape_cache
-def _topk_weight_grad_launch(num_rows: int, out_features: int, num_experts: int, strides: tuple, top_k: int,
-                             interpret: bool) -> runtime.Launch:
-    block_n = min(next_power_of_2(out_features), 16 if interpret else 128)
-    block_s = max(1, min(128, ELEMENTWISE_TILE // block_n))
-    return runtime.Launch("topk_weight_grad_kernel", (cdiv(num_rows, block_s),),
-                          (num_rows, out_features, num_experts, *strides),
-                          dict(TOP_K=top_k, BLOCK_S=block_s, BLOCK_N=block_n))
-
-
-# ----------------------------------------------------------------------------------------------
-# Expert MLP
+from moe_kernels.triton.routing import routing_plan_from_ids
+from moe_kernels.triton.runtime import check_device, check_dtype, device_guard, eager
 
 
 def _check_saved_rows(grad_out: Tensor, x: Tensor, top_k_idx: Tensor, w1: Tensor, w2: Tensor, pre: Tensor,
@@ -211,43 +95,14 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
         if plan is None:
             plan = routing_plan_from_ids(ids, num_experts, top_k, interpret)
         if num_rows > 0:
-            fc1, fc2, combine = _forward_launches(num_tokens, top_k, x.stride(), w1.shape, w1.stride(), w2.shape,
-                                                  w2.stride(), b1 is not None, b2 is not None, activation,
-                                                  glu_code(glu), save_pre, keep_rows, x.dtype,
-                                                  x.get_device(), interpret, runtime.allow_tf32())
-            _launch_gemm(fc1, interpret, x, w1, plan, hidden_rows, bias=b1, aux=pre)
-            _launch_gemm(fc2, interpret, hidden_rows, w2, plan, rows, bias=b2, row_scale=None if keep_rows else weights)
-            _launch_combine(combine, interpret, rows, ids, weights if keep_rows else None, plan, out)
+            fc1, fc2, combine = forward_launches(num_tokens, top_k, x.stride(), w1.shape, w1.stride(), w2.shape,
+                                                 w2.stride(), b1 is not None, b2 is not None, activation,
+                                                 glu_code(glu), save_pre, keep_rows, x.dtype,
+                                                 x.get_device(), interpret, runtime.allow_tf32())
+            launch_gemm(fc1, interpret, x, w1, plan, hidden_rows, bias=b1, aux=pre)
+            launch_gemm(fc2, interpret, hidden_rows, w2, plan, rows, bias=b2, row_scale=None if keep_rows else weights)
+            launch_combine(combine, interpret, rows, ids, weights if keep_rows else None, plan, out)
     return out, pre, hidden_rows, rows if keep_rows else None, plan
-
-
-@runtime.shape_cache
-def _forward_launches(num_tokens: int, top_k: int, x_strides: tuple[int, int], w1_shape: tuple[int, int, int],
-                      w1_strides: tuple[int, int, int], w2_shape: tuple[int, int, int], w2_strides: tuple[int, int, int],
-                      has_b1: bool, has_b2: bool, activation: str, glu: tuple, save_pre: bool, keep_rows: bool,
-                      dtype: torch.dtype, device: int, interpret: bool,
-                      allow_tf32: bool) -> tuple[runtime.Launch, runtime.Launch, runtime.Launch]:
-    """A forward's fc1, fc2 and combine, built once per shape: its buffers are fresh and contiguous (pre [R, H1]
-    when saved, hidden_rows [R, H], rows [R, O], out [T, O]; biases made contiguous)."""
-    num_experts, hidden1, d_in = w1_shape
-    _, out_features, hidden = w2_shape
-    num_rows = num_tokens * top_k
-    # fc1: token rows gathered in-kernel; B[e][d, h] = w1[e, h, d]; pre (aux) kept when saved.
-    aux = (hidden1, 1) if save_pre else (hidden, 1)
-    fc1 = _gemm_launch(num_rows, hidden, d_in, num_experts,
-                       _gemm_strides(x_strides, w1_strides[0], (w1_strides[2], w1_strides[1]), hidden1 if has_b1 else 0,
-                                     aux, (hidden, 1)),
-                       top_k, True, has_b1, False, EPILOGUE_ACTIVATION, glu, activation, save_pre, dtype, device,
-                       interpret, allow_tf32)
-    # fc2: the top-k weight is folded into the epilogue unless its gradient is needed.
-    fc2 = _gemm_launch(num_rows, out_features, hidden, num_experts,
-                       _gemm_strides((hidden, 1), w2_strides[0], (w2_strides[2], w2_strides[1]),
-                                     out_features if has_b2 else 0, (out_features, 1), (out_features, 1)),
-                       top_k, False, has_b2, not keep_rows, EPILOGUE_PLAIN, glu_code(None), "gelu", False, dtype,
-                       device, interpret, allow_tf32)
-    combine = _combine_launch(num_tokens, out_features, num_experts, (out_features, 1, out_features, 1), top_k,
-                              keep_rows, interpret)
-    return fc1, fc2, combine
 
 
 def _op_outputs(out: Tensor, pre: Tensor | None, hidden_rows: Tensor, rows: Tensor | None,
@@ -315,15 +170,15 @@ def _expert_mlp_backward_launch(grad_out: Tensor, x: Tensor, top_k_weights: Tens
         if need_weights:
             grad_weights = torch.empty(num_rows, dtype=torch.float32, device=x.device)  # every slot written
             if num_rows > 0:
-                launch = _topk_weight_grad_launch(num_rows, out_features, num_experts,
-                                                  (*grad_out.stride(), *rows.stride()), top_k, interpret)
+                launch = topk_weight_grad_launch(num_rows, out_features, num_experts,
+                                                 (*grad_out.stride(), *rows.stride()), top_k, interpret)
                 runtime.launch(launch, interpret, grad_out, rows, plan.slot_rows, ids, grad_weights)
             grad_weights = grad_weights.view(num_tokens, top_k).to(top_k_weights.dtype)
         if grad_w2_t is not None:
             # dW2[e] = (w * dy[token])^T h over expert e's rows; db2 = column sums.
             if num_rows > 0:
-                _weight_grad(grad_out, hidden_rows, plan, grad_w2_t, grad_b2_t, interpret,
-                             gather_a=True, gather_b=False, row_scale=weights)
+                weight_grad(grad_out, hidden_rows, plan, grad_w2_t, grad_b2_t, interpret,
+                            gather_a=True, gather_b=False, row_scale=weights)
             else:
                 grad_w2_t.zero_()
                 if grad_b2_t is not None:
@@ -332,12 +187,12 @@ def _expert_mlp_backward_launch(grad_out: Tensor, x: Tensor, top_k_weights: Tens
             grad_pre = torch.empty(num_rows, hidden1, dtype=x.dtype, device=x.device)
             if num_rows > 0:
                 # d pre = act'(pre) * (w * dy[token]) @ W2[e]; B[e][o, h] = w2[e, o, h].
-                _grouped_gemm(grad_out, w2, (w2.stride(1), w2.stride(2)), plan, grad_pre, hidden, interpret,
-                              gather=True, row_scale=weights, aux=pre, epilogue=EPILOGUE_ACTIVATION_GRAD,
-                              glu=spec, activation=activation)
+                grouped_gemm(grad_out, w2, (w2.stride(1), w2.stride(2)), plan, grad_pre, hidden, interpret,
+                             gather=True, row_scale=weights, aux=pre, epilogue=EPILOGUE_ACTIVATION_GRAD,
+                             glu=spec, activation=activation)
             if grad_w1_t is not None:
                 if num_rows > 0:
-                    _weight_grad(grad_pre, x, plan, grad_w1_t, grad_b1_t, interpret, gather_a=False, gather_b=True)
+                    weight_grad(grad_pre, x, plan, grad_w1_t, grad_b1_t, interpret, gather_a=False, gather_b=True)
                 else:
                     grad_w1_t.zero_()
                     if grad_b1_t is not None:
@@ -348,9 +203,9 @@ def _expert_mlp_backward_launch(grad_out: Tensor, x: Tensor, top_k_weights: Tens
                     # dX rows = d pre @ W1[e] (B[e][h, d] = w1[e, h, d]), then a gather-sum over the
                     # k slots back to token order: deterministic, no atomics.
                     grad_x_rows = torch.empty(num_rows, d_in, dtype=x.dtype, device=x.device)
-                    _grouped_gemm(grad_pre, w1, (w1.stride(1), w1.stride(2)), plan, grad_x_rows, d_in,
-                                  interpret, gather=False)
-                    _combine(grad_x_rows, ids, None, plan, num_experts, grad_x, interpret)
+                    grouped_gemm(grad_pre, w1, (w1.stride(1), w1.stride(2)), plan, grad_x_rows, d_in,
+                                 interpret, gather=False)
+                    combine(grad_x_rows, ids, None, plan, num_experts, grad_x, interpret)
     pick = [(need_w1, grad_w1_t), (need_b1, grad_b1_t), (need_w2, grad_w2_t), (need_b2, grad_b2_t)]
     return grad_x, grad_weights, *[t if wanted else None for wanted, t in pick]
 

@@ -120,7 +120,7 @@ class _EagerMoE(torch.autograd.Function):
                 grad_router_weight = grad_logits.t().mm(router_in)
             if ctx.separate_router_input:
                 grad_router_input = grad_logits.mm(router_weight) if needs[1] else None
-            elif needs[0]:
-                grad_x = grad_logits.mm(router_weight) if grad_x is None else torch.addmm(grad_x, grad_logits,
-                                                                                        router_weight)
+            elif needs[0]:  # the router's share of x's gradient, added onto the experts' by the GEMM itself
+                grad_x = (grad_logits.mm(router_weight) if grad_x is None
+                          else torch.addmm(grad_x, grad_logits, router_weight))
         return grad_x, grad_router_input, grad_router_weight, grad_w1, grad_b1, grad_w2, grad_b2, *(None,) * 6

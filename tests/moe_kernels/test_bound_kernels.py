@@ -41,7 +41,7 @@ class Recording(runtime.BoundKernels):
 
 
 def combine_args(rows: torch.Tensor, num_tokens: int = 3, grid: tuple = (1,), **constexprs) -> tuple:
-    """(Launch, tensors) of expert_kernels.py's combine_kernel, as experts._combine builds them."""
+    """(Launch, tensors) of expert_kernels.py's combine_kernel, as expert_launches.combine builds them."""
     ids = torch.zeros(num_tokens * 2, dtype=torch.int64)
     out = torch.empty(num_tokens, rows.shape[1])
     spec = runtime.Launch("combine_kernel", grid, (num_tokens, rows.shape[1], 4, *rows.stride(), *out.stride()),
@@ -179,7 +179,7 @@ def test_fp32_launches_follow_the_tf32_switch(monkeypatch):
     """torch.backends.cuda.matmul.allow_tf32 is read on every launch: a Launch built while it was off
     (fp32 accuracy) is not reused once the user turns it on, nor the other way round."""
     from moe_kernels.routing import build_routing_plan
-    from moe_kernels.triton.experts import _grouped_gemm
+    from moe_kernels.triton.expert_launches import grouped_gemm
 
     x, w = torch.randn(2, 16), torch.randn(3, 8, 16)
     plan = build_routing_plan(torch.tensor([[0, 1], [1, 2]]), 3)
@@ -189,7 +189,7 @@ def test_fp32_launches_follow_the_tf32_switch(monkeypatch):
     try:
         for allow in (False, True, False):
             torch.backends.cuda.matmul.allow_tf32 = allow
-            _grouped_gemm(x, w, (w.stride(2), w.stride(1)), plan, torch.empty(4, 8), 8, False, gather=True)
+            grouped_gemm(x, w, (w.stride(2), w.stride(1)), plan, torch.empty(4, 8), 8, False, gather=True)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
     assert [spec.constexprs["DOT_PRECISION"] for spec in seen] == ["ieee", "tf32", "ieee"]

@@ -101,11 +101,11 @@ def test_launches_built_before_a_table_is_installed_are_rebuilt_after_reload(tun
     """The launchers keep each shape's Launch (runtime.shape_cache); reload_tables drops those with the
     tables, so a newly installed tuned table reaches the very next launch."""
     pytest.importorskip("triton")
-    from moe_kernels.triton.experts import _gemm_launch
+    from moe_kernels.triton.expert_launches import gemm_launch
 
     def gemm_tiles():  # 20 rows per expert, bf16, no GLU, on (fake) device 0
-        meta = _gemm_launch(160, 64, 32, 8, (32, 1, 2048, 1, 32, 0, 64, 1, 64, 1), 2, True, False, False, 0,
-                            (0, False, 0.0, 0.0), "gelu", False, torch.bfloat16, 0, False, False).constexprs
+        meta = gemm_launch(160, 64, 32, 8, (32, 1, 2048, 1, 32, 0, 64, 1, 64, 1), 2, True, False, False, 0,
+                           (0, False, 0.0, 0.0), "gelu", False, torch.bfloat16, 0, False, False).constexprs
         return meta["BLOCK_M"], meta["BLOCK_N"]
 
     static = gemm_tiles()

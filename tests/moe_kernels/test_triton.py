@@ -443,7 +443,7 @@ def test_expert_mlp_cuda_64bit_offsets(monkeypatch):
 
 def test_activation_codes_follow_the_reference_table():
     """The kernels' constexpr codes and the reference's activation table name the same functions."""
-    from moe_kernels.triton import experts as triton_ops
+    from moe_kernels.triton import expert_launches as triton_ops
     from moe_kernels.triton.runtime import kernels
 
     module = kernels(True)
