@@ -268,33 +268,24 @@ class _EagerExpertMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, glu_interleaved, glu_a, glu_b,
-                save_pre, keep_rows, plan):
+                save_pre, keep_rows):
         inputs = (x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, glu_interleaved, glu_a, glu_b,
                   save_pre, keep_rows)
         *outputs, ctx.plan = _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation,
-                                                 _spec(glu, glu_interleaved, glu_a, glu_b), save_pre, keep_rows, plan)
+                                                 _spec(glu, glu_interleaved, glu_a, glu_b), save_pre, keep_rows)
         outputs = _op_outputs(*outputs, w1.shape[1])
         _expert_mlp_setup(ctx, inputs, outputs)
-        ctx.mark_non_differentiable(ctx.plan.expert_counts)
-        return *outputs, ctx.plan.expert_counts  # the counts: the expert load, for a caller that routes once
+        return outputs
 
     @staticmethod
     def backward(ctx, grad_out, *_unused):
-        return *_expert_mlp_grads(ctx, grad_out, direct=True), None
+        return _expert_mlp_grads(ctx, grad_out, direct=True)
 
 
 def expert_mlp(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
                w2: Tensor, b2: Tensor | None, activation: str = "gelu", glu: bool | GluSpec = False) -> Tensor:
-    """The Triton expert MLP (contract: ``moe_kernels.ops.expert_mlp``); float32/float16/bfloat16."""
-    return expert_mlp_and_load(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)[0]
-
-
-def expert_mlp_and_load(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1: Tensor, b1: Tensor | None,
-                        w2: Tensor, b2: Tensor | None, activation: str = "gelu", glu: bool | GluSpec = False,
-                        plan: RoutingPlan | None = None) -> tuple[Tensor, Tensor | None]:
-    """``expert_mlp`` and, when it ran eagerly, the counts of the routing plan it ran on (the expert load: routed
-    once); None under tracing, whose custom op keeps its plan inside. ``plan``: top_k_idx's routing plan when this
-    backend's kernels built it already (``routing.gate_and_plan``; eager calls), else it is built here."""
+    """The Triton expert MLP (contract: ``moe_kernels.ops.expert_mlp``); float32/float16/bfloat16. (``ops.moe_mlp``
+    runs the forward launcher on its own routing plan: ``moe.py``.)"""
     grad_enabled = torch.is_grad_enabled()
 
     def needs_grad(t: Tensor | None) -> bool:
@@ -304,11 +295,8 @@ def expert_mlp_and_load(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
     keep_rows = needs_grad(top_k_weights)  # the top-k weight gradient reads the unweighted expert rows
     if eager(x, top_k_weights, top_k_idx, w1, b1, w2, b2):
         if not (save_pre or keep_rows or needs_grad(w2) or needs_grad(b2)):  # inference: the launchers alone
-            out, _, _, _, plan = _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu,
-                                                     False, False, plan)
-            return out, plan.expert_counts
-        outputs = _EagerExpertMLP.apply(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, *glu_code(glu),
-                                        save_pre, keep_rows, plan)
-        return outputs[0], outputs[-1]
+            return _expert_mlp_forward(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu, False, False)[0]
+        return _EagerExpertMLP.apply(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, *glu_code(glu),
+                                     save_pre, keep_rows)[0]
     return _expert_mlp_forward_op(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, *glu_code(glu), save_pre,
-                                  keep_rows)[0], None
+                                  keep_rows)[0]

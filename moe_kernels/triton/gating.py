@@ -117,22 +117,20 @@ class _EagerTopKGating(torch.autograd.Function):
     # forward(ctx, ...), not a separate setup_context: Function.apply binds the arguments of a forward
     # without ctx through inspect.signature on every call (~10 us).
     @staticmethod
-    def forward(ctx, logits, top_k, normalize, block_counts, block_tokens):
-        output = _topk_gating(logits, top_k, normalize, block_counts, block_tokens)
+    def forward(ctx, logits, top_k, normalize):
+        output = _topk_gating(logits, top_k, normalize)
         _topk_gating_setup(ctx, (logits, top_k, normalize), output)
         return output
 
     @staticmethod
     def backward(ctx, grad_weights, _grad_ids):
-        return *_topk_gating_grads(ctx, grad_weights, direct=True), None, None
+        return _topk_gating_grads(ctx, grad_weights, direct=True)
 
 
-def topk_gating(logits: Tensor, top_k: int, normalize: bool = True, block_counts: Tensor | None = None,
-                block_tokens: int = 0) -> tuple[Tensor, Tensor]:
-    """The fused Triton router (contract: ``moe_kernels.ops.topk_gating``, checked by moe_kernels/ops.py).
-    ``block_counts``/``block_tokens``: as for ``_topk_gating`` (eager calls only; ``routing.gate_and_plan``)."""
+def topk_gating(logits: Tensor, top_k: int, normalize: bool = True) -> tuple[Tensor, Tensor]:
+    """The fused Triton router (contract: ``moe_kernels.ops.topk_gating``, checked by moe_kernels/ops.py)."""
     if eager(logits):
         if torch.is_grad_enabled() and logits.requires_grad:
-            return _EagerTopKGating.apply(logits, top_k, normalize, block_counts, block_tokens)
-        return _topk_gating(logits, top_k, normalize, block_counts, block_tokens)
+            return _EagerTopKGating.apply(logits, top_k, normalize)
+        return _topk_gating(logits, top_k, normalize)
     return _topk_gating_op(logits, top_k, normalize)

@@ -38,8 +38,9 @@ def router_losses_kernel(
     """Each program's share of balance = balance_scale * sum p * w and z = z_weight * sum lse^2 (z_weight =
     z_scale / T) over its BLOCK_T tokens.
 
-    Reads logits [T, E], balance weights [S, E] (float or integer counts); writes partials [2, programs] fp32 (balance shares, then
-    z shares; summed in a fixed order by router_losses_reduce_kernel). Grid: (cdiv(T, BLOCK_T),).
+    Reads logits [T, E], balance weights [S, E] (float or integer counts); writes partials [2, programs] fp32
+    (balance shares, then z shares; summed in a fixed order by router_losses_reduce_kernel). Grid:
+    (cdiv(T, BLOCK_T),).
     """
     pid = tl.program_id(0)
     tokens = pid.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -84,8 +85,8 @@ def router_losses_backward_kernel(
     BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):
     """d logits = p * (g_b * balance_scale * (w - sum_e p_e w_e) + g_z * 2 * z_weight * lse), with g_b =
-    dL/dbalance + balance_coef * dL/daux and g_z = dL/dz + z_coef * dL/daux (the softmax's Jacobian applied to the balance
-    weights, and the log-sum-exp's, whose gradient is p). Softmax and lse are recomputed, not stored.
+    dL/dbalance + balance_coef * dL/daux and g_z = dL/dz + z_coef * dL/daux (the softmax's Jacobian applied to the
+    balance weights, and the log-sum-exp's, whose gradient is p). Softmax and lse are recomputed, not stored.
 
     Reads logits [T, E], weights [S, E] and the three scalar gradients (those present); writes grad_logits
     [T, E]. Grid: (cdiv(T, BLOCK_T),).

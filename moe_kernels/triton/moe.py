@@ -21,7 +21,7 @@ from moe_kernels.contract import double_backward_error
 from moe_kernels.reference import GluSpec
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton.experts import _expert_mlp_backward_launch, _expert_mlp_forward
-from moe_kernels.triton.gating import _topk_gating_backward, topk_gating
+from moe_kernels.triton.gating import _topk_gating, _topk_gating_backward
 from moe_kernels.triton.routing import capacity_drop, gate_and_plan, route_one_block
 from moe_kernels.triton.runtime import check_device, check_dtype, device_guard, eager
 
@@ -65,7 +65,7 @@ def _route(logits: Tensor, top_k: int, normalize: bool, num_experts: int, capaci
     if capacity is None:
         weights, ids, plan = gate_and_plan(logits, top_k, normalize, interpret)
         return weights, ids, ids, plan, None
-    weights, ids = topk_gating(logits, top_k, normalize)
+    weights, ids = _topk_gating(logits, top_k, normalize)
     kept, load = capacity_drop(ids, num_experts, capacity, interpret)
     return weights, ids, kept, None, load
 

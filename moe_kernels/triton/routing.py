@@ -15,7 +15,7 @@ from torch import Tensor
 from moe_kernels.contract import check_expert_load_args
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton import runtime
-from moe_kernels.triton.gating import topk_gating
+from moe_kernels.triton.gating import _topk_gating
 from moe_kernels.triton.runtime import cdiv, check_device, device_guard, dot_options, eager, next_power_of_2
 
 # Routing metadata: a histogram/scatter program holds ROUTING_TILE (slot, bucket) pairs, at most
@@ -43,8 +43,7 @@ def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
     if top_k_idx.dim() != 2:
         raise ValueError(f"top_k_idx must be [T, K], got shape {tuple(top_k_idx.shape)}")
     with device_guard(top_k_idx):
-        return routing_plan_from_ids(top_k_idx.reshape(-1).to(torch.int64).contiguous(), num_experts,
-                             top_k_idx.shape[1], interpret)
+        return routing_plan_from_ids(runtime.flat(top_k_idx, torch.int64), num_experts, top_k_idx.shape[1], interpret)
 
 
 class RoutingBlocks(NamedTuple):
@@ -120,15 +119,15 @@ def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: 
 
 def gate_and_plan(logits: Tensor, top_k: int, normalize: bool,
                   interpret: bool) -> tuple[Tensor, Tensor, RoutingPlan]:
-    """``topk_gating`` (differentiable in eager logits that require a gradient) and the routing plan of its ids:
-    (weights, ids, plan). Past one routing block the gating kernel counts each block's ids as it writes them, so
-    the plan needs no histogram kernel. Eager calls, arguments already checked."""
+    """The gating launcher and the routing plan of its ids: (weights, ids, plan), no autograd (``moe._EagerMoE``
+    differentiates the whole MoE MLP). Past one routing block the gating kernel counts each block's ids as it
+    writes them, so the plan needs no histogram kernel. Eager calls, arguments already checked."""
     num_tokens, num_experts = logits.shape
     num_slots = num_tokens * top_k
     block_counts, blocks = None, routing_blocks(num_slots, num_experts, top_k)
     if num_slots and len(_routing_launches(num_slots, num_experts, top_k)) > 1:
         block_counts = torch.empty(blocks.count, num_experts + 1, dtype=torch.int64, device=logits.device)
-    weights, ids = topk_gating(logits, top_k, normalize, block_counts, blocks.tokens)
+    weights, ids = _topk_gating(logits, top_k, normalize, block_counts, blocks.tokens)
     with device_guard(logits):
         plan = routing_plan_from_ids(ids.view(-1), num_experts, top_k, interpret, block_counts)
     return weights, ids, plan
@@ -208,7 +207,7 @@ def _expert_load(top_k_idx: Tensor, num_experts: int) -> Tensor:
     """The launcher of ``expert_load``, arguments already checked: the routing's histogram kernel (ids
     outside [0, E) land in the dropped bucket), then the sum over slot blocks when there are several."""
     interpret = check_device(top_k_idx)
-    ids = top_k_idx.reshape(-1).to(torch.int64).contiguous()
+    ids = runtime.flat(top_k_idx, torch.int64)
     if ids.numel() == 0:
         return torch.zeros(num_experts, dtype=torch.int64, device=ids.device)
     launch = _histogram_launch(ids.numel(), num_experts, top_k_idx.shape[1])
