@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import operator
 import os
 from collections import Counter
 from contextlib import contextmanager, nullcontext
@@ -161,6 +162,9 @@ def launch(spec: Launch, interpret: bool, *tensors: Tensor) -> None:
     BOUND_KERNELS.launch(spec, tensors)
 
 
+_DTYPE = operator.attrgetter("dtype")
+
+
 class BoundKernels:
     """Compiled kernels bound once per specialization, launched without Triton's per-call binding.
 
@@ -179,6 +183,10 @@ class BoundKernels:
     tensor's dtype and 16-byte alignment. Scalars come from shapes and strides, so each new token count
     binds once more; at most ``MAX_BOUND`` keys are kept, the oldest dropped first. ``CUMO_TRITON_BIND=0``
     in the environment (or ``enabled = False``) sends every launch through Triton, to compare or to debug.
+
+    The bound launcher gets the tensors' addresses as ints, which the key read already: given a tensor,
+    Triton's launcher calls its ``data_ptr()`` and then ``cuPointerGetAttribute`` (a driver call), per
+    pointer and launch; an int it takes as it is.
     """
 
     MAX_BOUND = 4096
@@ -210,7 +218,9 @@ class BoundKernels:
             self.launch_through_triton(spec, tensors)
             return
         device = driver.get_current_device()
-        key = (spec, device, *[(t.dtype, not t.data_ptr() & 15) for t in tensors])
+        pointers = list(map(Tensor.data_ptr, tensors))
+        aligned = True if not functools.reduce(operator.or_, pointers) & 15 else tuple(not p & 15 for p in pointers)
+        key = (spec, device, aligned, *map(_DTYPE, tensors))
         bound = self._bound.get(key)
         if bound is None or self._enter_hook.calls or self._exit_hook.calls:
             compiled = self.launch_through_triton(spec, tensors)
@@ -220,7 +230,7 @@ class BoundKernels:
                 self._bound[key] = self._bind(spec, compiled, len(tensors))
             return
         run, function, metadata, tail = bound
-        run(*spec.grid, driver.get_current_stream(device), function, metadata, None, None, None, *tensors, *tail)
+        run(*spec.grid, driver.get_current_stream(device), function, metadata, None, None, None, *pointers, *tail)
 
     @staticmethod
     def launch_through_triton(spec: Launch, tensors: tuple[Tensor, ...]):

@@ -64,21 +64,27 @@ def test_first_launch_goes_through_triton_then_the_bound_launcher_gets_args_and_
     # Every parameter of the real kernel, in signature order: the runtime arguments, then the constexprs.
     params = runtime.kernels(False).combine_kernel.params
     assert len(launch_args[9:]) == len(params)
-    runtime_args = (*tensors, *spec.scalars)
+    runtime_args = (*[t.data_ptr() for t in tensors], *spec.scalars)  # the tensors as their addresses
     assert launch_args[9:9 + len(runtime_args)] == runtime_args
     assert launch_args[9 + len(runtime_args):] == tuple(spec.constexprs[p.name] for p in params[len(runtime_args):])
 
 
-@pytest.mark.parametrize("change", ["alignment", "dtype", "launch", "device"])
+@pytest.mark.parametrize("change", ["alignment", "which tensor is misaligned", "dtype", "launch", "device"])
 def test_a_launch_triton_would_specialize_differently_is_bound_again(change):
     bound = Recording()
     flat = torch.randn(6 * 16 + 1)
     rows = flat[:-1].view(6, 16)
     spec, tensors = combine_args(rows)
+    if change == "which tensor is misaligned":  # the rows misaligned, then the output instead
+        tensors = (flat[1:].view(6, 16), *tensors[1:])
     bound.launch(spec, tensors)
     if change == "alignment":  # 4 bytes past a 16-byte boundary
         tensors = combine_args(flat[1:].view(6, 16))[1]
         assert tensors[0].data_ptr() % 16 != 0
+    elif change == "which tensor is misaligned":
+        out = torch.randn(3 * 16 + 1)[1:].view(3, 16)
+        tensors = (rows, *tensors[1:4], out)
+        assert tensors[0].data_ptr() % 16 == 0 and out.data_ptr() % 16 != 0
     elif change == "dtype":
         tensors = combine_args(rows.half())[1]
     elif change == "launch":  # another Launch: other scalars, constexprs or grid (equal contents included)
