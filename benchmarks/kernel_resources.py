@@ -102,7 +102,8 @@ def resources(kernel, args: list, constexprs: dict, target: GPUTarget = HOPPER) 
 ALL_KERNELS = {"route_one_block_kernel", "topk_gating_kernel", "topk_gating_backward_kernel", "router_losses_kernel",
                "router_losses_reduce_kernel", "router_losses_backward_kernel", "routing_one_block_kernel",
                "routing_histogram_kernel", "routing_scan_kernel", "routing_scatter_kernel", "grouped_gemm_kernel",
-               "combine_kernel", "topk_weight_grad_kernel", "grouped_weight_grad_kernel", "capacity_kernel"}
+               "combine_kernel", "fc2_combine_kernel", "topk_weight_grad_kernel", "grouped_weight_grad_kernel",
+               "capacity_kernel"}
 
 
 def check_configurations() -> list[tuple]:

@@ -225,7 +225,7 @@ def moe_mlp(
     -> MoEOutput. Differentiable in x, router_input, router_weight, w1, b1, w2, b2. A backend may run it as one
     launch sequence (``triton``, eagerly: routed once, the plan its experts run on also gives the load; without
     gradients, for decode and small batches, one kernel computes the logits, the top-k and the plan: four launches
-    in all, where the ops one by one take six); otherwise the ops above run one by one.
+    in all, three at T*K <= E, where the ops one by one take six); otherwise the ops above run one by one.
     """
     check_moe_mlp_args(x, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu, router_input, capacity,
                        return_logits)

@@ -1,7 +1,8 @@
 """How the Triton expert kernels launch: each launcher's tiles, grid, strides and constexprs, built once per shape
 (``runtime.Launch``, ``runtime.shape_cache``), and its tensors in the kernel's signature order. The grouped GEMM
-(fc1, fc2 and their input gradients), the weight gradients, the combine and the top-k weight gradient; a forward's
-fc1, fc2 and combine as one cached trio. The kernels: expert_kernels.py; the ops and autograd: experts.py.
+(fc1, fc2 and their input gradients), the weight gradients, the combine (alone, or with fc2 for few rows) and the
+top-k weight gradient; a forward's fc1, fc2 and combine as one cached trio. The kernels: expert_kernels.py; the ops
+and autograd: experts.py.
 
 T tokens, K top_k, E experts, D input features, H hidden (H1 = H or 2*H with GLU), O output features, R = T*K rows.
 """
@@ -133,7 +134,8 @@ def forward_launches(num_tokens: int, top_k: int, x_strides: tuple[int, int], w1
                      dtype: torch.dtype, device: int, interpret: bool,
                      allow_tf32: bool) -> tuple[runtime.Launch, runtime.Launch, runtime.Launch]:
     """A forward's fc1, fc2 and combine, built once per shape: its buffers are fresh and contiguous (pre [R, H1]
-    when saved, hidden_rows [R, H], rows [R, O], out [T, O]; biases made contiguous)."""
+    when saved, hidden_rows [R, H], rows [R, O], out [T, O]; biases made contiguous). Where the rows are not kept
+    and number at most E, fc2 is ``fc2_combine_kernel`` (no rows buffer) and the combine None."""
     num_experts, hidden1, d_in = w1_shape
     _, out_features, hidden = w2_shape
     num_rows = num_tokens * top_k
@@ -144,6 +146,11 @@ def forward_launches(num_tokens: int, top_k: int, x_strides: tuple[int, int], w1
                                    aux, (hidden, 1)),
                       top_k, True, has_b1, False, EPILOGUE_ACTIVATION, glu, activation, save_pre, dtype, device,
                       interpret, allow_tf32)
+    if not keep_rows and num_rows <= num_experts:  # about a row per expert: fc2 and the combine as one pass
+        fc2 = fc2_combine_launch(num_tokens, out_features, hidden, num_experts,
+                                 (hidden, 1, *w2_strides, out_features if has_b2 else 0, out_features, 1), top_k,
+                                 has_b2, interpret)
+        return fc1, fc2, None
     # fc2: the top-k weight is folded into the epilogue unless its gradient is needed.
     fc2 = gemm_launch(num_rows, out_features, hidden, num_experts,
                       gemm_strides((hidden, 1), w2_strides[0], (w2_strides[2], w2_strides[1]),
@@ -153,3 +160,21 @@ def forward_launches(num_tokens: int, top_k: int, x_strides: tuple[int, int], w1
     combine = combine_launch(num_tokens, out_features, num_experts, (out_features, 1, out_features, 1), top_k,
                              keep_rows, interpret)
     return fc1, fc2, combine
+
+
+def launch_fc2_combine(spec: runtime.Launch, interpret: bool, hidden_rows: Tensor, w2: Tensor, b2: Tensor | None,
+                       plan: RoutingPlan, ids: Tensor, weights: Tensor, out: Tensor) -> None:
+    runtime.launch(spec, interpret, hidden_rows, w2, b2 if b2 is not None else out, plan.slot_rows, ids, weights, out)
+
+
+@runtime.shape_cache
+def fc2_combine_launch(num_tokens: int, out_features: int, hidden: int, num_experts: int, strides: tuple,
+                       top_k: int, has_bias: bool, interpret: bool) -> runtime.Launch:
+    if interpret:
+        block_n = block_h = 16  # small, so that tests cross tile edges
+    else:  # >= 256 programs (two per SM of an H100) where the columns allow; 2048 fp32 partial sums a program
+        block_n = max(8, min(64, next_power_of_2(cdiv(num_tokens * out_features, 256))))
+        block_h = min(next_power_of_2(hidden), 2048 // block_n)
+    return runtime.Launch("fc2_combine_kernel", (num_tokens, cdiv(out_features, block_n)),
+                          (num_tokens, out_features, hidden, num_experts, *strides),
+                          dict(TOP_K=top_k, HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_H=block_h))

@@ -20,6 +20,7 @@ from moe_kernels.triton.expert_launches import (
     forward_launches,
     grouped_gemm,
     launch_combine,
+    launch_fc2_combine,
     launch_gemm,
     topk_weight_grad_launch,
     weight_grad,
@@ -87,10 +88,10 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
     b1 = b1.contiguous() if b1 is not None else None
     b2 = b2.contiguous() if b2 is not None else None
     num_rows = num_tokens * top_k
-    out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)  # the combine writes every row
+    out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)  # every row written (a combine)
     pre = torch.empty(num_rows, hidden1, dtype=x.dtype, device=x.device) if save_pre else None
     hidden_rows = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
-    rows = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
+    rows = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device) if keep_rows else None
     with device_guard(x):
         if plan is None:
             plan = routing_plan_from_ids(ids, num_experts, top_k, interpret)
@@ -100,9 +101,14 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
                                                  glu_code(glu), save_pre, keep_rows, x.dtype,
                                                  x.get_device(), interpret, runtime.allow_tf32())
             launch_gemm(fc1, interpret, x, w1, plan, hidden_rows, bias=b1, aux=pre)
-            launch_gemm(fc2, interpret, hidden_rows, w2, plan, rows, bias=b2, row_scale=None if keep_rows else weights)
-            launch_combine(combine, interpret, rows, ids, weights if keep_rows else None, plan, out)
-    return out, pre, hidden_rows, rows if keep_rows else None, plan
+            if combine is None:  # few rows: fc2 and the combine as one pass, no rows buffer
+                launch_fc2_combine(fc2, interpret, hidden_rows, w2, b2, plan, ids, weights, out)
+            else:  # fc2 folds the top-k weights into its rows unless they are kept
+                fc2_rows = rows if keep_rows else torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device)
+                launch_gemm(fc2, interpret, hidden_rows, w2, plan, fc2_rows, bias=b2,
+                            row_scale=None if keep_rows else weights)
+                launch_combine(combine, interpret, fc2_rows, ids, weights if keep_rows else None, plan, out)
+    return out, pre, hidden_rows, rows, plan
 
 
 def _op_outputs(out: Tensor, pre: Tensor | None, hidden_rows: Tensor, rows: Tensor | None,

@@ -2,8 +2,9 @@
 one launch sequence that routes once (the plan the experts run on also gives the expert load).
 
 Without gradients, for decode and small batches (T*K slots in one program): route_one_block_kernel, fc1, fc2,
-combine: four launches. Past that: the router's GEMM (cuBLAS), topk_gating_kernel counting the routing blocks'
-ids as it writes them, the plan's scan and scatter, fc1, fc2, combine: seven.
+combine: four launches; three at T*K <= E (decode), where fc2 and the combine are one kernel. Past that: the
+router's GEMM (cuBLAS), topk_gating_kernel counting the routing blocks' ids as it writes them, the plan's scan and
+scatter, fc1, fc2, combine: seven.
 With gradients, the same launches as one autograd node (``_EagerMoE``), whose backward runs the experts' backward
 on the forward's plan, the gating backward (adding the logits' gradient from the router's losses in the kernel)
 and the router GEMM's two products, the experts' input gradient accumulated into the router's by one addmm.
@@ -44,7 +45,7 @@ def moe_mlp(x: Tensor, router_input: Tensor | None, router_weight: Tensor, w1: T
     if not return_logits and router_input is None and capacity is None:
         with device_guard(x):
             routed = route_one_block(x, router_weight, top_k, normalize, interpret)
-        if routed is not None:  # decode and small batches: four launches
+        if routed is not None:  # decode and small batches: three or four launches
             weights, ids, plan = routed
             out = _expert_mlp_forward(x, weights, ids, w1, b1, w2, b2, activation, glu, False, False, plan,
                                       interpret)[0]

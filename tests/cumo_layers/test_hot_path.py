@@ -64,15 +64,15 @@ def _decode_layer(glu: bool = True) -> SparseMoEMLP:
                         backend="triton").eval()
 
 
-def test_decode_forward_is_four_launches(stubbed_launches):
-    """Issue 16 asks for at most six: the router's GEMM, gating and routing plan are one kernel, then fc1, fc2 and
-    the combine; no aten op computes anything besides them."""
+def test_decode_forward_is_three_launches(stubbed_launches):
+    """Issue 16 asks for at most six: the router's GEMM, gating and routing plan are one kernel, then fc1, then fc2
+    and the combine as one token-major kernel (8 rows over 16 experts); no aten op computes anything besides them."""
     interpreter = stubbed_launches
     layer, x = _decode_layer(), torch.randn(1, 32)
     with torch.no_grad(), OpLog() as log:
         layer(x)
     launches = dict(interpreter.LAUNCHES)
-    assert launches == {"route_one_block_kernel": 1, "grouped_gemm_kernel": 2, "combine_kernel": 1}, launches
+    assert launches == {"route_one_block_kernel": 1, "grouped_gemm_kernel": 1, "fc2_combine_kernel": 1}, launches
     assert not log.compute_ops(), log.compute_ops()
 
 
@@ -171,7 +171,7 @@ def test_capacity_drops_run_as_kernels(stubbed_launches):
 
 
 def test_decode_gemm_grid_holds_the_tiles_a_routing_can_have(interpreter, monkeypatch):
-    """At decode (R = K = 8 rows over E = 16 experts) at most 8 experts have rows, so a GEMM's grid holds
+    """At decode (R = K = 8 rows over E = 16 experts) at most 8 experts have rows, so fc1's grid holds
     cdiv(R, BLOCK_M) + min(E, R) = 1 + 8 row tiles (not E + 1 = 17, most of them exiting at once), and every
     output is still right."""
     from moe_kernels.triton import runtime
@@ -182,9 +182,11 @@ def test_decode_gemm_grid_holds_the_tiles_a_routing_can_have(interpreter, monkey
     layer, x = _decode_layer(), torch.randn(1, 32)
     with torch.no_grad():
         out = layer(x)
-    gemms = [(grid, block_n) for name, grid, block_n in grids if name == "grouped_gemm_kernel"]
-    # fc1: N = H = 16 columns; fc2: N = 32 output columns; 32-column tiles under the interpreter.
-    assert [grid[0] for grid, _ in gemms] == [(1 + 8) * -(-16 // gemms[0][1]), (1 + 8) * -(-32 // gemms[1][1])]
+    (fc1, fc1_block_n), (fc2, fc2_block_n) = [(grid, block_n) for name, grid, block_n in grids
+                                              if name in ("grouped_gemm_kernel", "fc2_combine_kernel")]
+    # fc1: N = H = 16 columns in row tiles; fc2 (with the combine): the token's 32 output columns.
+    assert fc1 == ((1 + 8) * -(-16 // fc1_block_n), 1, 1)
+    assert fc2 == (1, -(-32 // fc2_block_n), 1)
     expected = ops.moe_mlp(x, layer.router.weight, layer.w1, None, layer.w2, None, 8, True, "silu", True,
                            backend="torch").out
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
