@@ -373,38 +373,43 @@ def combine_kernel(
 def fc2_combine_kernel(
     hidden_ptr, w_ptr, bias_ptr, slot_rows_ptr, ids_ptr, weights_ptr, out_ptr, T, N, H, E,
     stride_hm, stride_hk, stride_we, stride_wn, stride_wk, stride_bias_e, stride_om, stride_on,
-    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+    TOP_K: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_H: tl.constexpr,
 ):
     """fc2 and the combine in one token-major pass, for few rows (decode): out[t, n] = sum over kept slots k of
     weights[t, k] * (sum_h hidden[slot_rows[t*K + k], h] * W[e, n, h] (+ bias[e, n])), e = ids[t, k], in fp32
-    and rounded once. A program owns one token's BLOCK_N output columns and walks its K experts in slot order:
-    deterministic, no atomics, no [R, N] rows buffer and no combine launch. Each (token, expert) pair reads its
-    own W[e] slice, so this pays where experts see about one row each (T*K <= E); past that the grouped GEMM,
-    which reads each W[e] once for all its rows, does. Dropped slots are skipped, their rows never read.
-    Grid: (T, cdiv(N, BLOCK_N)).
+    and rounded once. A program owns one token's BLOCK_N output columns and reads its K experts' W[e] slices
+    together, a [BLOCK_K, BLOCK_N, BLOCK_H] tile per step of H (all K loads in flight at once: the kernel is a
+    bandwidth-bound GEMV); the sum over k is a fixed-order reduction: deterministic, no atomics, no [R, N] rows
+    buffer and no combine launch. Each (token, expert) pair reads its own slice, so this pays where experts see
+    about one row each (T*K <= E); past that the grouped GEMM, which reads each W[e] once for all its rows, does.
+    Dropped slots are masked: their rows and weights never read. Grid: (T, cdiv(N, BLOCK_N)).
     """
     token = tl.program_id(0).to(tl.int64)
+    ks = tl.arange(0, BLOCK_K)
+    slots = token * TOP_K + ks
+    experts = tl.load(ids_ptr + slots, mask=ks < TOP_K, other=-1)
+    kept = (ks < TOP_K) & (experts >= 0) & (experts < E)
+    hidden_rows = hidden_ptr + tl.load(slot_rows_ptr + slots, mask=kept, other=0) * stride_hm
     cols = (tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     col_mask = cols < N
+    w_rows = w_ptr + experts[:, None, None] * stride_we + cols[None, :, None] * stride_wn  # [BLOCK_K, BLOCK_N, 1]
+    w_mask = kept[:, None, None] & col_mask[None, :, None]
     hs = tl.arange(0, BLOCK_H)
-    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    for k in tl.static_range(TOP_K):
-        slot = token * TOP_K + k
-        expert = tl.load(ids_ptr + slot)
-        if (expert >= 0) & (expert < E):
-            hidden_row = hidden_ptr + tl.load(slot_rows_ptr + slot) * stride_hm
-            w_rows = w_ptr + expert * stride_we + cols[:, None] * stride_wn
-            part = tl.zeros((BLOCK_N, BLOCK_H), dtype=tl.float32)
-            for first in range(0, H, BLOCK_H):
-                h_mask = first + hs < H
-                h = tl.load(hidden_row + (first + hs) * stride_hk, mask=h_mask, other=0.0).to(tl.float32)
-                w = tl.load(w_rows + (first + hs)[None, :] * stride_wk, mask=col_mask[:, None] & h_mask[None, :],
-                            other=0.0).to(tl.float32)
-                part += w * h[None, :]
-            value = tl.sum(part, axis=1)
-            if HAS_BIAS:
-                value += tl.load(bias_ptr + expert * stride_bias_e + cols, mask=col_mask, other=0.0).to(tl.float32)
-            acc += tl.load(weights_ptr + slot) * value
+    part = tl.zeros((BLOCK_K, BLOCK_N, BLOCK_H), dtype=tl.float32)
+    for first in range(0, H, BLOCK_H):
+        h_mask = first + hs < H
+        h = tl.load(hidden_rows[:, None] + (first + hs)[None, :] * stride_hk, mask=kept[:, None] & h_mask[None, :],
+                    other=0.0).to(tl.float32)
+        w = tl.load(w_rows + (first + hs)[None, None, :] * stride_wk, mask=w_mask & h_mask[None, None, :],
+                    other=0.0).to(tl.float32)
+        part += w * h[:, None, :]
+    value = tl.sum(part, axis=2)  # [BLOCK_K, BLOCK_N]: each kept expert's output columns
+    if HAS_BIAS:
+        value += tl.load(bias_ptr + experts[:, None] * stride_bias_e + cols[None, :],
+                         mask=kept[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    weights = tl.load(weights_ptr + slots, mask=kept, other=0.0)
+    acc = tl.sum(weights[:, None] * value, axis=0)  # a dropped slot: weight 0 times value 0
     tl.store(out_ptr + token * stride_om + cols * stride_on, acc.to(out_ptr.dtype.element_ty), mask=col_mask)
 
 

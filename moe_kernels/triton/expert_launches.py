@@ -170,11 +170,14 @@ def launch_fc2_combine(spec: runtime.Launch, interpret: bool, hidden_rows: Tenso
 @runtime.shape_cache
 def fc2_combine_launch(num_tokens: int, out_features: int, hidden: int, num_experts: int, strides: tuple,
                        top_k: int, has_bias: bool, interpret: bool) -> runtime.Launch:
+    block_k = next_power_of_2(top_k)
     if interpret:
         block_n = block_h = 16  # small, so that tests cross tile edges
-    else:  # >= 256 programs (two per SM of an H100) where the columns allow; 2048 fp32 partial sums a program
-        block_n = max(8, min(64, next_power_of_2(cdiv(num_tokens * out_features, 256))))
-        block_h = min(next_power_of_2(hidden), 2048 // block_n)
+    else:  # >= 256 programs (two per SM of an H100) where the columns allow; ~4096 fp32 partial sums a program
+        block_n = max(8, min(64, next_power_of_2(cdiv(num_tokens * out_features, 256)), 4096 // (block_k * 32)))
+        block_h = min(next_power_of_2(hidden), max(16, 4096 // (block_k * block_n)))
+    meta = dict(TOP_K=top_k, HAS_BIAS=has_bias, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_H=block_h)
+    if not interpret and block_k * block_n * block_h > 4096:
+        meta["num_warps"] = 8
     return runtime.Launch("fc2_combine_kernel", (num_tokens, cdiv(out_features, block_n)),
-                          (num_tokens, out_features, hidden, num_experts, *strides),
-                          dict(TOP_K=top_k, HAS_BIAS=has_bias, BLOCK_N=block_n, BLOCK_H=block_h))
+                          (num_tokens, out_features, hidden, num_experts, *strides), meta)
