@@ -128,7 +128,8 @@ def topk_gating(logits: Tensor, top_k: int, normalize: bool = True, backend: str
 
     logits: [T, E] float -> (top_k_weights [T, K] float32 (float64 for float64 logits),
     top_k_idx [T, K] int64). A token whose logits hold NaN gets NaN weights and ids in [0, E);
-    no other token changes. Differentiable in the logits.
+    no other token changes. Differentiable in the logits. ``triton`` takes float32, float16 and bfloat16 (a
+    TypeError for float64, as for its other ops).
     """
     check_gating_args(logits, top_k, normalize)
     return resolve_backend(backend, logits.device).topk_gating(logits, top_k, normalize)

@@ -90,7 +90,8 @@ def weight_grad_launch(shape: tuple[int, int, int], num_rows: int, strides: tupl
     meta = dict(TOP_K=top_k, GATHER_A=gather_a, GATHER_B=gather_b, SCALE_A=scale_a, HAS_BIAS=has_bias,
                 **dot_options(dtype, interpret, allow_tf32))
     meta.update(INTERPRET_WEIGHT_GRAD if interpret else weight_grad_config(num_rows / num_experts, dtype, device))
-    grid = (cdiv(p_dim, meta["BLOCK_P"]) * cdiv(q_dim, meta["BLOCK_Q"]), num_experts)
+    # The first Q tile's programs write the bias gradient: one Q tile even where Q = 0 (no D or no H).
+    grid = (cdiv(p_dim, meta["BLOCK_P"]) * max(1, cdiv(q_dim, meta["BLOCK_Q"])), num_experts)
     return runtime.Launch("grouped_weight_grad_kernel", grid, (p_dim, q_dim, num_experts, *strides), meta)
 
 

@@ -9,7 +9,15 @@ from torch import Tensor
 
 from moe_kernels.contract import check_gating_args
 from moe_kernels.triton import runtime
-from moe_kernels.triton.runtime import cdiv, check_device, device_guard, eager, next_power_of_2, row_tiles
+from moe_kernels.triton.runtime import (
+    cdiv,
+    check_device,
+    check_dtype,
+    device_guard,
+    eager,
+    next_power_of_2,
+    row_tiles,
+)
 
 
 @runtime.shape_cache
@@ -38,6 +46,7 @@ def _topk_gating(logits: Tensor, top_k: int, normalize: bool, block_counts: Tens
                  block_tokens: int = 0) -> tuple[Tensor, Tensor]:
     """The gating launcher, arguments already checked. ``block_counts`` [blocks, E+1] int64: filled with the
     histogram of each routing block of ``block_tokens`` tokens (``routing.gate_and_plan``)."""
+    check_dtype(logits, "the Triton gating kernels")  # fp64 logits: a TypeError, not fp32 weights and routing
     interpret = check_device(logits)
     num_tokens, num_experts = logits.shape
     weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=logits.device)

@@ -102,6 +102,43 @@ def test_normalize_off(backend, normalize):
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
+@pytest.mark.parametrize("d_in, hidden", [(0, 4), (8, 0)], ids=["no input features", "no hidden units"])
+@pytest.mark.parametrize("glu", [False, True])
+def test_zero_features_or_hidden_units(backend, d_in, hidden, glu):
+    """D = 0 or H = 0 are degenerate but valid: the experts reduce to their biases. The output and every gradient
+    (the bias gradients are sums over rows whose other operand is empty) against the reference's."""
+    check_zero_features_or_hidden_units(backend, d_in, hidden, glu, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("d_in, hidden", [(0, 4), (8, 0)], ids=["no input features", "no hidden units"])
+def test_zero_features_or_hidden_units_on_gpu(monkeypatch, backend, d_in, hidden):
+    from tests.helpers import require_compiled_kernels
+
+    if backend == "triton":
+        require_compiled_kernels(monkeypatch)
+    elif ops.unavailable_reason("cuda", "cuda") is not None:
+        pytest.skip(ops.unavailable_reason("cuda", "cuda"))
+    check_zero_features_or_hidden_units(backend, d_in, hidden, True, "cuda")
+
+
+def check_zero_features_or_hidden_units(backend, d_in, hidden, glu, device):
+    gen = torch.Generator().manual_seed(0)
+    experts, h1 = 3, 2 * hidden if glu else hidden
+    leaves = [torch.randn(*size, generator=gen).to(device)
+              for size in ((5, d_in), (experts, d_in), (experts, h1, d_in), (experts, h1), (experts, 6, hidden),
+                           (experts, 6))]
+    results = []
+    for name in (backend, "torch"):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        out = ops.moe_mlp(*inputs, 2, True, "gelu", glu, backend=name).out
+        results.append((out, *torch.autograd.grad(out, inputs, torch.ones_like(out))))
+    for what, got, want in zip(("out", "d x", "d router", "d w1", "d b1", "d w2", "d b2"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=what)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
 def test_strided_inputs(backend):
     """x and the router weight as transposed views (strides other than a row-major tensor's)."""
     shape = (6, 24, 8, 16, 8, 2)

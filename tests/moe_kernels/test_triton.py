@@ -89,9 +89,17 @@ def test_cpu_needs_the_interpreter(monkeypatch):
 
 
 def test_rejects_fp64():
+    """Every Triton op refuses float64 with a TypeError naming it: the kernels compute in fp32 (the gating would
+    otherwise return fp32 weights for fp64 logits, and route by probabilities that underflow in fp32)."""
     args = random_problem(Shape(3, 8, 4, 8, 2, 1), dtype=torch.float64)
     with pytest.raises(TypeError, match="float64"):
         triton_backend.expert_mlp(*args)
+    logits = torch.tensor([[1.0, 1.0 + 1e-12, -1.0]], dtype=torch.float64)
+    for requires_grad in (False, True):
+        with pytest.raises(TypeError, match="gating kernels take .*float64"):
+            ops.topk_gating(logits.clone().requires_grad_(requires_grad), 1, False, backend="triton")
+    with pytest.raises(TypeError, match="float64"):
+        ops.router_losses(logits, torch.ones(1, 3), 1.0, 1.0, 1.0, backend="triton")
 
 
 # ----------------------------------------------------------------------------------------------
