@@ -1,7 +1,8 @@
 """Property-based tests of the ops over every backend that runs here (hypothesis draws the cases).
 
 Parity: each example is a fresh problem: any T (0 included), widths that are not multiples of the
-vector length, any E and 1 <= K <= E, some slots dropped (ids E or -1), GLU or not, biases or not,
+vector length (D and H of 0 included), any E and 1 <= K <= E, some slots dropped (ids E or -1), no GLU, the
+plain one or a variant, biases or not,
 every activation, x non-contiguous or not, fp32 or fp64 (fp32/fp16 for Triton, in its interpreter).
 Forward and every gradient must match the reference. For the cpu backend small T exercises the
 small-row path (<= 8 rows per expert), larger T the bins and the ATen GEMMs, skewed routing the
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from moe_kernels import cpu, ops, reference
+from moe_kernels.reference import GluSpec
 from tests.helpers import Shape, assert_close, assert_lowp_close, assert_matches_reference, random_problem
 
 hypothesis = pytest.importorskip("hypothesis")
@@ -24,6 +26,10 @@ if _REASON is not None:
     pytest.skip(f"CPU backend unavailable: {_REASON}", allow_module_level=True)
 
 ACTIVATIONS = list(reference.ACTIVATIONS)
+# Every GLU kind, with caps and limits that put typical pre-activations on both sides of each clamp and near
+# tanh's 0 (wide caps) as well as deep into its curve.
+GLU_VARIANTS = [GluSpec("clamped", interleaved=True, limit=0.6, up_offset=1.0), GluSpec("clamped_after", limit=0.3),
+                GluSpec("softcapped", gate_cap=30.0, up_cap=50.0), GluSpec("softcapped", gate_cap=0.8, up_cap=1.5)]
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +47,19 @@ def problems(draw, min_tokens=0, min_out=1, max_tokens=150, dtypes=(torch.float3
     experts = draw(st.integers(1, 9))
     shape = Shape(
         tokens=draw(st.sampled_from([t for t in (0, 1, 2, 3, 5, 8, 13, 40, 150) if min_tokens <= t <= max_tokens])),
-        d_in=draw(st.integers(1, 40)),
-        hidden=draw(st.integers(1, 40)),
+        d_in=draw(st.integers(0, 40)),  # 0: the experts reduce to their biases
+        hidden=draw(st.integers(0, 40)),
         d_out=draw(st.integers(min_out, 40)),
         experts=experts,
         top_k=draw(st.integers(1, experts)),
     )
+    glu = draw(st.sampled_from([False, True, *GLU_VARIANTS]))
     return dict(
         shape=shape,
-        glu=draw(st.booleans()),
+        glu=glu,
         bias=draw(st.booleans()),
-        activation=draw(st.sampled_from(ACTIVATIONS)),
+        # softcapped is a SiLU with capped factors (the contract refuses it with another activation)
+        activation="silu" if getattr(glu, "kind", None) == "softcapped" else draw(st.sampled_from(ACTIVATIONS)),
         dtype=draw(st.sampled_from(dtypes)),
         routing=draw(st.sampled_from(["random", "one_expert", "skip_experts"])),
         drop=draw(st.floats(0.0, 0.5)),
@@ -63,7 +71,7 @@ def problems(draw, min_tokens=0, min_out=1, max_tokens=150, dtypes=(torch.float3
 def _problem(case):
     torch.manual_seed(case["seed"])
     shape, dtype = case["shape"], case["dtype"]
-    x, w, idx, w1, b1, w2, b2 = random_problem(shape, dtype=dtype, glu=case["glu"], bias=case["bias"],
+    x, w, idx, w1, b1, w2, b2 = random_problem(shape, dtype=dtype, glu=bool(case["glu"]), bias=case["bias"],
                                                routing=case["routing"])
     dropped = torch.rand(idx.shape) < case["drop"]
     idx = torch.where(dropped, torch.where(torch.rand(idx.shape) < 0.5, shape.experts, -1), idx)
@@ -98,7 +106,7 @@ def test_cpu_bf16_forward_within_reference_error(case):
     above covers every size at tight tolerance."""
     torch.manual_seed(case["seed"])
     shape, glu = case["shape"], case["glu"]
-    x, w, idx, w1, b1, w2, b2 = random_problem(shape, dtype=torch.float64, glu=glu, bias=case["bias"],
+    x, w, idx, w1, b1, w2, b2 = random_problem(shape, dtype=torch.float64, glu=bool(glu), bias=case["bias"],
                                                routing=case["routing"])
     low = [t.bfloat16() if t is not None else None for t in (x, w1, b1, w2, b2)]
     exact = [t.double() if t is not None else None for t in low]  # the same rounded inputs, in fp64
