@@ -2,9 +2,13 @@
 
 For each row-count bucket of moe_kernels/triton/tiles.py (mean rows per expert up to 16, 64, 256, and
 above), it times candidate tiles on the problems whose mean rows per expert fall in the bucket (bf16):
-the forward's two grouped GEMMs (fc1 with its gather and activation epilogue, fc2) for the GEMM table,
+a training step's four grouped GEMMs (fc1 with its gather and activation epilogue, fc2, the backward's
+d pre-activation with its activation-gradient epilogue, and the input-gradient rows) for the GEMM table,
 the two weight gradients for the other. A bucket keeps the static table's tiles unless a candidate is
-faster by more than ``MARGIN`` over all of its problems. Times are medians of CUDA-event timings. Writes
+faster by more than ``MARGIN`` over all of its problems. Times are medians of CUDA-event timings. The
+budget is split two thirds to the GEMM table, one third to the weight gradients, and within each evenly
+over the buckets, the largest first (the training regimes', where the kernels bound the step); a bucket
+leaves the time it does not use to the next. Writes
 ``tuned_<model>.json`` to ``$OUT`` (or benchmarks/out); copy it to moe_kernels/triton/tuned/<model>.json
 to ship it: from then on that GPU model launches with it (tests/moe_kernels/test_tiles.py checks every
 shipped table). Each candidate compiles once (about a second); ``--budget-s`` bounds the whole run.
@@ -27,7 +31,8 @@ from benchmarks.gpu_check import time_device
 MARGIN = 0.03
 REPS = 10  # CUDA-event timings per candidate and problem (their median counts)
 BOUNDS = [16, 64, 256, math.inf]  # the buckets of tiles.GEMM_TABLE; WEIGHT_GRAD_TABLE splits at 64
-# (T, D, H, O, E, K, GLU), bf16, SiLU: decode, small batch, and the benchmark regimes' sizes in between.
+# (T, D, H, O, E, K, GLU), bf16, SiLU with GLU, GELU without: decode, small batch, and the benchmark regimes'
+# sizes in between (CuMo's CLIP MLP and its connector, whose output is 4096 wide).
 PROBLEMS = [
     (1, 2048, 1024, 2048, 64, 8, True),
     (16, 1024, 512, 1024, 64, 8, True),
@@ -35,6 +40,7 @@ PROBLEMS = [
     (512, 1024, 512, 1024, 64, 8, True),
     (2048, 1024, 512, 1024, 64, 8, True),
     (2304, 1024, 4096, 1024, 4, 2, False),
+    (2304, 1024, 4096, 4096, 4, 2, False),
     (8192, 2048, 768, 2048, 128, 8, True),
 ]
 
@@ -71,8 +77,8 @@ def choose(times: dict[tuple, float], static: tuple, margin: float = MARGIN) -> 
 
 def make_case(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", dtype=torch.bfloat16,
               interpret=False):
-    """Operands of one problem and the two launch sequences timed: the forward GEMMs and the weight grads
-    (device, dtype, interpret: a CPU run under Triton's interpreter checks the plumbing in tests)."""
+    """Operands of one problem and the two launch sequences timed: a training step's grouped GEMMs and its
+    weight grads (device, dtype, interpret: a CPU run under Triton's interpreter checks the plumbing in tests)."""
     from moe_kernels.reference import PLAIN_GLU
     from moe_kernels.triton import expert_launches as ex
     from moe_kernels.triton.routing import routing_plan_from_ids
@@ -91,22 +97,27 @@ def make_case(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", d
     hidden_rows = torch.empty(rows, hidden, **kw)
     out_rows = torch.empty(rows, d_out, **kw)
     grad_out = torch.randn(tokens, d_out, generator=gen, **kw)
+    grad_pre, grad_x_rows = torch.empty(rows, hidden1, **kw), torch.empty(rows, d_in, **kw)
     grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
-    spec = PLAIN_GLU if glu else None
+    spec, activation = (PLAIN_GLU, "silu") if glu else (None, "gelu")
 
-    def forward():
+    def gemms():
         ex.grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret, gather=True,
-                        aux=pre, epilogue=ex.EPILOGUE_ACTIVATION, glu=spec, activation="silu", store_aux=True)
+                        aux=pre, epilogue=ex.EPILOGUE_ACTIVATION, glu=spec, activation=activation, store_aux=True)
         ex.grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, out_rows, d_out, interpret,
                         gather=False, row_scale=weights)
+        ex.grouped_gemm(grad_out, w2, (w2.stride(1), w2.stride(2)), plan, grad_pre, hidden, interpret, gather=True,
+                        row_scale=weights, aux=pre, epilogue=ex.EPILOGUE_ACTIVATION_GRAD, glu=spec,
+                        activation=activation)
+        ex.grouped_gemm(grad_pre, w1, (w1.stride(1), w1.stride(2)), plan, grad_x_rows, d_in, interpret, gather=False)
 
     def weight_grads():
         ex.weight_grad(grad_out, hidden_rows, plan, grad_w2, None, interpret, gather_a=True, gather_b=False,
                        row_scale=weights)
         ex.weight_grad(pre, x, plan, grad_w1, None, interpret, gather_a=False, gather_b=True)
 
-    forward()  # the saved rows the weight gradients read hold real values
-    return forward, weight_grads
+    gemms()  # the saved rows the weight gradients read hold real values
+    return gemms, weight_grads
 
 
 def tune(kind: str, cases: dict, deadline: float, log) -> tuple[list, dict]:
@@ -116,13 +127,15 @@ def tune(kind: str, cases: dict, deadline: float, log) -> tuple[list, dict]:
     static_table = tiles.GEMM_TABLE if kind == "gemm" else tiles.WEIGHT_GRAD_TABLE
     bounds = [row[0] for row in static_table]
     candidates = gemm_candidates if kind == "gemm" else weight_grad_candidates
-    table, speedups = [], {}
-    for static_row in static_table:
+    rows, speedups = {}, {}
+    largest_first = static_table[::-1]
+    for i, static_row in enumerate(largest_first):
         bound, static = static_row[0], tuple(static_row[1:])
+        bucket_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(largest_first) - i)
         problems = [p for p in cases if bucket_of(p[0] * p[5] / p[4], bounds) == bound]  # T*K/E
         times: dict[tuple, float] = {}
         for tiles_ in [static] + [c for c in candidates(bound) if c != static]:
-            if time.perf_counter() > deadline:
+            if time.perf_counter() > bucket_deadline:
                 log(f"  {kind} <= {bound}: out of time after {len(times)} candidates")
                 break
             row = (math.inf, *tiles_)
@@ -137,12 +150,12 @@ def tune(kind: str, cases: dict, deadline: float, log) -> tuple[list, dict]:
             finally:
                 tiles.tables_for = real
         chosen, speedup = choose(times, static) if times else (static, math.nan)
-        table.append([None if bound == math.inf else bound, *chosen])
+        rows[bound] = [None if bound == math.inf else bound, *chosen]
         speedups[str(bound)] = round(speedup, 3)
         log(f"  {kind} <= {bound}: {len(problems)} problems, {len(times)} tiles timed, chose {chosen} "
             f"({speedup:.2f}x the static {static})")
     tiles.reload_tables()
-    return table, speedups
+    return [rows[row[0]] for row in static_table], {str(row[0]): speedups[str(row[0])] for row in static_table}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,13 +172,13 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(os.environ.get("OUT") or Path(__file__).resolve().parent / "out")
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
-    deadline = time.perf_counter() + args.budget_s
+    start = time.perf_counter()
     cases = {problem: make_case(*problem) for problem in PROBLEMS}
     print(f"tuning tiles on {device}; Triton {triton.__version__}, torch {torch.__version__}")
     result = {"device": device, "triton": triton.__version__, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "problems": PROBLEMS}
-    for kind in ("gemm", "weight_grad"):
-        result[kind], result[f"{kind}_speedup_vs_static"] = tune(kind, cases, deadline, print)
+    for kind, share in (("gemm", 2 / 3), ("weight_grad", 1.0)):
+        result[kind], result[f"{kind}_speedup_vs_static"] = tune(kind, cases, start + share * args.budget_s, print)
     tiles.check_table(result["gemm"], "gemm")
     tiles.check_table(result["weight_grad"], "weight_grad")
     path = out / f"tuned_{tiles.tuned_name(device)}.json"

@@ -59,6 +59,27 @@ def test_tune_times_each_candidate_through_the_tables_the_launchers_read(monkeyp
     assert tiles.tables_for(-1) == (tiles.GEMM_TABLE, tiles.WEIGHT_GRAD_TABLE)
 
 
+def test_the_budget_goes_largest_bucket_first_and_evenly(monkeypatch):
+    """A clock that advances one second per problem timed: with 12 seconds for four buckets, the largest bucket
+    (the training regimes', three problems: 3 s a candidate) is tuned first, within its share of 3 s."""
+    clock = [0.0]
+
+    def timing(fn, iters):
+        clock[0] += 1.0
+        return 1.0
+
+    monkeypatch.setattr(tune_tiles.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(tune_tiles, "time_device", timing)
+    cases = {problem: (lambda: None, lambda: None) for problem in tune_tiles.PROBLEMS if problem[0] * problem[5]
+             / problem[4] > 256}  # only the largest bucket has problems: the others time nothing, quickly
+    lines = []
+    table, _ = tune_tiles.tune("gemm", cases, deadline=12.0, log=lines.append)
+    assert lines[:2] == ["  gemm <= inf: out of time after 2 candidates",  # at 0 s and 3 s; 6 s is past 3 s
+                         f"  gemm <= inf: 3 problems, 2 tiles timed, chose {tuple(tiles.GEMM_TABLE[-1][1:])} (1.00x "
+                         f"the static {tuple(tiles.GEMM_TABLE[-1][1:])})"], lines
+    assert [row[0] for row in table] == [16, 64, 256, None]  # the table in its order again
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is here: the tuner would run")
 def test_without_a_gpu_it_says_so():
     assert tune_tiles.main([]) == 2
@@ -69,7 +90,13 @@ def test_a_case_runs_under_the_interpreter(monkeypatch):
     every argument reaches its kernel (a GPU run is too scarce to find a wrong call)."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    forward, weight_grads = tune_tiles.make_case(6, 16, 8, 12, 4, 2, True, device="cpu", dtype=torch.float32,
-                                                 interpret=True)
-    forward()
-    weight_grads()
+    from moe_kernels.triton import LAUNCHES, reset_launch_counts
+
+    for glu in (True, False):
+        gemms, weight_grads = tune_tiles.make_case(6, 16, 8, 12, 4, 2, glu, device="cpu", dtype=torch.float32,
+                                                   interpret=True)
+        reset_launch_counts()
+        gemms()
+        weight_grads()
+        # a training step's four grouped GEMMs (fc1, fc2, d pre-activation, input-gradient rows), two weight grads
+        assert dict(LAUNCHES) == {"grouped_gemm_kernel": 4, "grouped_weight_grad_kernel": 2}, dict(LAUNCHES)
