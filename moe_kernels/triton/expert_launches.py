@@ -174,11 +174,14 @@ def fc2_combine_launch(num_tokens: int, out_features: int, hidden: int, num_expe
     block_k = next_power_of_2(top_k)
     if interpret:
         block_n = block_h = 16  # small, so that tests cross tile edges
-    else:  # >= 256 programs (two per SM of an H100) where the columns allow; ~4096 fp32 partial sums a program
-        block_n = max(8, min(64, next_power_of_2(cdiv(num_tokens * out_features, 256)), 4096 // (block_k * 32)))
-        block_h = min(next_power_of_2(hidden), max(16, 4096 // (block_k * block_n)))
+    else:
+        # >= 256 programs (two per SM of an H100) where the columns allow. The loop's loads are not pipelined,
+        # so each step's tile is what a program has in flight: ~8192 weights (16 KB in bf16) over 8 warps, 4 MB
+        # over 256 programs, past the ~3.5 MB that H100/H200 bandwidth times DRAM latency asks for.
+        block_n = max(8, min(64, next_power_of_2(cdiv(num_tokens * out_features, 256)), 8192 // (block_k * 64)))
+        block_h = min(next_power_of_2(hidden), max(16, 8192 // (block_k * block_n)))
     meta = dict(TOP_K=top_k, HAS_BIAS=has_bias, BLOCK_K=block_k, BLOCK_N=block_n, BLOCK_H=block_h)
-    if not interpret and block_k * block_n * block_h > 4096:
+    if not interpret:
         meta["num_warps"] = 8
     return runtime.Launch("fc2_combine_kernel", (num_tokens, cdiv(out_features, block_n)),
                           (num_tokens, out_features, hidden, num_experts, *strides), meta)
