@@ -88,7 +88,7 @@ def _expert_mlp_forward(x: Tensor, top_k_weights: Tensor, top_k_idx: Tensor, w1:
     b1 = b1.contiguous() if b1 is not None else None
     b2 = b2.contiguous() if b2 is not None else None
     num_rows = num_tokens * top_k
-    out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)  # every row written (combine or fc2_combine)
+    out = torch.empty(num_tokens, out_features, dtype=x.dtype, device=x.device)  # every row written by a combine
     pre = torch.empty(num_rows, hidden1, dtype=x.dtype, device=x.device) if save_pre else None
     hidden_rows = torch.empty(num_rows, hidden, dtype=x.dtype, device=x.device)
     rows = torch.empty(num_rows, out_features, dtype=x.dtype, device=x.device) if keep_rows else None
