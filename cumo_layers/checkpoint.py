@@ -2,9 +2,12 @@
 
 The one place that writes and reads checkpoint files (the CuMo model, upcycled models, expert-parallel
 slices and the ``cumo-upcycle`` CLI all go through it). A checkpoint is a directory holding
-``model.safetensors`` and ``config.json``. Writes go to a temporary sibling directory that is renamed
-into place only when complete: a crash mid-write leaves the previous checkpoint (or nothing) intact.
-Loading never unpickles; a missing, truncated or corrupt file raises ``CheckpointError`` naming it.
+``model.safetensors`` and ``config.json``, possibly beside other files (a tokenizer, notes), which a save
+keeps: ``write_checkpoint`` writes each of its two files under a temporary name in the directory and renames
+it over the old one when complete, so a crash mid-write leaves the previous checkpoint (or nothing) intact.
+``atomic_directory`` replaces a whole directory in one rename, for directories this package owns (a
+recipe stage, a training state). Loading never unpickles; a missing, truncated or corrupt file raises
+``CheckpointError`` naming it.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -62,14 +66,34 @@ def atomic_directory(destination: str | os.PathLike, overwrite: bool = True) -> 
 def write_checkpoint(
     directory: str | os.PathLike, tensors: dict[str, Tensor], config: dict[str, Any], overwrite: bool = True
 ) -> Path:
-    """Write ``tensors`` (safetensors) and ``config`` (JSON) to ``directory`` atomically; returns its path."""
+    """Write ``tensors`` (safetensors) and ``config`` (JSON) into ``directory`` (created if needed), keeping every
+    other file there; returns its path. Each file is written under a temporary name in the directory, flushed to
+    disk, then renamed over the old one: the weights, then the config. A failure or crash while writing leaves
+    the previous checkpoint as it was and no temporary file behind (the one window is between the two renames).
+    With ``overwrite=False`` a directory that holds a checkpoint file already raises FileExistsError before
+    anything is written."""
     from safetensors.torch import save_file
 
+    directory = Path(directory)
+    if not overwrite and any((directory / name).exists() for name in (WEIGHTS_NAME, CONFIG_NAME)):
+        raise FileExistsError(f"{directory} holds a checkpoint; pass overwrite=True (or --force) to replace it")
     contiguous = {name: t.detach().contiguous().cpu() for name, t in tensors.items()}
-    with atomic_directory(directory, overwrite=overwrite) as staging:
-        save_file(contiguous, str(staging / WEIGHTS_NAME), metadata={"format": "pt"})
-        (staging / CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return Path(directory)
+    text = json.dumps(config, indent=2, sort_keys=True) + "\n"  # before any file: a config JSON refuses fails here
+    directory.mkdir(parents=True, exist_ok=True)
+    staged = {name: directory / f".{name}.tmp-{uuid.uuid4().hex}" for name in (WEIGHTS_NAME, CONFIG_NAME)}
+    try:
+        save_file(contiguous, str(staged[WEIGHTS_NAME]), metadata={"format": "pt"})
+        staged[CONFIG_NAME].write_text(text)
+        for path in staged.values():  # the bytes durable before a rename publishes them
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        for name, path in staged.items():
+            os.replace(path, directory / name)
+    except BaseException:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+        raise
+    return directory
 
 
 def read_config(directory: str | os.PathLike) -> dict[str, Any]:

@@ -244,10 +244,10 @@ def upcycle_in_place(source: Path, family: Family, args, dtype) -> tuple[nn.Modu
         setattr(parent, child, moe.eval())
     with torch.no_grad():
         check_probe(expected, probe(model), dtype_of(model))
-    base = {"architecture": architecture, "config": config.to_dict()}
 
-    def write(destination: Path) -> None:
-        save_upcycled(model, destination, overwrite=args.force, base=base)
+    def write(destination: Path) -> None:  # --force replaces --out whole, as for the transformers models
+        with atomic_directory(destination, overwrite=args.force) as staging:
+            save_upcycled(model, staging)  # the manifest's base: the model's class and config (transformers_base)
 
     return model, write
 

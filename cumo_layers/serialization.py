@@ -55,20 +55,38 @@ def _untied(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], di
 def save_upcycled(
     model: nn.Module, directory: str | os.PathLike, overwrite: bool = True, base: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``model`` (any module holding SparseMoEMLPs) to ``directory`` atomically; returns its path.
+    """Write ``model`` (any module holding SparseMoEMLPs) into ``directory``; returns its path. Its two files are
+    each written atomically and other files there are kept (``checkpoint.write_checkpoint``).
 
     base: optional JSON-able description of how to rebuild the base model, e.g.
     ``{"architecture": "CLIPVisionModel", "config": config.to_dict()}`` (transformers), which lets
-    ``load_upcycled(directory)`` run without a base model. Raises FileExistsError if ``directory``
-    exists and ``overwrite`` is False, ValueError if ``model`` holds no SparseMoEMLP.
+    ``load_upcycled(directory)`` run without a base model; by default a transformers model's own (its class, when
+    transformers exports it, and its config), so a model loaded that way saves the same way again. Raises
+    FileExistsError if ``directory`` holds a checkpoint and ``overwrite`` is False, ValueError if ``model`` holds
+    no SparseMoEMLP.
     """
     modules = {name: moe_settings(m) for name, m in model.named_modules() if isinstance(m, SparseMoEMLP)}
     if not modules:
         raise ValueError(f"{type(model).__name__} holds no SparseMoEMLP; nothing upcycled to save")
     tensors, aliases = _untied(model.state_dict())
     manifest = {"format": FORMAT, "version": FORMAT_VERSION, "moe_modules": modules, "aliases": aliases,
-                "base": base}
+                "base": base if base is not None else transformers_base(model)}
     return write_checkpoint(directory, tensors, manifest, overwrite=overwrite)
+
+
+def transformers_base(model: nn.Module) -> dict[str, Any] | None:
+    """``{"architecture": class name, "config": config.to_dict()}`` for a transformers model whose class transformers
+    exports (what ``load_upcycled`` rebuilds the base from), else None."""
+    config = getattr(model, "config", None)
+    if not hasattr(config, "to_dict"):
+        return None
+    try:
+        import transformers
+    except ImportError:
+        return None
+    if getattr(transformers, type(model).__name__, None) is not type(model):
+        return None
+    return {"architecture": type(model).__name__, "config": config.to_dict()}
 
 
 def _base_from_manifest(base: dict[str, Any] | None, directory: str | os.PathLike) -> nn.Module:

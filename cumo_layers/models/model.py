@@ -142,7 +142,8 @@ class CuMoModel(nn.Module):
         return tensors
 
     def save_pretrained(self, directory: str | os.PathLike, overwrite: bool = True) -> Path:
-        """Write model.safetensors + config.json to ``directory`` atomically; returns its path."""
+        """Write model.safetensors + config.json into ``directory`` (``checkpoint.write_checkpoint``: each file
+        atomically, other files there kept); returns its path."""
         return write_checkpoint(directory, self.checkpoint_tensors(), self.config_dict(), overwrite=overwrite)
 
     @classmethod

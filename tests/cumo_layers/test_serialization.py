@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -76,6 +77,62 @@ def test_round_trip_of_a_transformers_model_without_a_base(tmp_path):
     pixels = torch.randn(2, 3, 16, 16)
     torch.testing.assert_close(loaded(pixel_values=pixels).last_hidden_state,
                                model(pixel_values=pixels).last_hidden_state, rtol=0, atol=0)
+
+
+def test_a_loaded_transformers_model_saves_again_without_a_base(tmp_path):
+    """save_upcycled records a transformers model's class and config by itself, so a checkpoint loaded without
+    a base model saves to one that loads the same way (it used to drop the base and refuse to load)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.CLIPVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                           num_attention_heads=4, image_size=16, patch_size=8)
+    torch.manual_seed(0)
+    model = upcycle_model(transformers.CLIPVisionModel(config).eval(), num_experts=4, top_k=2, match=r"mlp$")
+    save_upcycled(model, tmp_path / "clip")
+    save_upcycled(load_upcycled(tmp_path / "clip"), tmp_path / "copy")
+    copy = load_upcycled(tmp_path / "copy").eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    torch.testing.assert_close(copy(pixel_values=pixels).last_hidden_state,
+                               model(pixel_values=pixels).last_hidden_state, rtol=0, atol=0)
+
+
+def test_saving_into_a_directory_keeps_its_other_files(tmp_path, monkeypatch):
+    """A tokenizer or notes saved beside the weights survive a save (Hugging Face's save_pretrained writes into
+    the directory too), also into the working directory itself, and nothing temporary is left."""
+    directory = tmp_path / "out"
+    directory.mkdir()
+    (directory / "tokenizer.json").write_text("{}")
+    save_upcycled(upcycled_tower(), directory)
+    save_upcycled(upcycled_tower(seed=1), directory)
+    assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json"]
+    torch.testing.assert_close(load_upcycled(directory, Tower()).embed.weight, upcycled_tower(seed=1).embed.weight)
+    monkeypatch.chdir(directory)
+    save_upcycled(upcycled_tower(seed=2), ".")
+    assert Path.cwd() == directory and (directory / "tokenizer.json").read_text() == "{}"
+    assert sorted(p.name for p in directory.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "tokenizer.json"]
+
+
+@pytest.mark.parametrize("failure", ["weights", "config"])
+def test_a_save_that_fails_leaves_the_previous_checkpoint(tmp_path, monkeypatch, failure):
+    """A failure while the weights are written (a full disk, an interrupt) or a manifest that is not JSON: the
+    previous checkpoint loads as before and no temporary file is left."""
+    import safetensors.torch
+
+    model = upcycled_tower()
+    save_upcycled(model, tmp_path / "ckpt")
+    before = sorted((p.name, p.read_bytes()) for p in (tmp_path / "ckpt").iterdir())
+    if failure == "weights":
+        def interrupted(tensors, path, metadata=None):
+            Path(path).write_bytes(b"half a file")
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(safetensors.torch, "save_file", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            save_upcycled(upcycled_tower(seed=1), tmp_path / "ckpt")
+    else:
+        with pytest.raises(TypeError, match="JSON serializable"):
+            save_upcycled(upcycled_tower(seed=1), tmp_path / "ckpt", base={"architecture": object()})
+    assert sorted((p.name, p.read_bytes()) for p in (tmp_path / "ckpt").iterdir()) == before
+    torch.testing.assert_close(load_upcycled(tmp_path / "ckpt", Tower())(IDS), model(IDS), rtol=0, atol=0)
 
 
 def test_refuses_to_overwrite_unless_asked(tmp_path):
