@@ -309,11 +309,15 @@ def run(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from safetensors import SafetensorError
+
     args = parse_args(argv)
     try:
         run(args)
-    except (CliError, CheckpointError, UpcycleError, FileExistsError, OSError) as exc:
+    except (CliError, CheckpointError, UpcycleError, FileExistsError, OSError, SafetensorError) as exc:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, SafetensorError):  # transformers reading --model's weights
+            message = f"--model {args.model}: a weights file is truncated or corrupt ({message})"
         print(f"cumo-upcycle: error: {message}", file=sys.stderr)
         return 1
     return 0

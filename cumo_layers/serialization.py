@@ -131,8 +131,15 @@ def load_upcycled(
         raise CheckpointError(f"{directory} is not a {FORMAT} checkpoint (format {manifest.get('format')!r})")
     if manifest.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{directory}: format version {manifest.get('version')}, this code reads {FORMAT_VERSION}")
+    modules, aliases = manifest.get("moe_modules"), manifest.get("aliases", {})
+    if not isinstance(modules, dict) or not all(isinstance(settings, dict) for settings in modules.values()):
+        raise CheckpointError(f"{directory}: the manifest's 'moe_modules' must map module names to SparseMoEMLP "
+                              f"settings, got {type(modules).__name__}")
+    if not isinstance(aliases, dict) or not all(isinstance(name, str) for name in aliases.values()):
+        raise CheckpointError(f"{directory}: the manifest's 'aliases' must map tensor names to tensor names, "
+                              f"got {type(aliases).__name__}")
     tensors = read_tensors(directory, device=device)
-    for alias, name in manifest.get("aliases", {}).items():
+    for alias, name in aliases.items():
         if name not in tensors:
             raise CheckpointError(f"{directory}: tied tensor {alias!r} refers to missing {name!r}")
         tensors[alias] = tensors[name]
@@ -144,7 +151,7 @@ def load_upcycled(
         model = base_model_or_loader()
 
     replacements = []
-    for name, settings in manifest["moe_modules"].items():
+    for name, settings in modules.items():
         parent, child = _parent(model, name, directory)
         reference = next(parent._modules[child].parameters(), None)
         factory = {} if reference is None else {"device": reference.device, "dtype": reference.dtype}

@@ -147,6 +147,10 @@ def bad_source(kind: str, tmp_path: Path) -> Path:
     elif kind == "pickle only":
         (source / "config.json").write_text(json.dumps({"model_type": "llama", **LM}))
         (source / "pytorch_model.bin").write_bytes(pickle.dumps(Marker(tmp_path / "UNPICKLED")))
+    elif kind == "truncated weights":
+        saved(transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**LM)), source)
+        weights = source / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:weights.stat().st_size // 2])
     return source
 
 
@@ -155,9 +159,11 @@ def bad_source(kind: str, tmp_path: Path) -> Path:
     ("not a checkpoint", "is not a Hugging Face checkpoint: config.json is missing"),
     ("unsupported", "unsupported architecture 'bert' .* supported: llama .*mistral.*qwen2.*clip_vision_model.*llava"),
     ("pickle only", r"holds only pickle weights \(pytorch_model.bin\); they are never unpickled"),
+    ("truncated weights", r"--model .*/src: a weights file is truncated or corrupt"),
 ])
 def test_bad_inputs_get_one_line_and_a_nonzero_exit(tmp_path, capsys, kind, message):
     source = bad_source(kind, tmp_path)
+    capsys.readouterr()  # what making the source printed
     code, out, err = run_cli(capsys, "--model", source, "--out", tmp_path / "out")
     assert code == 1
     lines = err.strip().splitlines()

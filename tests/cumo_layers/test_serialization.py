@@ -186,6 +186,26 @@ def test_damaged_files_leave_the_model_untouched(tmp_path, damage, target, match
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.pop("moe_modules"), "'moe_modules' must map module names to SparseMoEMLP settings, got NoneType"),
+    (lambda m: m.update(moe_modules=["blocks.0.mlp"]), "'moe_modules' must map .* got list"),
+    (lambda m: m.update(moe_modules={"blocks.0.mlp": 4}), "'moe_modules' must map .* got dict"),
+    (lambda m: m.update(aliases=["head.weight"]), "'aliases' must map tensor names to tensor names, got list"),
+])
+def test_a_hand_edited_manifest_of_the_wrong_shape_is_refused(tmp_path, edit, match):
+    """Valid JSON of the right format and version whose entries have the wrong types: a CheckpointError naming
+    the entry (it was a KeyError or an AttributeError), the model untouched."""
+    save_upcycled(upcycled_tower(), tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / CONFIG_NAME
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    base = Tower()
+    with pytest.raises(CheckpointError, match=match):
+        load_upcycled(tmp_path / "ckpt", base)
+    assert not any(isinstance(m, SparseMoEMLP) for m in base.modules())
+
+
 @pytest.mark.parametrize("make_base,match", [
     (lambda: Tower(width=8), r"embed\.weight is \(10, 16\) torch\.float32, expected \(10, 8\)"),  # another size
     (lambda: Tower().double(), r"torch\.float32, expected \(10, 16\) torch\.float64"),  # another dtype
