@@ -211,8 +211,10 @@ def grouped_gemm(x: Tensor, weight: Tensor, expert_offsets: Tensor, bias: Tensor
     bias: [E, O] or None -> [N, O], row r of expert e is x[r] @ weight[e].T + bias[e].
     Rows past offsets[E] (dropped) are zero.
     """
-    bounds = expert_offsets.tolist()
     out = x.new_zeros(x.shape[0], weight.shape[1])
+    if x.shape[0] == 0:  # no rows: no bounds to read (torch.compile would trace data-dependent ones it never uses)
+        return out
+    bounds = expert_offsets.tolist()
     for e in range(weight.shape[0]):
         seg = x[bounds[e]:bounds[e + 1]] @ weight[e].t()
         out[bounds[e]:bounds[e + 1]] = seg if bias is None else seg + bias[e]

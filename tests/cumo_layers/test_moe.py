@@ -306,9 +306,10 @@ def test_capacity_load_equals_a_recount():
     pytest.param("triton", "inductor", marks=pytest.mark.slow),
 ])
 def test_compile_dynamic_token_counts(backend, compiler, monkeypatch):
-    """fullgraph compile, forward and backward with the router's losses, over 5 token counts: at most 3
-    graphs (the first count specialises, the second marks the token dim dynamic), the output, the aux loss
-    and the input gradient equal to eager."""
+    """fullgraph compile, forward and backward with the router's losses, over 5 token counts and then 0 (an
+    expert-parallel rank may hold none): at most 3 graphs for the counts (the first specialises, the second marks
+    the token dim dynamic) and one more for 0 (a size of 0 is always specialised); the output, the aux loss and
+    the input gradient equal to eager."""
     from torch._dynamo.utils import counters
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # the triton backend on CPU tensors
@@ -318,7 +319,7 @@ def test_compile_dynamic_token_counts(backend, compiler, monkeypatch):
     counters.clear()
     moe = SparseMoEMLP(16, 24, num_experts=4, top_k=2, glu=True, activation="silu", backend=backend)
     compiled = torch.compile(moe, backend=compiler, fullgraph=True)
-    for tokens in (3, 7, 16, 33, 50):
+    for tokens in (3, 7, 16, 33, 50, 0):
         x = torch.randn(tokens, 16, requires_grad=True)
         y = compiled(x)
         aux = moe.last_aux_loss
@@ -327,9 +328,11 @@ def test_compile_dynamic_token_counts(backend, compiler, monkeypatch):
         expected = moe(x)
         (expected.sum() + moe.last_aux_loss).backward()
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(aux, moe.last_aux_loss, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(aux, moe.last_aux_loss, rtol=1e-5, atol=1e-6, equal_nan=True)
         torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-6)
-    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+        if tokens == 50:
+            assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
 
 
 @pytest.mark.parametrize("backend", cpu_backends())
