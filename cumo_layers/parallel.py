@@ -109,6 +109,7 @@ class ExpertParallelMoEMLP(SparseMoEMLP):
         self.rank = dist.get_rank(group)
         if self.rank < 0:
             raise ValueError(f"rank {dist.get_rank()} is not a member of the group it was asked to split experts over")
+        _check_same_layer_on_every_rank(moe, group, self.world_size)
         if moe.num_experts % self.world_size:
             raise ValueError(
                 f"expert parallelism needs num_experts divisible by the group size: {moe.num_experts} experts "
@@ -324,6 +325,19 @@ def data_parallel(model: nn.Module, group: dist.ProcessGroup | None = None, **dd
     wrapped = DistributedDataParallel(model, process_group=group, **ddp_kwargs)
     wrapped.register_comm_hook(group, _sum_gradients_hook)
     return wrapped
+
+
+def _check_same_layer_on_every_rank(moe: SparseMoEMLP, group: dist.ProcessGroup | None, world_size: int) -> None:
+    """Every rank of the group wraps the same layer: its settings and dtype, gathered once when the layer is built
+    (as DDP checks its parameters' shapes). A mismatch found later would surface inside a collective of the
+    first forward: a gloo abort on one rank and a reset connection on the others, or an NCCL hang."""
+    mine = {**_layer_config(moe), "dtype": str(moe.w1.dtype)}
+    everyone: list[dict[str, Any]] = [{} for _ in range(world_size)]
+    dist.all_gather_object(everyone, mine, group=group)
+    differing = [name for name in mine if any(other[name] != mine[name] for other in everyone)]
+    if differing:
+        per_rank = "; ".join(f"{name}: {[other[name] for other in everyone]}" for name in differing)
+        raise ValueError(f"expert_parallel: every rank must wrap the same layer, but by rank {per_rank}")
 
 
 def _layer_config(moe: SparseMoEMLP) -> dict[str, Any]:

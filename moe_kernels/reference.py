@@ -211,9 +211,13 @@ def grouped_gemm(x: Tensor, weight: Tensor, expert_offsets: Tensor, bias: Tensor
     bias: [E, O] or None -> [N, O], row r of expert e is x[r] @ weight[e].T + bias[e].
     Rows past offsets[E] (dropped) are zero.
     """
+    if x.shape[0] == 0:
+        # No rows, so no bounds to read (torch.compile would trace data-dependent ones it never uses). The empty
+        # result still depends on x and the weight: a backward must reach whatever produced x (under expert
+        # parallelism, an all_to_all that every rank joins, whether or not it received rows).
+        empty = torch.mm(x, weight[0].t())
+        return empty if bias is None else empty + bias[0]
     out = x.new_zeros(x.shape[0], weight.shape[1])
-    if x.shape[0] == 0:  # no rows: no bounds to read (torch.compile would trace data-dependent ones it never uses)
-        return out
     bounds = expert_offsets.tolist()
     for e in range(weight.shape[0]):
         seg = x[bounds[e]:bounds[e + 1]] @ weight[e].t()

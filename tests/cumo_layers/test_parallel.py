@@ -81,7 +81,7 @@ def test_checkpoint_rebuilds_single_process_layer(worlds):
     assert got["params"] == 0 and got["output"] == 0 and got["same_config"] == 1
 
 
-@pytest.mark.parametrize("case", ["different_layer", "missing_slice", "not_a_group_member"])
+@pytest.mark.parametrize("case", ["different_layer", "missing_slice", "not_a_group_member", "settings_differ"])
 def test_mismatch_or_non_member_raises(worlds, case):
     assert case_results(worlds, 4, case)["raised"] == 1
 
