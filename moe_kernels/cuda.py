@@ -36,6 +36,7 @@ except ImportError as exc:  # the package works without the extension
 # torch._grouped_mm needs 16-byte aligned row strides and base pointers.
 GROUPED_MM_ALIGN_BYTES = 16
 GROUPED_MM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DTYPES = GROUPED_MM_DTYPES  # what this backend computes on (ops.resolve_backend's "auto" reads it)
 COMPILE_DTYPES = (torch.float16, torch.bfloat16)  # fp32 runs eagerly only (a host-synced loop in torch)
 
 

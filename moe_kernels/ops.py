@@ -11,8 +11,9 @@ exposing five functions with the reference's signatures:
     expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu) -> y
 
 and may expose ``moe_mlp`` (``moe_mlp`` as one launch sequence; it returns None for a call it leaves to the
-five one by one, which is how ``moe_mlp`` runs on the others). Backends are imported lazily, so a missing
-extension or Triton never breaks ``import``. An explicitly named backend that cannot run raises
+five one by one, which is how ``moe_mlp`` runs on the others) and ``DTYPES``, the float dtypes its ops compute
+on when not all four (``"auto"`` passes over a backend that does not take the input's dtype). Backends are
+imported lazily, so a missing extension or Triton never breaks ``import``. An explicitly named backend that cannot run raises
 ``BackendUnavailableError``: never a silent fallback. Only ``"auto"`` picks among them.
 """
 
@@ -105,13 +106,16 @@ def available_backends(device: torch.device | str = "cpu") -> dict[str, str | No
     return {name: unavailable_reason(name, device) for name in BACKEND_MODULES}
 
 
-def resolve_backend(name: str, device: torch.device | str) -> ModuleType:
-    """The backend module that runs ops for ``name`` on ``device``; raises if it cannot."""
+def resolve_backend(name: str, device: torch.device | str, dtype: torch.dtype | None = None) -> ModuleType:
+    """The backend module that runs ops for ``name`` on ``device``; raises if it cannot. ``"auto"`` takes the
+    first of ``AUTO_ORDER`` that runs there and computes on ``dtype`` (when given: float64 on a GPU goes to
+    ``torch``, where Triton and CUDA would refuse it); a backend named explicitly is that backend."""
     check_backend_name(name)
     device = torch.device(device)
     if name == "auto":
         for candidate in AUTO_ORDER.get(device.type, ("torch",)):
-            if unavailable_reason(candidate, device) is None:
+            if unavailable_reason(candidate, device) is None and (
+                    dtype is None or dtype in getattr(_load(candidate), "DTYPES", (dtype,))):
                 return _load(candidate)  # type: ignore[return-value]
         name = "torch"
     reason = unavailable_reason(name, device)
@@ -132,7 +136,7 @@ def topk_gating(logits: Tensor, top_k: int, normalize: bool = True, backend: str
     TypeError for float64, as for its other ops).
     """
     check_gating_args(logits, top_k, normalize)
-    return resolve_backend(backend, logits.device).topk_gating(logits, top_k, normalize)
+    return resolve_backend(backend, logits.device, logits.dtype).topk_gating(logits, top_k, normalize)
 
 
 def expert_load(top_k_idx: Tensor, num_experts: int, backend: str = "auto") -> Tensor:
@@ -156,8 +160,8 @@ def router_losses(logits: Tensor, balance_weights: Tensor, z_scale: float, balan
     host's critical path.
     """
     check_router_losses_args(logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale)
-    return resolve_backend(backend, logits.device).router_losses(logits, balance_weights, z_scale, balance_coef,
-                                                                 z_coef, balance_scale)
+    module = resolve_backend(backend, logits.device, logits.dtype)
+    return module.router_losses(logits, balance_weights, z_scale, balance_coef, z_coef, balance_scale)
 
 
 def expert_mlp(
@@ -184,7 +188,7 @@ def expert_mlp(
     ``moe_kernels.reference.expert_mlp``.
     """
     check_expert_mlp_args(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
-    module = resolve_backend(backend, x.device)
+    module = resolve_backend(backend, x.device, x.dtype)
     return module.expert_mlp(x, top_k_weights, top_k_idx, w1, b1, w2, b2, activation, glu)
 
 
@@ -230,7 +234,7 @@ def moe_mlp(
     """
     check_moe_mlp_args(x, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu, router_input, capacity,
                        return_logits)
-    module = resolve_backend(backend, x.device)
+    module = resolve_backend(backend, x.device, x.dtype)
     fused = getattr(module, "moe_mlp", None)
     if fused is not None:
         result = fused(x, router_input, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu, capacity,

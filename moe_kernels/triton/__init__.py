@@ -19,6 +19,7 @@ try:
     from moe_kernels.triton.moe import moe_mlp
     from moe_kernels.triton.routing import expert_load, routing_plan
     from moe_kernels.triton.runtime import LAUNCHES
+    from moe_kernels.triton.runtime import SUPPORTED_DTYPES as DTYPES
     from moe_kernels.triton.runtime import unavailable_reason as _unavailable_reason
     from moe_kernels.triton.losses import router_losses
 
@@ -46,5 +47,5 @@ def reset_launch_counts() -> None:
     LAUNCHES.clear()
 
 
-__all__ = ["LAUNCHES", "expert_load", "expert_mlp", "moe_mlp", "reset_launch_counts", "router_losses",
+__all__ = ["DTYPES", "LAUNCHES", "expert_load", "expert_mlp", "moe_mlp", "reset_launch_counts", "router_losses",
            "routing_plan", "topk_gating", "unavailable_reason"]

@@ -22,6 +22,30 @@ def test_auto_on_cpu_prefers_compiled_backend_when_it_runs():
     assert module.__name__ == expected
 
 
+def test_auto_passes_over_a_backend_that_does_not_take_the_dtype(monkeypatch):
+    """On a GPU "auto" tries triton first, which computes in fp32/fp16/bf16: float64 (a gradcheck) goes to the
+    reference instead of raising TypeError; a named backend still raises. Shown on CPU with triton first (its
+    interpreter) in the CPU order."""
+    pytest.importorskip("triton")
+    import moe_kernels.triton as triton_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setitem(ops.AUTO_ORDER, "cpu", ("triton", "torch"))
+    assert ops.resolve_backend("auto", "cpu", torch.float32) is triton_backend
+    assert ops.resolve_backend("auto", "cpu", torch.float64) is reference
+    assert ops.resolve_backend("auto", "cpu") is triton_backend  # integer ops (the load) name no dtype
+    problem = list(random_problem(Shape(5, 8, 4, 6, 3, 2), torch.float64))
+    router = torch.randn(3, 8, dtype=torch.float64)
+    triton_backend.reset_launch_counts()
+    got = ops.moe_mlp(problem[0], router, *problem[3:], 2)
+    assert not triton_backend.LAUNCHES and got.out.dtype == torch.float64
+    assert torch.equal(got.out, ops.moe_mlp(problem[0], router, *problem[3:], 2, backend="torch").out)
+    with pytest.raises(TypeError, match="float64"):
+        ops.moe_mlp(problem[0], router, *problem[3:], 2, backend="triton")
+    got = ops.moe_mlp(problem[0].float(), router.float(), *[t.float() for t in problem[3:]], 2)
+    assert triton_backend.LAUNCHES  # fp32 on triton
+
+
 def test_available_backends_reports_every_backend():
     report = ops.available_backends("cpu")
     assert set(report) == {"torch", "cpu", "triton", "cuda"}
