@@ -13,8 +13,8 @@ exposing five functions with the reference's signatures:
 and may expose ``moe_mlp`` (``moe_mlp`` as one launch sequence; it returns None for a call it leaves to the
 five one by one, which is how ``moe_mlp`` runs on the others) and ``DTYPES``, the float dtypes its ops compute
 on when not all four (``"auto"`` passes over a backend that does not take the input's dtype). Backends are
-imported lazily, so a missing extension or Triton never breaks ``import``. An explicitly named backend that cannot run raises
-``BackendUnavailableError``: never a silent fallback. Only ``"auto"`` picks among them.
+imported lazily, so a missing extension or Triton never breaks ``import``. An explicitly named backend that
+cannot run raises ``BackendUnavailableError``: never a silent fallback. Only ``"auto"`` picks among them.
 """
 
 from __future__ import annotations
