@@ -1,7 +1,8 @@
 """Which way a Triton call goes, and that every way agrees with the reference: plain eager tensors
 run the launchers through torch.autograd.Functions (no custom-op dispatch; the backward reuses the
-forward's routing plan), tracing and fake tensors take the torch.library custom ops, and activation
-checkpointing recomputes the eager path. Under TRITON_INTERPRET=1 on CPU tensors."""
+forward's routing plan), tracing and fake tensors take the torch.library custom ops, activation
+checkpointing recomputes the eager path, and a few rows (T*K <= E) take fc2 and the combine as one kernel.
+Under TRITON_INTERPRET=1 on CPU tensors."""
 
 from __future__ import annotations
 
@@ -12,12 +13,20 @@ pytest.importorskip("triton")
 
 import moe_kernels.triton as triton_backend  # noqa: E402
 from moe_kernels.reference import GluSpec, glu_code  # noqa: E402
-from tests.helpers import Shape, assert_close, assert_matches_reference, random_problem  # noqa: E402
+from moe_kernels import reference  # noqa: E402
+from tests.helpers import (  # noqa: E402
+    Shape,
+    assert_close,
+    assert_lowp_close,
+    assert_matches_reference,
+    random_problem,
+)
 from tests.moe_kernels.triton_launches import (  # noqa: E402
     backward_kernels,
     differentiable,
     forward_kernels,
     launches,
+    routing_kernels,
 )
 
 
@@ -102,3 +111,54 @@ def test_activation_checkpointing_matches_plain_backward(reentrant):
         results.append({"x": x.grad.clone(), **{n: p.grad.clone() for n, p in layer.named_parameters()}})
     for name, grad in results[0].items():
         assert_close(results[1][name], grad, torch.float32, name)
+
+
+FEW_ROWS = [
+    (Shape(1, 40, 24, 56, 8, 3), "silu", True, "decode: 3 of 8 experts, GLU, bias"),
+    (Shape(2, 24, 12, 20, 8, 4), "gelu", False, "2 tokens, T*K == E"),
+    (Shape(1, 16, 8, 24, 5, 5), "silu", GluSpec("softcapped", gate_cap=2.0, up_cap=3.0), "top_k == num_experts"),
+    (Shape(3, 20, 40, 36, 12, 2), "quick_gelu", GluSpec("clamped", interleaved=True, limit=0.7, up_offset=1.0),
+     "H crosses the hidden tile, interleaved GLU"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape, activation, glu, why", FEW_ROWS, ids=[why for *_, why in FEW_ROWS])
+def test_expert_mlp_few_rows_fuse_fc2_and_the_combine(shape, activation, glu, why, dtype):
+    """At most a row per expert (T*K <= E) and the rows not kept: fc2 and the combine are one token-major kernel.
+    Inference and a backward that does not need the rows (x and the experts trained, not the top-k weights), with
+    dropped slots (their weights NaN: never read), a strided w2 and a bias."""
+    x, weights, idx, w1, b1, w2, b2 = random_problem(shape, dtype=dtype, glu=bool(glu))
+    idx[0, -1] = shape.experts  # a dropped slot
+    weights = weights.masked_fill(idx >= shape.experts, float("nan"))
+    w2 = w2.transpose(1, 2).contiguous().transpose(1, 2)  # [E, O, H] stored column-major
+    args = (x, weights, idx, w1, b1, w2, b2)
+    # Inference, then training x, w1, b1, w2, b2 (the top-k weights fixed): the same forward kernels; each result
+    # against the reference in the same dtype and in fp64.
+    trained = (0, 3, 4, 5, 6)
+    grad_out = torch.randn(shape.tokens, shape.d_out)
+
+    def out_and_grads(fn, to, train):
+        inputs = [a.detach().to(to) if a.is_floating_point() else a for a in args]
+        leaves = [inputs[i].requires_grad_(train) for i in trained]
+        launches()
+        out = fn(*inputs, activation, glu)
+        forward = launches()
+        return [out.detach(), *(torch.autograd.grad(out, leaves, grad_out.to(to)) if train else ())], forward
+
+    for train in (False, True):
+        got, forward = out_and_grads(triton_backend.expert_mlp, dtype, train)
+        assert forward == {**routing_kernels(shape), "grouped_gemm_kernel": 1, "fc2_combine_kernel": 1}
+        want, exact = out_and_grads(reference.expert_mlp, dtype, train)[0], out_and_grads(
+            reference.expert_mlp, torch.float64, train)[0]
+        assert torch.isfinite(got[0]).all()
+        compare(got, want, exact, ("out", "d x", "d w1", "d b1", "d w2", "d b2"), dtype)
+
+
+def compare(got, want, exact, names, dtype):
+    """Each result against the reference in its dtype (fp32) or by the low-precision rule against fp64."""
+    for name, g, w, e in zip(names, got, want, exact):
+        if dtype == torch.float32:
+            assert_close(g, w, dtype, name)
+        else:
+            assert_lowp_close(g, w, e, name, floor=torch.finfo(dtype).eps / 2)
