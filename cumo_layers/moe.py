@@ -167,8 +167,13 @@ class SparseMoEMLP(nn.Module):
             router.record_losses(routed.logits, routed.top_k_idx, routed.expert_load, num_samples)
             out, load = routed.out, routed.expert_load
         # Capacity keeps exactly min(count, capacity) per expert. Integer counts carry no autograd history, and
-        # the attribute is never a parameter, buffer or module: stored without nn.Module.__setattr__'s checks.
-        self.__dict__["last_expert_load"] = load if capacity is None else load.clamp(max=capacity)
+        # the attribute is never a parameter, buffer or module: stored without nn.Module.__setattr__'s checks,
+        # except under dynamo, which traces module attributes set as such.
+        load = load if capacity is None else load.clamp(max=capacity)
+        if torch.compiler.is_compiling():
+            self.last_expert_load = load
+        else:
+            self.__dict__["last_expert_load"] = load
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def _router_runs_as_module(self) -> bool:

@@ -211,8 +211,12 @@ class TopKRouter(nn.Module):
             weights, scale = load.unsqueeze(0), switch_balance_scale(num_tokens, self.top_k, self.num_experts)
         losses = ops.router_losses(logits, weights, 1.0, self.balance_loss_coef, self.z_loss_coef,
                                    backend=self.backend, balance_scale=scale)
-        # Plain attributes (never parameters, buffers or modules): stored without nn.Module.__setattr__'s checks.
-        self.__dict__.update(zip(("last_balance_loss", "last_z_loss", "last_aux_loss"), losses))
+        names = ("last_balance_loss", "last_z_loss", "last_aux_loss")
+        if torch.compiler.is_compiling():  # dynamo traces module attributes set as such (not __dict__.update)
+            for name, loss in zip(names, losses):
+                setattr(self, name, loss)
+        else:  # plain attributes (never parameters, buffers or modules): without nn.Module.__setattr__'s checks
+            self.__dict__.update(zip(names, losses))
 
     def __getstate__(self) -> dict:
         # The last losses are graph outputs (non-leaf tensors) that copy.deepcopy and pickle refuse;

@@ -91,12 +91,13 @@ def grouped_linear(rows: Tensor, weight: Tensor, group_ends: Tensor) -> Tensor:
 
     rows: [N, I]; weight: [E, O, I]; group_ends: [E] int32 cumulative row ends -> [N, O].
     Rows past group_ends[-1] are left unspecified (uninitialised memory): callers mask them.
-    Feature sizes that are not a multiple of 16 bytes are zero-padded (zeros add nothing).
+    Feature sizes that are not a multiple of 16 bytes, or 0 (a layer without input features or hidden units),
+    are zero-padded (zeros add nothing).
     """
     in_features, out_features = weight.shape[2], weight.shape[1]
     align = GROUPED_MM_ALIGN_BYTES // rows.element_size()
-    pad_in = -in_features % align
-    pad_out = -out_features % align
+    pad_in = -in_features % align or align * (in_features == 0)
+    pad_out = -out_features % align or align * (out_features == 0)
     rows = F.pad(rows, (0, pad_in)) if pad_in else rows.contiguous()
     weight = F.pad(weight, (0, pad_in, 0, pad_out)) if pad_in or pad_out else weight.contiguous()
     # rows are always a fresh allocation here (the caching allocator aligns storages to far more than
