@@ -13,6 +13,7 @@ from cumo_layers.router import (
     TopKRouter,
     check_real,
     check_routing_args,
+    store,
 )
 from moe_kernels import ops
 from moe_kernels.reference import check_activation
@@ -166,14 +167,8 @@ class SparseMoEMLP(nn.Module):
                                  capacity=capacity, return_logits=self.training)
             router.record_losses(routed.logits, routed.top_k_idx, routed.expert_load, num_samples)
             out, load = routed.out, routed.expert_load
-        # Capacity keeps exactly min(count, capacity) per expert. Integer counts carry no autograd history, and
-        # the attribute is never a parameter, buffer or module: stored without nn.Module.__setattr__'s checks,
-        # except under dynamo, which traces module attributes set as such.
-        load = load if capacity is None else load.clamp(max=capacity)
-        if torch.compiler.is_compiling():
-            self.last_expert_load = load
-        else:
-            self.__dict__["last_expert_load"] = load
+        # Capacity keeps exactly min(count, capacity) per expert (integer counts: no autograd history).
+        store(self, last_expert_load=load if capacity is None else load.clamp(max=capacity))
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], self.out_features)
 
     def _router_runs_as_module(self) -> bool:

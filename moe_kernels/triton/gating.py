@@ -9,15 +9,7 @@ from torch import Tensor
 
 from moe_kernels.contract import check_gating_args
 from moe_kernels.triton import runtime
-from moe_kernels.triton.runtime import (
-    cdiv,
-    check_device,
-    check_dtype,
-    device_guard,
-    eager,
-    next_power_of_2,
-    row_tiles,
-)
+from moe_kernels.triton.runtime import cdiv, check_device, check_dtype, device_guard, eager, next_power_of_2, row_tiles
 
 
 @runtime.shape_cache
