@@ -1,7 +1,7 @@
 """``python -m benchmarks.host_profile``: where the host time of the Triton path goes, function by function.
 
 cProfile over repeated calls of the whole ``SparseMoEMLP`` (router included, backend ``triton``, bf16):
-an inference forward at decode and a training step (forward + backward) at the fine-grained shape,
+an inference forward at decode and at a small batch, and a training step (forward + backward) at the fine-grained shape,
 then the functions with the most time of their own. On a GPU it profiles the real path; without one
 it runs on the CPU with the launchers stubbed (``benchmarks.host_overhead.dry_run``), which shows our
 Python but not the cost of the CUDA calls. Profiling slows every Python call alike; read the ranking,
@@ -21,6 +21,7 @@ import torch
 CASES = {
     # name: (tokens, d_model, hidden, experts, top_k, training, calls)
     "decode inference (T=1 D=2048 H=1024 E=64 k=8)": (1, 2048, 1024, 64, 8, False, 300),
+    "small-batch inference (T=16 D=1024 H=512 E=64 k=8)": (16, 1024, 512, 64, 8, False, 300),
     "fine-grained training step (T=2048 D=1024 H=512 E=64 k=8)": (2048, 1024, 512, 64, 8, True, 30),
 }
 
