@@ -115,22 +115,25 @@ def check_configurations() -> list[tuple]:
 
 def compile_check(target: GPUTarget) -> list[str]:
     """Compile every specialization the layer launches (training step and inference, the configurations
-    above, fp16 with capacity drops, 1 and 300 tokens) for ``target``; the failures, one line each (empty: all
-    compiled). Run it in a process of its own: after Triton's interpreter has run kernels, its compiler fails in
-    that process."""
+    above, fp16 with capacity drops, 1 and 300 tokens, the latter with and without a scan kernel) for ``target``;
+    the failures, one line each (empty: all compiled). Run it in a process of its own: after Triton's interpreter
+    has run kernels, its compiler fails in that process."""
     from cumo_layers import SparseMoEMLP
 
     with recording_gpu_launches() as recording:
         for dtype, activation, glu, bias in check_configurations():
-            for tokens in (1, 300):  # one routing block, and several (histogram, scan, scatter)
-                layer = SparseMoEMLP(64, 32, num_experts=8, top_k=2, activation=activation, glu=glu, bias=bias,
-                                     capacity_factor=1.25 if dtype == torch.float16 else None, backend="triton",
-                                     dtype=dtype).train()
-                x = torch.randn(tokens, 64, dtype=dtype, requires_grad=True)
-                out = layer(x)
-                torch.autograd.grad(out.float().sum() + layer.last_aux_loss, [x, *layer.parameters()])
-                with torch.no_grad():
-                    layer.eval()(x)
+            # One routing block; several (the scatter scans their counts); as many as need a scan kernel.
+            tile = routing.SCAN_IN_SCATTER_TILE
+            for tokens, scan_tile in ((1, tile), (300, tile), (300, 0)):
+                with routing.scan_in_scatter_tile(scan_tile):
+                    layer = SparseMoEMLP(64, 32, num_experts=8, top_k=2, activation=activation, glu=glu, bias=bias,
+                                         capacity_factor=1.25 if dtype == torch.float16 else None,
+                                         backend="triton", dtype=dtype).train()
+                    x = torch.randn(tokens, 64, dtype=dtype, requires_grad=True)
+                    out = layer(x)
+                    torch.autograd.grad(out.float().sum() + layer.last_aux_loss, [x, *layer.parameters()])
+                    with torch.no_grad():
+                        layer.eval()(x)
     launched = {key[0] for key in recording.launches}
     failures = [f"never launched: {name}" for name in sorted(ALL_KERNELS - launched)]
     for kernel, args, constexprs in recording.launches.values():

@@ -3,8 +3,9 @@ one launch sequence that routes once (the plan the experts run on also gives the
 
 Without gradients, for decode and small batches (T*K slots in one program): route_one_block_kernel, fc1, fc2,
 combine: four launches; three at T*K <= E (decode), where fc2 and the combine are one kernel. Past that: the
-router's GEMM (cuBLAS), topk_gating_kernel counting the routing blocks' ids as it writes them, the plan's scan and
-scatter, fc1, fc2, combine: seven.
+router's GEMM (cuBLAS), topk_gating_kernel counting the routing blocks' ids as it writes them, the plan's scatter
+(which scans those counts itself up to 2048 tokens at top-8 of 64 experts; a scan kernel before it past that), fc1,
+fc2, combine: six or seven.
 With gradients, the same launches as one autograd node (``_EagerMoE``), whose backward runs the experts' backward
 on the forward's plan, the gating backward (adding the logits' gradient from the router's losses in the kernel)
 and the router GEMM's two products, the experts' input gradient accumulated into the router's by one addmm.

@@ -1,8 +1,9 @@
 """Triton kernels of the router: the fused fp32 softmax, top-k and renormalisation (and its backward), the
 routing plan (a stable counting sort of the T*K slots by expert: one block when they fit, else histogram,
-scan and scatter), and, for decode and small batches, the router's GEMM, its gating and the routing plan in
-one program. Launched by moe_kernels/triton/gating.py and routing.py (through runtime.launch, which defines
-these kernels once per mode: compiled, or interpreted on CPU tensors).
+scan and scatter, the scan inside the scatter when the per-block counts are few), and, for decode and small
+batches, the router's GEMM, its gating and the routing plan in one program. Launched by
+moe_kernels/triton/gating.py and routing.py (through runtime.launch, which defines these kernels once per mode:
+compiled, or interpreted on CPU tensors).
 
 T tokens, D features, E experts, K top_k. A *slot* is ``t * K + k``; a *row* is a position in expert-sorted
 order (see moe_kernels.routing): expert e owns rows ``[offsets[e], offsets[e+1])``, dropped slots (ids outside
@@ -221,20 +222,25 @@ def routing_scan_kernel(block_counts_ptr, counts_ptr, offsets_ptr, num_blocks, E
         blocks = first + tl.arange(0, BLOCK_B).to(tl.int64)
         mask = (blocks < num_blocks)[:, None] & bin_mask[None, :]
         ptrs = block_counts_ptr + blocks[:, None] * (E + 1) + bins[None, :]
-        block_counts = tl.load(ptrs, mask=mask, other=0)
-        tl.store(ptrs, carry[None, :] + tl.cumsum(block_counts, axis=0) - block_counts, mask=mask)
+        block_counts = tl.load(ptrs, mask=mask, other=0).to(tl.int32)  # <= 128 each: a step's sums fit int32
+        tl.store(ptrs, carry[None, :] + (tl.cumsum(block_counts, axis=0) - block_counts), mask=mask)
         carry += tl.sum(block_counts, axis=0)
     tl.store(counts_ptr + bins, carry, mask=bins < E)
     tl.store(offsets_ptr + bins, tl.cumsum(carry, axis=0) - carry, mask=bin_mask)
 
 
 @triton.jit
-def routing_scatter_kernel(ids_ptr, block_bases_ptr, offsets_ptr, sorted_slots_ptr, slot_rows_ptr,
-                           num_slots, E, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr):
+def routing_scatter_kernel(ids_ptr, block_counts_ptr, counts_ptr, offsets_ptr, sorted_slots_ptr, slot_rows_ptr,
+                           num_slots, num_blocks, E, SLOTS: tl.constexpr, BLOCK_S: tl.constexpr,
+                           BLOCK_E: tl.constexpr, SCAN: tl.constexpr, BLOCK_NB: tl.constexpr):
     """row(slot) = offsets[bucket] + rank of the block within the bucket + rank within the block
     (slots of the same bucket earlier in the block): a stable sort. Blocks as routing_histogram_kernel's.
     The rank within the block: a cumulative sum over the lanes x buckets one-hot when there are fewer buckets
     (BLOCK_E) than lanes, else a lanes x lanes comparison, whichever tile is smaller.
+    block_counts: routing_scan_kernel's block ranks and offsets [E+1] its scan; with SCAN, the histogram itself:
+    every program sums the whole [num_blocks, E+1] histogram, BLOCK_NB blocks a step, for the bucket totals and its
+    own block's start (no scan launch; the host picks SCAN when the blocks are few), and program 0 writes counts [E]
+    and offsets [E+1].
     Writes slot_rows [R] and its inverse sorted_slots [R]. Grid: (num_blocks,)."""
     block = tl.program_id(0).to(tl.int64)
     lanes = tl.arange(0, BLOCK_S)
@@ -249,8 +255,25 @@ def routing_scatter_kernel(ids_ptr, block_bases_ptr, offsets_ptr, sorted_slots_p
         earlier_same = ((buckets[:, None] == buckets[None, :]) & (lanes[None, :] < lanes[:, None])
                         & slot_mask[None, :])
         rank = tl.sum(earlier_same.to(tl.int64), axis=1)
-    base = tl.load(offsets_ptr + buckets, mask=slot_mask, other=0)
-    base += tl.load(block_bases_ptr + block * (E + 1) + buckets, mask=slot_mask, other=0)
+    if SCAN:
+        bins = tl.arange(0, BLOCK_E)
+        bin_mask = bins < E + 1
+        totals = tl.zeros((BLOCK_E,), dtype=tl.int32)
+        earlier = tl.zeros((BLOCK_E,), dtype=tl.int32)  # the earlier blocks' slots per bucket
+        for first in range(0, num_blocks, BLOCK_NB):
+            blocks = first + tl.arange(0, BLOCK_NB)
+            counts = tl.load(block_counts_ptr + blocks[:, None] * (E + 1) + bins[None, :],
+                             mask=(blocks < num_blocks)[:, None] & bin_mask[None, :], other=0).to(tl.int32)
+            totals += tl.sum(counts, axis=0)
+            earlier += tl.sum(tl.where(blocks[:, None] < block, counts, 0), axis=0)
+        offsets = tl.cumsum(totals, axis=0) - totals
+        tl.store(counts_ptr + bins, totals.to(tl.int64), mask=(bins < E) & (block == 0))
+        tl.store(offsets_ptr + bins, offsets.to(tl.int64), mask=bin_mask & (block == 0))
+        starts = offsets + earlier
+        base = tl.sum(tl.where(buckets[:, None] == bins[None, :], starts[None, :], 0), axis=1).to(tl.int64)
+    else:
+        base = tl.load(offsets_ptr + buckets, mask=slot_mask, other=0)
+        base += tl.load(block_counts_ptr + block * (E + 1) + buckets, mask=slot_mask, other=0)
     rows = base + rank
     tl.store(slot_rows_ptr + slots, rows, mask=slot_mask)
     tl.store(sorted_slots_ptr + rows, slots, mask=slot_mask)

@@ -7,7 +7,8 @@ T tokens, D features, K top_k, E experts, R = T*K slots. Kernels in router_kerne
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple
 
 import torch
 from torch import Tensor
@@ -19,12 +20,18 @@ from moe_kernels.triton.gating import _topk_gating
 from moe_kernels.triton.runtime import cdiv, check_device, device_guard, dot_options, eager, next_power_of_2
 
 # Routing metadata: a histogram/scatter program holds ROUTING_TILE (slot, bucket) pairs, at most
-# ROUTING_MAX_SLOTS slots; the scan walks ROUTING_TILE (block, bucket) counts per step.
+# ROUTING_MAX_SLOTS slots; the scan walks SCAN_TILE (block, bucket) counts per step (over 8 warps: 16 a thread, no
+# spills on sm_90, where 8192 int64 counts over 4 warps spilled 7 KB).
 ROUTING_TILE = 8192
+SCAN_TILE = 4096
 ROUTING_MAX_SLOTS = 128
 # A whole plan in one program (routing_one_block_kernel, route_one_block_kernel): at most ROUTING_MAX_SLOTS padded
 # slot lanes, times the E + 1 buckets (padded) at most ROUTE_TILE (T = 16, K = 8, E = 64 fits: the small batch).
 ROUTE_TILE = 16384
+# The scatter scans the per-block counts itself (no scan launch) while the [blocks, E + 1] histogram (buckets padded)
+# holds at most this many counts: each of its programs sums all of it, SCAN_TILE counts a step, as many dependent
+# steps as the scan kernel takes (8 at the limit), from L2.
+SCAN_IN_SCATTER_TILE = 32768
 
 
 def fits_one_program(lanes: int, buckets: int) -> bool:
@@ -34,7 +41,7 @@ def fits_one_program(lanes: int, buckets: int) -> bool:
 
 def routing_plan(top_k_idx: Tensor, num_experts: int) -> RoutingPlan:
     """Stable counting sort of the T*K assignments by expert, on device (no sync; one launch when the
-    slots fit one block, else three).
+    slots fit one block, else two or three).
 
     top_k_idx: [T, K] int (ids outside [0, E) dropped) -> RoutingPlan with int64 tensors, equal to
     moe_kernels.routing.build_routing_plan's.
@@ -73,21 +80,53 @@ def _histogram_launch(num_slots: int, num_experts: int, top_k: int) -> runtime.L
                           dict(SLOTS=blocks.slots, BLOCK_S=blocks.lanes, BLOCK_E=blocks.buckets))
 
 
+class RoutingLaunches(NamedTuple):
+    """How a plan is built: ``one_block`` alone, or ``histogram`` (unless the gating kernel counted the blocks),
+    ``scan`` (None where the scatter scans the block counts itself) and ``scatter``."""
+
+    one_block: runtime.Launch | None
+    histogram: runtime.Launch | None = None
+    scan: runtime.Launch | None = None
+    scatter: runtime.Launch | None = None
+
+
 @runtime.shape_cache
-def _routing_launches(num_slots: int, num_experts: int, top_k: int) -> tuple[runtime.Launch, ...]:
+def _routing_launches(num_slots: int, num_experts: int, top_k: int) -> RoutingLaunches:
     """One launch when the slots fit one program (decode, small batch: the one-block plan holds slots x buckets
-    as route_one_block_kernel does, e.g. 16 tokens x 8 slots over 64 experts), else histogram, scan, scatter."""
+    as route_one_block_kernel does, e.g. 16 tokens x 8 slots over 64 experts); else histogram and scatter, which
+    scans the [blocks, E + 1] counts itself where they fit SCAN_IN_SCATTER_TILE (at top-8 of 64 experts up to 2048
+    tokens, at CuMo's top-2 of 4 up to 65536), with a scan kernel between them past that."""
     blocks = routing_blocks(num_slots, num_experts, top_k)
     one_block = max(16, next_power_of_2(num_slots))
     if fits_one_program(one_block, blocks.buckets):
-        return (runtime.Launch("routing_one_block_kernel", (1,), (num_slots, num_experts),
-                               dict(BLOCK_S=one_block, BLOCK_E=blocks.buckets,
-                                    num_warps=8 if one_block * blocks.buckets > 4096 else 4)),)
-    return (_histogram_launch(num_slots, num_experts, top_k),
-            runtime.Launch("routing_scan_kernel", (1,), (blocks.count, num_experts),
-                           dict(BLOCK_B=max(1, ROUTING_TILE // blocks.buckets), BLOCK_E=blocks.buckets)),
-            runtime.Launch("routing_scatter_kernel", (blocks.count,), (num_slots, num_experts),
-                           dict(SLOTS=blocks.slots, BLOCK_S=blocks.lanes, BLOCK_E=blocks.buckets)))
+        return RoutingLaunches(runtime.Launch("routing_one_block_kernel", (1,), (num_slots, num_experts),
+                                              dict(BLOCK_S=one_block, BLOCK_E=blocks.buckets,
+                                                   num_warps=8 if one_block * blocks.buckets > 4096 else 4)))
+    scan = blocks.count * blocks.buckets > SCAN_IN_SCATTER_TILE
+    scatter = dict(SLOTS=blocks.slots, BLOCK_S=blocks.lanes, BLOCK_E=blocks.buckets, SCAN=not scan,
+                   BLOCK_NB=1 if scan else min(max(1, SCAN_TILE // blocks.buckets), next_power_of_2(blocks.count)),
+                   num_warps=4 if scan or blocks.lanes * blocks.buckets <= 2048 else 8)  # 8: a [lanes, E+1] gather
+    return RoutingLaunches(
+        None, _histogram_launch(num_slots, num_experts, top_k),
+        runtime.Launch("routing_scan_kernel", (1,), (blocks.count, num_experts),
+                       dict(BLOCK_B=max(1, SCAN_TILE // blocks.buckets), BLOCK_E=blocks.buckets, num_warps=8))
+        if scan else None,
+        runtime.Launch("routing_scatter_kernel", (blocks.count,), (num_slots, blocks.count, num_experts), scatter))
+
+
+@contextmanager
+def scan_in_scatter_tile(tile: int) -> Iterator[None]:
+    """Within the block, SCAN_IN_SCATTER_TILE is ``tile`` (0: every plan past one block takes the scan kernel, as
+    past 2048 tokens at top-8 of 64 experts; for tests and the compile check); launches built under either value
+    are dropped on the way in and out."""
+    global SCAN_IN_SCATTER_TILE
+    saved, SCAN_IN_SCATTER_TILE = SCAN_IN_SCATTER_TILE, tile
+    runtime.clear_shape_caches()
+    try:
+        yield
+    finally:
+        SCAN_IN_SCATTER_TILE = saved
+        runtime.clear_shape_caches()
 
 
 def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: bool,
@@ -102,18 +141,18 @@ def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: 
         counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
         offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=device)
         return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
-    counts = torch.empty(num_experts, dtype=torch.int64, device=device)  # the scan writes both
+    counts = torch.empty(num_experts, dtype=torch.int64, device=device)  # the scan (or scatter) writes both
     offsets = torch.empty(num_experts + 1, dtype=torch.int64, device=device)
     launches = _routing_launches(num_slots, num_experts, top_k)
-    if len(launches) == 1:
-        runtime.launch(launches[0], interpret, ids, counts, offsets, sorted_slots, slot_rows)
+    if launches.one_block is not None:
+        runtime.launch(launches.one_block, interpret, ids, counts, offsets, sorted_slots, slot_rows)
         return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
-    histogram, scan, scatter = launches
     if block_counts is None:  # one row of per-expert counts per histogram program
-        block_counts = torch.empty(histogram.grid[0], num_experts + 1, dtype=torch.int64, device=device)
-        runtime.launch(histogram, interpret, ids, block_counts)
-    runtime.launch(scan, interpret, block_counts, counts, offsets)
-    runtime.launch(scatter, interpret, ids, block_counts, offsets, sorted_slots, slot_rows)
+        block_counts = torch.empty(launches.histogram.grid[0], num_experts + 1, dtype=torch.int64, device=device)
+        runtime.launch(launches.histogram, interpret, ids, block_counts)
+    if launches.scan is not None:
+        runtime.launch(launches.scan, interpret, block_counts, counts, offsets)
+    runtime.launch(launches.scatter, interpret, ids, block_counts, counts, offsets, sorted_slots, slot_rows)
     return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
 
 
@@ -125,7 +164,7 @@ def gate_and_plan(logits: Tensor, top_k: int, normalize: bool,
     num_tokens, num_experts = logits.shape
     num_slots = num_tokens * top_k
     block_counts, blocks = None, routing_blocks(num_slots, num_experts, top_k)
-    if num_slots and len(_routing_launches(num_slots, num_experts, top_k)) > 1:
+    if num_slots and _routing_launches(num_slots, num_experts, top_k).one_block is None:
         block_counts = torch.empty(blocks.count, num_experts + 1, dtype=torch.int64, device=logits.device)
     weights, ids = _topk_gating(logits, top_k, normalize, block_counts, blocks.tokens)
     with device_guard(logits):
@@ -191,7 +230,7 @@ def _capacity_launch(num_tokens: int, top_k: int, num_experts: int, capacity: in
 def capacity_drop(top_k_idx: Tensor, num_experts: int, capacity: int, interpret: bool) -> tuple[Tensor, Tensor]:
     """``moe_kernels.routing.apply_capacity`` on device, and the routing's expert load before the drops:
     (kept [T, K] int64, ids past their expert's capacity set to E; load [E] int64). One routing plan of the ids in
-    priority order (k-major: a copy, then one or three kernels) and one kernel; its counts are the load."""
+    priority order (k-major: a copy, then one to three kernels) and one kernel; its counts are the load."""
     num_tokens, top_k = top_k_idx.shape
     priority = top_k_idx.t().reshape(-1).to(torch.int64).contiguous()
     kept = torch.empty(num_tokens, top_k, dtype=torch.int64, device=top_k_idx.device)

@@ -4,6 +4,8 @@ ops one by one on the reference; the Triton backend under TRITON_INTERPRET=1, wh
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -267,9 +269,9 @@ def test_router_input_capacity_and_logits(backend, grad, capacity):
 
 def test_triton_fused_path_launches_and_plan():
     """Decode and small batches: one route_one_block_kernel whose plan is build_routing_plan's; larger batches:
-    the gating kernel, which counts the routing blocks' ids, then the plan's scan and scatter (no histogram
-    kernel). At most a row per expert (T*K <= E): fc2 and the combine as one fc2_combine_kernel. Gradients
-    wanted: no fused kernel."""
+    the gating kernel, which counts the routing blocks' ids, then the plan's scatter, which scans those counts
+    (no histogram kernel, no scan kernel). At most a row per expert (T*K <= E): fc2 and the combine as one
+    fc2_combine_kernel. Gradients wanted: no fused kernel."""
     pytest.importorskip("triton")
     from moe_kernels.triton import LAUNCHES, reset_launch_counts
     from moe_kernels.triton.routing import route_one_block
@@ -280,7 +282,7 @@ def test_triton_fused_path_launches_and_plan():
         top_k = shape[-1]
         reset_launch_counts()
         ops.moe_mlp(x, router_weight, *experts, top_k, True, "gelu", False, backend="triton")
-        unfused = {"topk_gating_kernel": 1, "routing_scan_kernel": 1, "routing_scatter_kernel": 1}  # counted by gating
+        unfused = {"topk_gating_kernel": 1, "routing_scatter_kernel": 1}  # counted by gating, scanned by the scatter
         few_rows = shape[0] * top_k <= shape[4]
         experts_launches = ({"grouped_gemm_kernel": 1, "fc2_combine_kernel": 1} if few_rows
                             else {"grouped_gemm_kernel": 2, "combine_kernel": 1})
@@ -301,20 +303,21 @@ def test_triton_fused_path_launches_and_plan():
     assert torch.equal(got.expert_load, reference.expert_load(got.top_k_idx, 4))
 
 
+@pytest.mark.parametrize("scan_kernel", [False, True], ids=["scan in the scatter", "scan kernel"])
 @pytest.mark.parametrize("tokens, experts, top_k", [(130, 6, 3), (300, 64, 8), (100, 1000, 2), (33, 7, 7), (5, 4, 1)])
-def test_triton_gating_counts_the_routing_blocks(tokens, experts, top_k):
-    """gate_and_plan: the gating kernel's per-block counts feed the plan's scan and scatter; the weights and ids are
-    topk_gating's and the plan is build_routing_plan's (blocks of whole tokens: K not a power of two, E up to 1000,
-    one block and several)."""
+def test_triton_gating_counts_the_routing_blocks(tokens, experts, top_k, scan_kernel):
+    """gate_and_plan: the gating kernel's per-block counts feed the plan's scatter (and scan kernel); the weights
+    and ids are topk_gating's and the plan is build_routing_plan's (blocks of whole tokens: K not a power of two, E
+    up to 1000, one block and several)."""
     pytest.importorskip("triton")
-    from moe_kernels.triton.routing import gate_and_plan, routing_plan
+    from moe_kernels.triton.routing import gate_and_plan, scan_in_scatter_tile
 
     logits = torch.randn(tokens, experts)
-    weights, ids, plan = gate_and_plan(logits, top_k, True, interpret=True)
+    with scan_in_scatter_tile(0) if scan_kernel else contextlib.nullcontext():
+        weights, ids, plan = gate_and_plan(logits, top_k, True, interpret=True)
     expected_weights, expected_ids = reference.topk_gating(logits, top_k, True)
     assert torch.equal(ids, expected_ids)
     torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=1e-7)
-    plan = plan if plan is not None else routing_plan(ids, experts)
     for got, want in zip(plan, build_routing_plan(ids, experts)):
         assert got == want if isinstance(want, int) else torch.equal(got, want)
 

@@ -7,6 +7,8 @@ kernels, bf16, 64-bit offsets) are marked and skip without CUDA.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -15,6 +17,7 @@ pytest.importorskip("triton")
 import moe_kernels.triton as triton_backend  # noqa: E402
 from moe_kernels import ops, reference  # noqa: E402
 from moe_kernels.routing import build_routing_plan  # noqa: E402
+from moe_kernels.triton.routing import scan_in_scatter_tile  # noqa: E402
 from tests.helpers import (  # noqa: E402
     ODD_SHAPES,
     ROUTINGS,
@@ -108,23 +111,26 @@ def test_rejects_fp64():
 @pytest.mark.parametrize("routing", ROUTINGS + ["dropped"])
 @pytest.mark.parametrize("shape", [s for s, _ in ODD_SHAPES] + [
     Shape(300, 8, 8, 8, 7, 2),  # 600 slots: several histogram blocks; E+1 = 8 buckets, a full power of two
-    Shape(100, 8, 8, 8, 1000, 2),  # E=1000: 16-slot blocks, the single-program scan carries over steps
+    Shape(100, 8, 8, 8, 1000, 2),  # E=1000: 16-slot blocks; the scan kernel carries over steps
     Shape(16, 8, 8, 8, 64, 8),  # 128 slots x 128 buckets: the largest one-program plan
     Shape(17, 8, 8, 8, 64, 8),  # one token more: three kernels
 ], ids=[why for _, why in ODD_SHAPES] + ["several slot blocks", "many experts", "largest one-block", "past one block"])
-def test_routing_plan_matches_reference(shape, routing):
+@pytest.mark.parametrize("scan_kernel", [False, True], ids=["scan in the scatter", "scan kernel"])
+def test_routing_plan_matches_reference(shape, routing, scan_kernel):
     idx = reference_idx = random_problem(shape, routing="random" if routing == "dropped" else routing)[2]
     if routing == "dropped":
         idx = reference_idx = drop_some_slots(idx, shape.experts)
         idx[0:1, 0] = 10**12  # far outside [0, E): still dropped, never an address
-    plan = triton_backend.routing_plan(idx, shape.experts)
+    # scan kernel: what plans past 2048 tokens at top-8 of 64 experts take
+    with scan_in_scatter_tile(0) if scan_kernel else contextlib.nullcontext():
+        plan = triton_backend.routing_plan(idx, shape.experts)
+        assert launches() == routing_kernels(shape)
     expected = build_routing_plan(reference_idx, shape.experts)
     for name, got, want in zip(plan._fields, plan, expected):
         if name == "top_k":
             assert got == want
         else:
             assert got.dtype == torch.int64 and torch.equal(got, want), name
-    assert launches() == routing_kernels(shape)
 
 
 # ----------------------------------------------------------------------------------------------

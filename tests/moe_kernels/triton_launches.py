@@ -15,13 +15,21 @@ EXPERT_BACKWARD_KERNELS = {"topk_weight_grad_kernel": 1, "grouped_weight_grad_ke
 
 def routing_kernels(shape) -> dict:
     """One launch when the T*K slots fit one program (decode, small batch: at most 128 slots, and slots times the
-    E + 1 buckets, each rounded up to a power of two, at most 16384), else three."""
+    E + 1 buckets, each rounded up to a power of two, at most 16384), else the histogram and the scatter, with a
+    scan kernel between them where the blocks (of whole tokens, at most 128 lanes, lanes x buckets at most 8192)
+    times the buckets are more than ``SCAN_IN_SCATTER_TILE``."""
+    from moe_kernels.triton.routing import SCAN_IN_SCATTER_TILE
+
     slots = shape.tokens * shape.top_k
     if slots == 0:
         return {}
-    if max(16, 1 << (slots - 1).bit_length()) * (1 << shape.experts.bit_length()) <= 16384 and slots <= 128:
+    buckets = 1 << shape.experts.bit_length()
+    if max(16, 1 << (slots - 1).bit_length()) * buckets <= 16384 and slots <= 128:
         return {"routing_one_block_kernel": 1}
-    return {"routing_histogram_kernel": 1, "routing_scan_kernel": 1, "routing_scatter_kernel": 1}
+    block_tokens = max(1, max(16, min(128, 8192 // buckets)) // (1 << (shape.top_k - 1).bit_length()))
+    blocks = -(-slots // (block_tokens * shape.top_k))
+    scan = blocks * buckets > SCAN_IN_SCATTER_TILE
+    return {"routing_histogram_kernel": 1, **({"routing_scan_kernel": 1} if scan else {}), "routing_scatter_kernel": 1}
 
 
 def forward_kernels(shape) -> dict:
