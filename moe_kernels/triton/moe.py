@@ -2,10 +2,11 @@
 one launch sequence that routes once (the plan the experts run on also gives the expert load).
 
 Without gradients, for decode and small batches (T*K slots in one program): route_one_block_kernel, fc1, fc2,
-combine: four launches; three at T*K <= E (decode), where fc2 and the combine are one kernel. Past that: the
-router's GEMM (cuBLAS), topk_gating_kernel counting the routing blocks' ids as it writes them, the plan's scatter
-(which scans those counts itself up to 2048 tokens at top-8 of 64 experts; a scan kernel before it past that), fc1,
-fc2, combine: six or seven.
+combine: four launches; three at T*K <= E (decode), where fc2 and the combine are one kernel. Past that:
+route_blocks_kernel (the router's GEMM and the gating, counting the routing blocks' ids as it writes them), the
+plan's scatter, fc1, fc2, combine: five, up to 2048 tokens at D = 1024 and top-8 of 64 experts and for any CuMo batch.
+Past 2048 such tokens the scatter's scan is a kernel of its own, and for larger GEMMs (``routing.ROUTER_REREAD_BYTES``)
+cuBLAS computes the logits that topk_gating_kernel then gates: up to seven.
 With gradients, the same launches as one autograd node (``_EagerMoE``), whose backward runs the experts' backward
 on the forward's plan, the gating backward (adding the logits' gradient from the router's losses in the kernel)
 and the router GEMM's two products, the experts' input gradient accumulated into the router's by one addmm.
@@ -24,7 +25,7 @@ from moe_kernels.reference import GluSpec
 from moe_kernels.routing import RoutingPlan
 from moe_kernels.triton.experts import _expert_mlp_backward_launch, _expert_mlp_forward
 from moe_kernels.triton.gating import _topk_gating, _topk_gating_backward
-from moe_kernels.triton.routing import capacity_drop, gate_and_plan, route_one_block
+from moe_kernels.triton.routing import capacity_drop, gate_and_plan, route_blocks, route_one_block
 from moe_kernels.triton.runtime import check_device, check_dtype, device_guard, eager
 
 
@@ -51,25 +52,34 @@ def moe_mlp(x: Tensor, router_input: Tensor | None, router_weight: Tensor, w1: T
             out = _expert_mlp_forward(x, weights, ids, w1, b1, w2, b2, activation, glu, False, False, plan,
                                       interpret)[0]
             return out, weights, ids, plan.expert_counts, None
-    logits = F.linear(x if router_input is None else router_input, router_weight)
-    weights, ids, kept, plan, load = _route(logits, top_k, normalize, w1.shape[0], capacity, interpret)
+    logits, weights, ids, kept, plan, load = _route(x if router_input is None else router_input, router_weight,
+                                                    top_k, normalize, capacity, return_logits, interpret)
     out, *_, plan = _expert_mlp_forward(x, weights, kept, w1, b1, w2, b2, activation, glu, False, False, plan,
                                         interpret)
     return out, weights, ids, plan.expert_counts if load is None else load, logits if return_logits else None
 
 
-def _route(logits: Tensor, top_k: int, normalize: bool, num_experts: int, capacity: int | None,
-           interpret: bool) -> tuple[Tensor, Tensor, Tensor, RoutingPlan | None, Tensor | None]:
-    """The gating of the logits (no autograd) and what the experts run on: (weights, ids, kept ids, the plan of the
-    kept ids or None, the load or None). Dropless, the kept ids are the ids and their plan's counts the load; with
-    capacity, the load is the count of the plan in priority order that the drops read, before them, and the
-    experts build the plan of what is kept."""
+def _route(router_in: Tensor, router_weight: Tensor, top_k: int, normalize: bool, capacity: int | None,
+           keep_logits: bool, interpret: bool
+           ) -> tuple[Tensor | None, Tensor, Tensor, Tensor, RoutingPlan | None, Tensor | None]:
+    """The router's GEMM and gating (no autograd) and what the experts run on: (logits, or None where not
+    ``keep_logits`` and the gating kernel computed them; weights, ids, kept ids, the plan of the kept ids or None,
+    the load or None). Dropless, the kept ids are the ids and their plan's counts the load, and the gating kernel
+    computes the logits where the GEMM is small enough (``routing.route_blocks``); with capacity, the load is the
+    count of the plan in priority order that the drops read, before them, and the experts build the plan of what is
+    kept."""
+    if capacity is None:
+        routed = route_blocks(router_in, router_weight, top_k, normalize, keep_logits, interpret)
+        if routed is not None:
+            logits, weights, ids, plan = routed
+            return logits, weights, ids, ids, plan, None
+    logits = F.linear(router_in, router_weight)
     if capacity is None:
         weights, ids, plan = gate_and_plan(logits, top_k, normalize, interpret)
-        return weights, ids, ids, plan, None
+        return logits, weights, ids, ids, plan, None
     weights, ids = _topk_gating(logits, top_k, normalize)
-    kept, load = capacity_drop(ids, num_experts, capacity, interpret)
-    return weights, ids, kept, None, load
+    kept, load = capacity_drop(ids, router_weight.shape[0], capacity, interpret)
+    return logits, weights, ids, kept, None, load
 
 
 class _EagerMoE(torch.autograd.Function):
@@ -83,8 +93,8 @@ class _EagerMoE(torch.autograd.Function):
     def forward(ctx, x, router_input, router_weight, w1, b1, w2, b2, top_k, normalize, activation, glu, capacity,
                 interpret):
         router_in = x if router_input is None else router_input
-        logits = F.linear(router_in, router_weight)
-        weights, ids, kept, plan, load = _route(logits, top_k, normalize, w1.shape[0], capacity, interpret)
+        logits, weights, ids, kept, plan, load = _route(router_in, router_weight, top_k, normalize, capacity, True,
+                                                        interpret)
         needs = ctx.needs_input_grad
         # The router's gradients need the top-k weights' gradient, which reads the unweighted expert rows.
         ctx.router_grad = needs[2] or needs[1] or (router_input is None and needs[0])

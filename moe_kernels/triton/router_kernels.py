@@ -81,18 +81,32 @@ def topk_gating_kernel(
     expert_mask = experts < E
     probs = _softmax_rows(logits_ptr, tokens, token_mask, experts, expert_mask, stride_lt, stride_le)
     top_w, top_i = _top_k(probs, experts, expert_mask, TOP_K, NORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K)
+    _store_gating(weights_ptr, ids_ptr, block_counts_ptr, top_w, top_i, block, tokens, token_mask, T, E, TOP_K,
+                  BLOCK_T, BLOCK_K, HISTOGRAM, BLOCK_T, BLOCK_B)
+
+
+@triton.jit
+def _store_gating(weights_ptr, ids_ptr, block_counts_ptr, top_w, top_i, block, tokens, token_mask, T, E,
+                  TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, HISTOGRAM: tl.constexpr,
+                  ROUTE_T: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Writes a program's BLOCK_T tokens' top-k weights and ids ([T, K] each) and, with HISTOGRAM, the rows of
+    routing_histogram_kernel's counts over the E + 1 buckets of the BLOCK_T / ROUTE_T routing blocks of ROUTE_T
+    tokens they make up."""
     ks = tl.arange(0, BLOCK_K)
     out_mask = token_mask[:, None] & (ks[None, :] < TOP_K)
     out_offsets = tokens[:, None] * TOP_K + ks[None, :]
     tl.store(weights_ptr + out_offsets, top_w, mask=out_mask)
     tl.store(ids_ptr + out_offsets, top_i, mask=out_mask)
     if HISTOGRAM:
-        lane_ids = tl.reshape(top_i, (BLOCK_T * BLOCK_K,))
-        lane_mask = tl.reshape(out_mask, (BLOCK_T * BLOCK_K,))
+        SUB: tl.constexpr = BLOCK_T // ROUTE_T
+        lane_ids = tl.reshape(top_i, (SUB, ROUTE_T * BLOCK_K))
+        lane_mask = tl.reshape(out_mask, (SUB, ROUTE_T * BLOCK_K))
         bins = tl.arange(0, BLOCK_B)
-        one_hot = ((lane_ids[:, None] == bins[None, :]) & lane_mask[:, None]).to(tl.int32)
-        counts = tl.sum(one_hot, axis=0).to(tl.int64)
-        tl.store(block_counts_ptr + block * (E + 1) + bins, counts, mask=bins < E + 1)
+        one_hot = ((lane_ids[:, :, None] == bins[None, None, :]) & lane_mask[:, :, None]).to(tl.int32)
+        counts = tl.sum(one_hot, axis=1).to(tl.int64)
+        rows = block * SUB + tl.arange(0, SUB)
+        tl.store(block_counts_ptr + rows[:, None] * (E + 1) + bins[None, :], counts,
+                 mask=(rows[:, None] * ROUTE_T < T) & (bins[None, :] < E + 1))
 
 
 @triton.jit
@@ -280,7 +294,67 @@ def routing_scatter_kernel(ids_ptr, block_counts_ptr, counts_ptr, offsets_ptr, s
 
 
 # ----------------------------------------------------------------------------------------------
-# Router, gating and routing plan in one program (decode, small batches)
+# The router's GEMM with the gating (and, in one program for decode and small batches, the routing plan)
+
+
+@triton.jit
+def _router_logits(x_ptr, router_ptr, tokens, token_mask, experts, expert_mask, D, stride_xt, stride_xd, stride_re,
+                   stride_rd, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr):
+    """The router's GEMM for a block of tokens: x[tokens] @ router^T, [BLOCK_T, BLOCK_E], accumulated in fp32 and
+    rounded to x's dtype as the GEMM's output would be. tl.dot when BLOCK_T >= 16, else a broadcast product
+    (tl.dot needs 16 rows); BLOCK_E >= 16."""
+    ds = tl.arange(0, BLOCK_D)
+    x_ptrs = x_ptr + tokens[:, None] * stride_xt + ds[None, :] * stride_xd
+    r_ptrs = router_ptr + experts[None, :] * stride_re + ds[:, None] * stride_rd
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for d0 in range(0, tl.cdiv(D, BLOCK_D)):
+        d_mask = ds < D - d0 * BLOCK_D
+        a = tl.load(x_ptrs, mask=token_mask[:, None] & d_mask[None, :], other=0.0)
+        b = tl.load(r_ptrs, mask=d_mask[:, None] & expert_mask[None, :], other=0.0)
+        if BLOCK_T >= 16:
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        else:
+            acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
+        x_ptrs += BLOCK_D * stride_xd
+        r_ptrs += BLOCK_D * stride_rd
+    return acc.to(x_ptr.dtype.element_ty)
+
+
+@triton.jit
+def route_blocks_kernel(
+    x_ptr, router_ptr, logits_ptr, weights_ptr, ids_ptr, block_counts_ptr, T, D, E,
+    stride_xt, stride_xd, stride_re, stride_rd,
+    TOP_K: tl.constexpr, NORMALIZE: tl.constexpr, STORE_LOGITS: tl.constexpr, HISTOGRAM: tl.constexpr,
+    ROUTE_T: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    """The router's GEMM and topk_gating_kernel (with its histogram where the plan has several blocks), BLOCK_T
+    tokens per program, a whole number of routing blocks of ROUTE_T tokens (at least 16 tokens, for tl.dot): what
+    F.linear and ``gate_and_plan``'s gating launch compute, up to the GEMM's summation order
+    (route_one_block_kernel below also builds the plan, for few tokens and no logits).
+
+    Reads x [T, D], router [E, D]; writes, with STORE_LOGITS, logits [T, E] (contiguous, x's dtype), and weights
+    [T, K] fp32, ids [T, K] int64, with HISTOGRAM block_counts [cdiv(T, ROUTE_T), E+1] int64.
+    Grid: (cdiv(T, BLOCK_T),).
+    """
+    block = tl.program_id(0).to(tl.int64)
+    tokens = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_mask = tokens < T
+    experts = tl.arange(0, BLOCK_E)
+    expert_mask = experts < E
+    logits = _router_logits(x_ptr, router_ptr, tokens, token_mask, experts, expert_mask, D, stride_xt, stride_xd,
+                            stride_re, stride_rd, BLOCK_T, BLOCK_D, BLOCK_E, DOT_PRECISION, DOT_FP32)
+    if STORE_LOGITS:
+        tl.store(logits_ptr + tokens[:, None] * E + experts[None, :], logits,
+                 mask=token_mask[:, None] & expert_mask[None, :])
+    probs = _softmax(logits.to(tl.float32), expert_mask)
+    top_w, top_i = _top_k(probs, experts, expert_mask, TOP_K, NORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K)
+    _store_gating(weights_ptr, ids_ptr, block_counts_ptr, top_w, top_i, block, tokens, token_mask, T, E, TOP_K,
+                  BLOCK_T, BLOCK_K, HISTOGRAM, ROUTE_T, BLOCK_B)
 
 
 @triton.jit
@@ -303,24 +377,9 @@ def route_one_block_kernel(
     token_mask = tokens < T
     experts = tl.arange(0, BLOCK_E)
     expert_mask = experts < E
-    ds = tl.arange(0, BLOCK_D)
-    x_ptrs = x_ptr + tokens[:, None] * stride_xt + ds[None, :] * stride_xd
-    r_ptrs = router_ptr + experts[None, :] * stride_re + ds[:, None] * stride_rd
-    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
-    for d0 in range(0, tl.cdiv(D, BLOCK_D)):
-        d_mask = ds < D - d0 * BLOCK_D
-        a = tl.load(x_ptrs, mask=token_mask[:, None] & d_mask[None, :], other=0.0)
-        b = tl.load(r_ptrs, mask=d_mask[:, None] & expert_mask[None, :], other=0.0)
-        if BLOCK_T >= 16:
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
-        else:
-            acc += tl.sum(a.to(tl.float32)[:, :, None] * b.to(tl.float32)[None, :, :], axis=1)
-        x_ptrs += BLOCK_D * stride_xd
-        r_ptrs += BLOCK_D * stride_rd
-    probs = _softmax(acc.to(x_ptr.dtype.element_ty).to(tl.float32), expert_mask)
+    logits = _router_logits(x_ptr, router_ptr, tokens, token_mask, experts, expert_mask, D, stride_xt, stride_xd,
+                            stride_re, stride_rd, BLOCK_T, BLOCK_D, BLOCK_E, DOT_PRECISION, DOT_FP32)
+    probs = _softmax(logits.to(tl.float32), expert_mask)
     top_w, top_i = _top_k(probs, experts, expert_mask, TOP_K, NORMALIZE, BLOCK_T, BLOCK_E, BLOCK_K)
     ks = tl.arange(0, BLOCK_K)
     lane_mask = token_mask[:, None] & (ks[None, :] < TOP_K)

@@ -1,6 +1,7 @@
 """Triton routing: the routing plan (a stable counting sort of the T*K assignments by expert), the
-expert load (its histogram alone), and, for decode and small batches, the router's GEMM, gating and plan
-in one launch; all on device.
+expert load (its histogram alone), the router's GEMM and gating in one launch that also counts the routing blocks
+for the plan (``route_blocks``), and, for decode and small batches, the router's GEMM, gating and plan in one
+launch (``route_one_block``); all on device.
 
 T tokens, D features, K top_k, E experts, R = T*K slots. Kernels in router_kernels.py; no host sync.
 """
@@ -156,6 +157,60 @@ def routing_plan_from_ids(ids: Tensor, num_experts: int, top_k: int, interpret: 
     return RoutingPlan(counts, offsets, sorted_slots, slot_rows, top_k)
 
 
+# The router's GEMM runs inside the gating kernel (route_blocks) while the programs' re-reads of the router weight
+# (one per 16 tokens or routing block, whichever is more) sum to at most ROUTER_REREAD_BYTES: up to 4096 tokens at
+# D = 1024 and 64 experts (256 programs, 32 MB) and any CuMo batch; past that (T = 16384 at D = 2048 over 128
+# experts: 512 MB of re-reads) cuBLAS computes the logits.
+ROUTER_REREAD_BYTES = 32 << 20
+
+
+@runtime.shape_cache
+def _route_blocks_launch(num_tokens: int, d_in: int, num_experts: int, strides: tuple, top_k: int, normalize: bool,
+                         store_logits: bool, dtype: torch.dtype, interpret: bool,
+                         allow_tf32: bool) -> runtime.Launch | None:
+    """route_blocks_kernel's launch: a whole number of routing blocks, at least 16 tokens (tl.dot's rows), per
+    program; None past ROUTER_REREAD_BYTES."""
+    blocks = routing_blocks(num_tokens * top_k, num_experts, top_k)
+    block_t = max(16, blocks.tokens)
+    programs = cdiv(num_tokens, block_t)
+    if programs * num_experts * d_in * dtype.itemsize > ROUTER_REREAD_BYTES:
+        return None
+    histogram = _routing_launches(num_tokens * top_k, num_experts, top_k).one_block is None
+    meta = dict(TOP_K=top_k, NORMALIZE=normalize, STORE_LOGITS=store_logits, HISTOGRAM=histogram,
+                ROUTE_T=blocks.tokens, BLOCK_T=block_t, BLOCK_K=next_power_of_2(top_k), BLOCK_B=blocks.buckets,
+                **_router_gemm_tiles(block_t, num_experts, interpret), **dot_options(dtype, interpret, allow_tf32))
+    if not interpret:
+        meta["num_warps"] = 8
+    return runtime.Launch("route_blocks_kernel", (programs,), (num_tokens, d_in, num_experts, *strides), meta)
+
+
+def route_blocks(x: Tensor, router_weight: Tensor, top_k: int, normalize: bool, keep_logits: bool,
+                 interpret: bool) -> tuple[Tensor | None, Tensor, Tensor, RoutingPlan] | None:
+    """The router's GEMM, the gating and its block counts in one launch, then the routing plan: (logits [T, E] in
+    x's dtype when ``keep_logits`` else None, top_k_weights [T, K] float32, top_k_idx [T, K] int64, RoutingPlan),
+    what F.linear and ``gate_and_plan`` give (up to the GEMM's summation order); None when there are no tokens or
+    the GEMM is past the limits above (then F.linear and ``gate_and_plan``). No autograd, arguments checked."""
+    num_tokens, d_in = x.shape
+    num_experts = router_weight.shape[0]
+    if num_tokens == 0:
+        return None
+    spec = _route_blocks_launch(num_tokens, d_in, num_experts, (*x.stride(), *router_weight.stride()), top_k,
+                                normalize, keep_logits, x.dtype, interpret, runtime.allow_tf32())
+    if spec is None:
+        return None
+    device = x.device
+    logits = torch.empty(num_tokens, num_experts, dtype=x.dtype, device=device) if keep_logits else None
+    weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+    ids = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+    block_counts = (torch.empty(cdiv(num_tokens, spec.constexprs["ROUTE_T"]), num_experts + 1, dtype=torch.int64,
+                                device=device) if spec.constexprs["HISTOGRAM"] else None)
+    with device_guard(x):
+        runtime.launch(spec, interpret, x, router_weight, logits if keep_logits else weights, weights, ids,
+                       block_counts if block_counts is not None else ids)
+        plan = routing_plan_from_ids(ids.view(-1), num_experts, top_k, interpret, block_counts)
+    return logits, weights, ids, plan
+
+
 def gate_and_plan(logits: Tensor, top_k: int, normalize: bool,
                   interpret: bool) -> tuple[Tensor, Tensor, RoutingPlan]:
     """The gating launcher and the routing plan of its ids: (weights, ids, plan), no autograd (``moe._EagerMoE``
@@ -172,22 +227,32 @@ def gate_and_plan(logits: Tensor, top_k: int, normalize: bool,
     return weights, ids, plan
 
 
+def _router_gemm_tiles(block_t: int, num_experts: int, interpret: bool) -> dict | None:
+    """BLOCK_D and BLOCK_E of the router's GEMM in route_one_block_kernel and route_blocks_kernel, a router tile
+    of at most ROUTE_TILE weights; None where the broadcast product (under 16 tokens) would hold more than
+    ROUTE_TILE values at the smallest BLOCK_D (e.g. 8 tokens over 256 experts): then cuBLAS computes the logits."""
+    block_e = max(16, next_power_of_2(num_experts))  # tl.dot's smallest N
+    if block_t < 16 and block_t * 16 * block_e > ROUTE_TILE:
+        return None
+    if interpret:
+        block_d = 16  # small, so that tests cross tile edges
+    elif block_t >= 16:
+        block_d = max(16, min(128, ROUTE_TILE // block_e))
+    else:  # the broadcast product holds BLOCK_T x BLOCK_D x BLOCK_E values: 64 a thread, many loads in flight
+        block_d = max(16, min(512, ROUTE_TILE // (block_t * block_e)))
+    return dict(BLOCK_D=block_d, BLOCK_E=block_e)
+
+
 @runtime.shape_cache
 def _route_launch(num_tokens: int, d_in: int, num_experts: int, strides: tuple, top_k: int, normalize: bool,
                   dtype: torch.dtype, interpret: bool, allow_tf32: bool) -> runtime.Launch | None:
     """route_one_block_kernel's launch, or None when the slots do not fit one program."""
     block_t, block_k, block_b = next_power_of_2(num_tokens), next_power_of_2(top_k), next_power_of_2(num_experts + 1)
-    if not fits_one_program(block_t * block_k, block_b):
+    tiles = _router_gemm_tiles(block_t, num_experts, interpret)
+    if not fits_one_program(block_t * block_k, block_b) or tiles is None:
         return None
-    block_e = max(16, next_power_of_2(num_experts))  # tl.dot's smallest N
-    if interpret:
-        block_d = 16  # small, so that tests cross tile edges
-    elif block_t >= 16:
-        block_d = 128
-    else:  # the broadcast product holds BLOCK_T x BLOCK_D x BLOCK_E values: 64 a thread, many loads in flight
-        block_d = max(16, min(512, ROUTE_TILE // (block_t * block_e)))
-    meta = dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_D=block_d, BLOCK_E=block_e,
-                BLOCK_K=block_k, BLOCK_B=block_b, **dot_options(dtype, interpret, allow_tf32))
+    meta = dict(TOP_K=top_k, NORMALIZE=normalize, BLOCK_T=block_t, BLOCK_K=block_k, BLOCK_B=block_b, **tiles,
+                **dot_options(dtype, interpret, allow_tf32))
     if not interpret:
         meta["num_warps"] = 8
     return runtime.Launch("route_one_block_kernel", (1,), (num_tokens, d_in, num_experts, *strides), meta)
@@ -197,9 +262,9 @@ def route_one_block(x: Tensor, router_weight: Tensor, top_k: int, normalize: boo
                     interpret: bool) -> tuple[Tensor, Tensor, RoutingPlan] | None:
     """The router's GEMM (logits = x @ router_weight^T, rounded to x's dtype), topk_gating and the routing plan
     in one launch: (top_k_weights [T, K] float32, top_k_idx [T, K] int64, RoutingPlan), what F.linear,
-    ``topk_gating`` and ``routing_plan`` give (up to the GEMM's summation order); None when there are no tokens
-    or their T*K slots do not fit one program (then those three run apart). Arguments already checked
-    (``ops.moe_mlp``)."""
+    ``topk_gating`` and ``routing_plan`` give (up to the GEMM's summation order); None when there are no tokens,
+    their T*K slots do not fit one program or the GEMM's tiles would not (then those three run apart). Arguments
+    already checked (``ops.moe_mlp``)."""
     num_tokens, d_in = x.shape
     num_experts = router_weight.shape[0]
     if num_tokens == 0:

@@ -169,7 +169,7 @@ def test_every_layer_launch_binds_once(monkeypatch):
     forward_and_backward()
     first = list(bound.through_triton)
     launches_per_pass = len(first) + len(bound.launched)
-    assert {"topk_gating_kernel", "grouped_gemm_kernel", "combine_kernel", "grouped_weight_grad_kernel",
+    assert {"route_blocks_kernel", "grouped_gemm_kernel", "combine_kernel", "grouped_weight_grad_kernel",
             "topk_gating_backward_kernel"} <= set(first), first
     bound.launched.clear()
     forward_and_backward()

@@ -267,40 +267,93 @@ def test_router_input_capacity_and_logits(backend, grad, capacity):
             assert rel_err(g, e) < 1e-5
 
 
-def test_triton_fused_path_launches_and_plan():
+def test_triton_fused_path_launches_and_plan(monkeypatch, request):
     """Decode and small batches: one route_one_block_kernel whose plan is build_routing_plan's; larger batches:
-    the gating kernel, which counts the routing blocks' ids, then the plan's scatter, which scans those counts
-    (no histogram kernel, no scan kernel). At most a row per expert (T*K <= E): fc2 and the combine as one
-    fc2_combine_kernel. Gradients wanted: no fused kernel."""
+    route_blocks_kernel (the router's GEMM and the gating, counting the routing blocks' ids), then the plan's
+    scatter, which scans those counts (no histogram kernel, no scan kernel); past ROUTER_REREAD_BYTES the logits
+    come from F.linear and topk_gating_kernel counts. At most a row per expert (T*K <= E): fc2 and the combine as
+    one fc2_combine_kernel. Gradients wanted: no plan in the router's kernel (it keeps the logits)."""
     pytest.importorskip("triton")
-    from moe_kernels.triton import LAUNCHES, reset_launch_counts
+    from moe_kernels.triton import LAUNCHES, reset_launch_counts, runtime
     from moe_kernels.triton.routing import route_one_block
 
-    for shape, fused in (((1, 40, 16, 24, 16, 8), True), ((16, 32, 8, 32, 64, 8), True),
-                         ((130, 24, 8, 16, 6, 3), False)):
+    request.addfinalizer(runtime.clear_shape_caches)
+    # With gradients: the router's kernel keeps the logits, then one plan whose counts are the load (no histogram
+    # of its own).
+    reset_launch_counts()
+    args = [t.requires_grad_() for t in problem((2, 16, 8, 16, 4, 2))]
+    got = ops.moe_mlp(*args, 2, True, "gelu", False, backend="triton")
+    assert dict(LAUNCHES) == {"route_blocks_kernel": 1, "routing_one_block_kernel": 1, "grouped_gemm_kernel": 2,
+                              "combine_kernel": 1}, dict(LAUNCHES)
+    assert torch.equal(got.expert_load, reference.expert_load(got.top_k_idx, 4))
+    for shape, router, cublas in (((1, 40, 16, 24, 16, 8), "route_one_block_kernel", False),
+                                  ((16, 32, 8, 32, 64, 8), "route_one_block_kernel", False),
+                                  ((130, 24, 8, 16, 6, 3), "route_blocks_kernel", False),
+                                  ((130, 24, 8, 16, 6, 3), "topk_gating_kernel", True)):  # cuBLAS last
+        if cublas:
+            monkeypatch.setattr("moe_kernels.triton.routing.ROUTER_REREAD_BYTES", 0)
+            runtime.clear_shape_caches()
         x, router_weight, *experts = problem(shape)
         top_k = shape[-1]
         reset_launch_counts()
         ops.moe_mlp(x, router_weight, *experts, top_k, True, "gelu", False, backend="triton")
-        unfused = {"topk_gating_kernel": 1, "routing_scatter_kernel": 1}  # counted by gating, scanned by the scatter
+        routing = {router: 1} if router == "route_one_block_kernel" else {router: 1, "routing_scatter_kernel": 1}
         few_rows = shape[0] * top_k <= shape[4]
         experts_launches = ({"grouped_gemm_kernel": 1, "fc2_combine_kernel": 1} if few_rows
                             else {"grouped_gemm_kernel": 2, "combine_kernel": 1})
-        assert dict(LAUNCHES) == {**({"route_one_block_kernel": 1} if fused else unfused), **experts_launches}, \
-            dict(LAUNCHES)
+        assert dict(LAUNCHES) == {**routing, **experts_launches}, dict(LAUNCHES)
         routed = route_one_block(x, router_weight, top_k, True, interpret=True)
-        assert (routed is not None) == fused
-        if fused:
+        assert (routed is not None) == (router == "route_one_block_kernel")
+        if routed is not None:
             _, ids, plan = routed
             for got, want in zip(plan, build_routing_plan(ids, shape[4])):
                 assert got == want if isinstance(want, int) else torch.equal(got, want)
-    # With gradients: the gating kernel, then one plan whose counts are the load (no histogram of its own).
-    reset_launch_counts()
-    args = [t.requires_grad_() for t in problem((2, 16, 8, 16, 4, 2))]
-    got = ops.moe_mlp(*args, 2, True, "gelu", False, backend="triton")
-    assert dict(LAUNCHES) == {"topk_gating_kernel": 1, "routing_one_block_kernel": 1, "grouped_gemm_kernel": 2,
-                              "combine_kernel": 1}, dict(LAUNCHES)
-    assert torch.equal(got.expert_load, reference.expert_load(got.top_k_idx, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("tokens, d_in, experts, top_k", [
+    (130, 24, 6, 3),  # routing blocks of 32 tokens: tl.dot; K not a power of two
+    (100, 40, 64, 8),  # routing blocks of 8 tokens, two a program (tl.dot's 16 rows)
+    (7, 16, 4, 2),  # one routing block: no histogram
+    (200, 16, 100, 1),  # E = 100, top-1: blocks of 64 tokens, tl.dot over 128 expert columns
+    (300, 8, 1000, 2),  # E = 1000: two blocks of 8 tokens a program, over 1024 expert columns
+])
+def test_triton_route_blocks_is_the_router_gemm_and_gate_and_plan(tokens, d_in, experts, top_k, dtype):
+    """route_blocks (the router's GEMM in the gating kernel) against F.linear then gate_and_plan: the logits to the
+    GEMM's rounding, the same ids and plan, the weights to fp32 rounding; strided x and router weight."""
+    pytest.importorskip("triton")
+    from moe_kernels.triton.routing import gate_and_plan, route_blocks
+
+    gen = torch.Generator().manual_seed(tokens)
+    x = torch.randn(d_in, tokens, generator=gen).to(dtype).t()  # column-major
+    router_weight = (2 * d_in**-0.5 * torch.randn(experts, 2 * d_in, generator=gen)).to(dtype)[:, ::2]
+    logits, weights, ids, plan = route_blocks(x, router_weight, top_k, True, True, interpret=True)
+    expected_logits = F.linear(x, router_weight)
+    one_ulp = {} if dtype == torch.float32 else dict(rtol=2**-10, atol=2**-10)  # fp16: rounded once, either way
+    torch.testing.assert_close(logits, expected_logits, **one_ulp)
+    expected_weights, expected_ids, expected_plan = gate_and_plan(logits, top_k, True, interpret=True)
+    assert torch.equal(ids, expected_ids)
+    torch.testing.assert_close(weights, expected_weights, rtol=1e-6, atol=1e-7)
+    for got, want in zip(plan, expected_plan):
+        assert got == want if isinstance(want, int) else torch.equal(got, want)
+    assert route_blocks(x, router_weight, top_k, True, False, interpret=True)[0] is None  # logits not kept
+    assert route_blocks(x[:0], router_weight, top_k, True, True, interpret=True) is None
+
+
+def test_triton_router_gemm_in_a_kernel_where_its_tiles_fit():
+    """route_blocks is None (F.linear and gate_and_plan run instead) where the programs' re-reads of the router
+    weight pass ROUTER_REREAD_BYTES (T = 16384 at D = 2048 over 128 experts: 1024 programs re-reading 512 KB);
+    route_one_block is None where its broadcast product (under 16 tokens) would hold more than ROUTE_TILE values
+    (8 tokens over 1000 experts; the layer then routes with route_blocks, whose programs hold 16 tokens)."""
+    pytest.importorskip("triton")
+    from moe_kernels.triton.routing import ROUTER_REREAD_BYTES, route_blocks, route_one_block
+
+    assert 1024 * 128 * 2048 * 2 > ROUTER_REREAD_BYTES
+    x, router_weight = torch.empty(16384, 2048, dtype=torch.bfloat16), torch.empty(128, 2048, dtype=torch.bfloat16)
+    assert route_blocks(x, router_weight, 8, True, True, interpret=True) is None
+    x, router_weight = torch.randn(8, 16), torch.randn(1000, 16)
+    assert route_one_block(x, router_weight, 2, True, interpret=True) is None
+    assert route_blocks(x, router_weight, 2, True, True, interpret=True) is not None
 
 
 @pytest.mark.parametrize("scan_kernel", [False, True], ids=["scan in the scatter", "scan kernel"])
