@@ -99,11 +99,11 @@ def resources(kernel, args: list, constexprs: dict, target: GPUTarget = HOPPER) 
 
 # Every kernel the layer launches, and the configurations that reach every epilogue and dtype they
 # specialize on: (dtype, activation, glu, bias), each at one routing block and at several.
-ALL_KERNELS = {"route_one_block_kernel", "route_blocks_kernel", "topk_gating_kernel", "topk_gating_backward_kernel", "router_losses_kernel",
-               "router_losses_reduce_kernel", "router_losses_backward_kernel", "routing_one_block_kernel",
-               "routing_histogram_kernel", "routing_scan_kernel", "routing_scatter_kernel", "grouped_gemm_kernel",
-               "combine_kernel", "fc2_combine_kernel", "topk_weight_grad_kernel", "grouped_weight_grad_kernel",
-               "capacity_kernel"}
+ALL_KERNELS = {"route_one_block_kernel", "route_blocks_kernel", "topk_gating_kernel", "topk_gating_backward_kernel",
+               "router_losses_kernel", "router_losses_reduce_kernel", "router_losses_backward_kernel",
+               "routing_one_block_kernel", "routing_histogram_kernel", "routing_scan_kernel", "routing_scatter_kernel",
+               "grouped_gemm_kernel", "combine_kernel", "fc2_combine_kernel", "topk_weight_grad_kernel",
+               "grouped_weight_grad_kernel", "capacity_kernel"}
 
 
 def check_configurations() -> list[tuple]:
