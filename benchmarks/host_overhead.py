@@ -11,7 +11,7 @@ tensors: the unit of host cost any PyTorch op pays. Reported: microseconds per c
 ``torch.add`` units, for the whole SparseMoEMLP layer (router included; an inference forward and a
 training step), for ``moe_kernels.moe_mlp`` (what its eval forward runs; and its training step without the
 router's losses, which ``make gpu-check`` times) and for ``moe_kernels.expert_mlp`` and ``topk_gating`` alone, at
-decode and small-batch shapes.
+decode and small-batch shapes and past one routing block.
 """
 
 from __future__ import annotations
@@ -142,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__.splitlines()[0])
     parser.parse_args(argv)
     torch.set_num_threads(1)
+    # Past one routing block the host path is the same at any D and H: D=64, H=32 keep a CPU's buffers small.
     shapes = {"decode (T=1, D=2048, H=1024, E=64, k=8)": (1, 2048, 1024, 64, 8),
-              "small batch (T=16, D=1024, H=512, E=64, k=8)": (16, 1024, 512, 64, 8)}
+              "small batch (T=16, D=1024, H=512, E=64, k=8)": (16, 1024, 512, 64, 8),
+              "past one routing block (T=1024, D=64, H=32, E=64, k=8)": (1024, 64, 32, 64, 8)}
     for name, shape in shapes.items():
         result = measure(*shape)
         unit = result["torch.add"]
