@@ -11,7 +11,10 @@ over the buckets, the largest first (the training regimes', where the kernels bo
 leaves the time it does not use to the next. Writes
 ``tuned_<model>.json`` to ``$OUT`` (or benchmarks/out); copy it to moe_kernels/triton/tuned/<model>.json
 to ship it: from then on that GPU model launches with it (tests/moe_kernels/test_tiles.py checks every
-shipped table). Each candidate compiles once (about a second); ``--budget-s`` bounds the whole run.
+shipped table). Each candidate's kernels compile once, a few seconds of CPU per candidate against well under a
+second of timing: before a bucket's timings, worker processes compile every candidate's specializations for this
+GPU into Triton's on-disk cache (``Precompiler``; half the bucket's time at most), so the timings load them.
+``--budget-s`` bounds the whole run.
 """
 
 from __future__ import annotations
@@ -20,9 +23,13 @@ import argparse
 import itertools
 import json
 import math
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, wait
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 
@@ -120,9 +127,94 @@ def make_case(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", d
     return gemms, weight_grads
 
 
-def tune(kind: str, cases: dict, deadline: float, log) -> tuple[list, dict]:
-    """The tuned table of one kernel family ("gemm" or "weight_grad") and its speed-up per bucket."""
+@contextmanager
+def candidate_tables(kind: str, tiles_: tuple) -> Iterator[None]:
+    """Within the block the launchers read ``tiles_`` for every row count of ``kind``'s table ("gemm" or
+    "weight_grad"); the launches built from other tiles are dropped on the way in, those built from these on the
+    way out."""
     from moe_kernels.triton import runtime, tiles
+
+    row = (math.inf, *tiles_)
+    override = ([row], tiles.WEIGHT_GRAD_TABLE) if kind == "gemm" else (tiles.GEMM_TABLE, [row])
+    real = tiles.tables_for
+    tiles.tables_for = lambda device: override
+    runtime.clear_shape_caches()
+    try:
+        yield
+    finally:
+        tiles.tables_for = real
+        runtime.clear_shape_caches()
+
+
+def recorded_specializations(steps: list[Callable[[], None]], target) -> list[tuple]:
+    """What Triton's JIT would compile for ``target`` for every launch the steps make, launching nothing:
+    (kernel name, signature, constexprs, attributes, options) each."""
+    from benchmarks.kernel_resources import Recording, specialize
+    from moe_kernels.triton import runtime
+
+    recording, real_launch = Recording(), runtime.launch
+    runtime.launch = lambda spec, interpret, *tensors: recording.launch(spec, tensors)
+    try:
+        for step in steps:
+            step()
+    finally:
+        runtime.launch = real_launch
+    jobs = []
+    for kernel, args, constexprs in recording.launches.values():
+        source, options = specialize(kernel, args, constexprs, target)
+        jobs.append((kernel.__name__, source.signature, source.constants, source.attrs, options))
+    return jobs
+
+
+def compile_specialization(job: tuple, target) -> None:
+    """A worker's job: compile one recorded specialization for ``target`` into Triton's on-disk cache."""
+    import triton
+    from triton.compiler import ASTSource
+
+    from moe_kernels.triton import runtime
+
+    name, signature, constants, attrs, options = job
+    triton.compile(ASTSource(getattr(runtime.kernels(False), name), signature, constants, attrs), target=target,
+                   options=options)
+
+
+class Precompiler:
+    """Compiles every candidate's kernels for ``target`` in ``workers`` processes ahead of the timings, which then
+    find them in Triton's cache instead of compiling one candidate at a time in the timing process. Best effort: a
+    failure is logged and the timings compile what they miss as before."""
+
+    SHARE = 0.5  # of a bucket's remaining time, at most, spent waiting for the workers
+
+    def __init__(self, workers: int, target) -> None:
+        self.workers, self.target = workers, target
+        self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+    def __call__(self, kind: str, candidates: list[tuple], steps: list[Callable[[], None]], deadline: float,
+                 log) -> None:
+        try:
+            jobs = {}
+            for tiles_ in candidates:
+                with candidate_tables(kind, tiles_):
+                    jobs.update((repr(job), job) for job in recorded_specializations(steps, self.target))
+        except Exception as exc:  # e.g. a Triton whose JIT internals differ: the timings compile inline
+            log(f"  {kind}: no precompile ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
+            return
+        futures = [self.pool.submit(compile_specialization, job, self.target) for job in jobs.values()]
+        timeout = self.SHARE * (deadline - time.perf_counter())
+        done, pending = wait(futures, timeout=None if math.isinf(timeout) else max(0.0, timeout))
+        for future in pending:
+            future.cancel()
+        failed = sum(future.exception() is not None for future in done)
+        log(f"  {kind}: {len(done)} of {len(jobs)} specializations of {len(candidates)} candidates compiled in "
+            f"{self.workers} processes ({failed} failed)")
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def tune(kind: str, cases: dict, deadline: float, log, precompile: Precompiler | None = None) -> tuple[list, dict]:
+    """The tuned table of one kernel family ("gemm" or "weight_grad") and its speed-up per bucket."""
+    from moe_kernels.triton import tiles
 
     static_table = tiles.GEMM_TABLE if kind == "gemm" else tiles.WEIGHT_GRAD_TABLE
     bounds = [row[0] for row in static_table]
@@ -133,22 +225,20 @@ def tune(kind: str, cases: dict, deadline: float, log) -> tuple[list, dict]:
         bound, static = static_row[0], tuple(static_row[1:])
         bucket_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(largest_first) - i)
         problems = [p for p in cases if bucket_of(p[0] * p[5] / p[4], bounds) == bound]  # T*K/E
+        steps = [cases[p][0 if kind == "gemm" else 1] for p in problems]
+        tried = [static] + [c for c in candidates(bound) if c != static]
+        if precompile is not None and steps:
+            precompile(kind, tried, steps, bucket_deadline, log)
         times: dict[tuple, float] = {}
-        for tiles_ in [static] + [c for c in candidates(bound) if c != static]:
+        for tiles_ in tried:
             if time.perf_counter() > bucket_deadline:
                 log(f"  {kind} <= {bound}: out of time after {len(times)} candidates")
                 break
-            row = (math.inf, *tiles_)
-            override = ([row], tiles.WEIGHT_GRAD_TABLE) if kind == "gemm" else (tiles.GEMM_TABLE, [row])
-            real = tiles.tables_for
-            tiles.tables_for = lambda device, override=override: override
-            runtime.clear_shape_caches()  # the launches built from the previous candidate's tiles
             try:
-                times[tiles_] = sum(time_device(cases[p][0 if kind == "gemm" else 1], REPS) for p in problems)
+                with candidate_tables(kind, tiles_):
+                    times[tiles_] = sum(time_device(step, REPS) for step in steps)
             except Exception as exc:  # a tile that does not compile or fit: reported, skipped
                 log(f"  {kind} <= {bound} {tiles_}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
-            finally:
-                tiles.tables_for = real
         chosen, speedup = choose(times, static) if times else (static, math.nan)
         rows[bound] = [None if bound == math.inf else bound, *chosen]
         speedups[str(bound)] = round(speedup, 3)
@@ -177,8 +267,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"tuning tiles on {device}; Triton {triton.__version__}, torch {torch.__version__}")
     result = {"device": device, "triton": triton.__version__, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "problems": PROBLEMS}
-    for kind, share in (("gemm", 2 / 3), ("weight_grad", 1.0)):
-        result[kind], result[f"{kind}_speedup_vs_static"] = tune(kind, cases, start + share * args.budget_s, print)
+    from triton.runtime.driver import driver
+
+    workers = max(1, min(16, (os.cpu_count() or 2) - 2))  # two cores left to the timing process
+    precompile = Precompiler(workers, driver.active.get_current_target())
+    try:
+        for kind, share in (("gemm", 2 / 3), ("weight_grad", 1.0)):
+            result[kind], result[f"{kind}_speedup_vs_static"] = tune(kind, cases, start + share * args.budget_s,
+                                                                     print, precompile)
+    finally:
+        precompile.close()
     tiles.check_table(result["gemm"], "gemm")
     tiles.check_table(result["weight_grad"], "weight_grad")
     path = out / f"tuned_{tiles.tuned_name(device)}.json"

@@ -14,8 +14,8 @@ from moe_kernels.triton import tiles
 
 def test_buckets_are_the_static_tables():
     assert tune_tiles.BOUNDS == [row[0] for row in tiles.GEMM_TABLE]
-    assert [tune_tiles.bucket_of(r) for r in (0.125, 16, 17, 64, 256, 257, 1e6)] == [16, 16, 64, 64, 256, math.inf,
-                                                                                       math.inf]
+    buckets = [tune_tiles.bucket_of(r) for r in (0.125, 16, 17, 64, 256, 257, 1e6)]
+    assert buckets == [16, 16, 64, 64, 256, math.inf, math.inf]
     assert {tune_tiles.bucket_of(t * k / e) for t, _, _, _, e, k, _ in tune_tiles.PROBLEMS} == set(tune_tiles.BOUNDS)
 
 
@@ -100,3 +100,58 @@ def test_a_case_runs_under_the_interpreter(monkeypatch):
         weight_grads()
         # a training step's four grouped GEMMs (fc1, fc2, d pre-activation, input-gradient rows), two weight grads
         assert dict(LAUNCHES) == {"grouped_gemm_kernel": 4, "grouped_weight_grad_kernel": 2}, dict(LAUNCHES)
+
+
+def test_each_bucket_is_precompiled_before_its_timings(monkeypatch):
+    """tune hands the precompiler each bucket's candidates, static tiles first, and its problems' launch sequences
+    before it times any of them."""
+    events = []
+    monkeypatch.setattr(tune_tiles, "time_device", lambda fn, iters: events.append("time") or 1.0)
+    cases = {problem: (lambda: None, lambda: None) for problem in tune_tiles.PROBLEMS}
+
+    def precompile(kind, candidates, steps, deadline, log):
+        events.append(("precompile", kind, candidates[0], len(candidates), len(steps)))
+
+    tune_tiles.tune("weight_grad", cases, deadline=math.inf, log=lambda *a: None, precompile=precompile)
+    for bound, *static in tiles.WEIGHT_GRAD_TABLE[::-1]:  # largest bucket first
+        problems = sum(tune_tiles.bucket_of(t * k / e, [64, math.inf]) == bound
+                       for t, _, _, _, e, k, _ in tune_tiles.PROBLEMS)
+        tried = len({tuple(static), *tune_tiles.weight_grad_candidates(bound)})
+        assert events[0] == ("precompile", "weight_grad", tuple(static), tried, problems)
+        timings = tried * problems  # each candidate on each of the bucket's problems
+        assert events[1:1 + timings] == ["time"] * timings
+        events = events[1 + timings:]
+    assert not events
+
+
+def test_the_precompiler_fills_tritons_cache_for_the_gpu(monkeypatch, tmp_path):
+    """Worker processes compile a candidate's recorded specializations for sm_90 (no GPU here) into the on-disk
+    cache that the timing process's launches then read (a cubin per specialization)."""
+    pytest.importorskip("triton")
+    from tests.moe_kernels.test_triton_compiles import ptxas_missing
+
+    if ptxas_missing():
+        pytest.skip(ptxas_missing())
+    from triton.backends.compiler import GPUTarget
+
+    from moe_kernels.triton import runtime
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    with monkeypatch.context() as patch:  # the case's own plan and rows: not launched here
+        patch.setattr(runtime, "launch", lambda spec, interpret, *tensors: None)
+        gemms, _ = tune_tiles.make_case(64, 64, 32, 64, 8, 2, True, device="cpu", dtype=torch.bfloat16)
+    target = GPUTarget("cuda", 90, 32)
+    candidates = tune_tiles.gemm_candidates(16)[:2]
+    jobs = set()
+    for tiles_ in candidates:
+        with tune_tiles.candidate_tables("gemm", tiles_):
+            jobs |= {repr(job) for job in tune_tiles.recorded_specializations([gemms], target)}
+    lines = []
+    precompile = tune_tiles.Precompiler(2, target)
+    try:
+        precompile("gemm", candidates, [gemms], math.inf, lines.append)
+    finally:
+        precompile.close()
+    assert lines == [f"  gemm: {len(jobs)} of {len(jobs)} specializations of 2 candidates compiled in 2 processes "
+                     f"(0 failed)"], lines
+    assert len(list(tmp_path.glob("*/*.cubin"))) == len(jobs)
