@@ -7,7 +7,8 @@ On a bare GPU machine with a preinstalled torch and no internet, in this order, 
      timed against the dense-equivalent MLP, plain ``torch._grouped_mm`` and transformers' experts:
      device time (CUDA events), host time per call (calls issued without a sync, so a host-bound
      path shows its Python cost), and CUDA-graph replay time (inference); the GPU time per kernel of
-     a training step, a cProfile of the host path and a timeline of training steps;
+     a training step, each grouped kernel alone against a cuBLAS GEMM of its FLOPs, a cProfile of the
+     host path and a timeline of training steps;
   3. the GPU tests (``pytest -m gpu -n 4``, fixed tile tables, no autotuning), each result in the log;
   4. every backend validated against the reference (``benchmarks.gpu --validate-only``).
 Writes ``gpu_check.log`` (everything printed), ``gpu_check.json``, ``host_profile.txt`` and
@@ -301,6 +302,42 @@ def layer_training_time(log: Log, regimes: tuple[str, ...] = ("cumo-clip", "fine
     return result
 
 
+def gemm_breakdown(log: Log, device: str = "cuda", dtype=None, interpret: bool = False) -> dict:
+    """Each grouped kernel of a training step alone (``tune_tiles.case_kernels``: fc1, fc2, the d pre-activation
+    and input-gradient GEMMs, the two weight gradients), bf16, at the training regimes' sizes: its time (CUDA events),
+    its TFLOP/s, and a cuBLAS GEMM of the same FLOPs ([m, k] x [k, n], ``torch.mm``) beside it. Says which of our
+    kernels is short of what the GPU does at that size, by how much."""
+    import torch
+
+    from benchmarks.common import REGIMES_BY_NAME
+    from benchmarks.tune_tiles import GEMMS, WEIGHT_GRADS, case_kernels
+
+    dtype = dtype or torch.bfloat16
+    result = {}
+    for name in ("cumo-clip", "cumo-connector", "fine-grained", "large"):
+        r = REGIMES_BY_NAME[name]
+        kernels = case_kernels(r.tokens, r.d_model, r.hidden, r.d_out, r.experts, r.top_k, r.glu, device=device,
+                               dtype=dtype, interpret=interpret)
+        log(f"\n{name}: each grouped kernel of a training step alone, against torch.mm of the same FLOPs")
+        log(f"  {'kernel':8s} {'m x k x n':>20s} {'us':>8s} {'TFLOP/s':>8s} {'mm us':>8s} {'x mm':>6s}")
+        rows = {}
+        for kernel in (*GEMMS, *WEIGHT_GRADS):
+            launch, (m, k, n) = kernels[kernel]
+            a, b = torch.randn(m, k, device=device, dtype=dtype), torch.randn(k, n, device=device, dtype=dtype)
+            ours_ms, mm_ms = time_device(launch, TIMING_ITERS), time_device(lambda: torch.mm(a, b), TIMING_ITERS)
+            tflops = 2 * m * k * n / ours_ms / 1e9
+            rows[kernel] = {"mkn": [m, k, n], "us": round(1e3 * ours_ms, 1), "tflops": round(tflops, 1),
+                            "mm_us": round(1e3 * mm_ms, 1), "x_mm": round(ours_ms / mm_ms, 2)}
+            log(f"  {kernel:8s} {f'{m} x {k} x {n}':>20s} {1e3 * ours_ms:8.1f} {tflops:8.1f} {1e3 * mm_ms:8.1f} "
+                f"{ours_ms / mm_ms:6.2f}")
+            del a, b
+        result[name] = rows
+        del kernels
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
 def kernel_breakdown(log: Log) -> dict:
     """GPU time per kernel of one training step (forward + backward, bf16, triton) from torch.profiler:
     says whether a step is bound by its kernels or by the host, and by which kernels."""
@@ -433,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         peers = [p for p in TIMED_PEERS if not (quick and p == "cumo-cuda")]
         report["timings"] = timings(log, start + (QUICK_TIMING_S if quick else TIMING_S), peers=peers)
         report["kernels"] = kernel_breakdown(log)
+        report["gemms"] = gemm_breakdown(log)
     except Exception as exc:
         log(f"timing failed: {type(exc).__name__}: {exc}")
         report["timing_error"] = str(exc)

@@ -82,10 +82,17 @@ def choose(times: dict[tuple, float], static: tuple, margin: float = MARGIN) -> 
     return best, (times[static] / times[best]) if static in times else math.nan
 
 
-def make_case(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", dtype=torch.bfloat16,
-              interpret=False):
-    """Operands of one problem and the two launch sequences timed: a training step's grouped GEMMs and its
-    weight grads (device, dtype, interpret: a CPU run under Triton's interpreter checks the plumbing in tests)."""
+# A training step's grouped kernels, in order: the four GEMMs the GEMM table serves, the two weight gradients.
+GEMMS = ("fc1", "fc2", "d_pre", "dx_rows")
+WEIGHT_GRADS = ("dw2", "dw1")
+
+
+def case_kernels(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", dtype=torch.bfloat16,
+                 interpret=False) -> dict[str, tuple[Callable[[], None], tuple[int, int, int]]]:
+    """Operands of one problem and each grouped kernel of its training step, by name (``GEMMS``,
+    ``WEIGHT_GRADS``): (launch, (m, k, n)), the kernel's FLOPs those of one dense [m, k] x [k, n] GEMM, 2*m*k*n
+    (device, dtype, interpret: a CPU run under Triton's interpreter checks the plumbing in tests). The saved rows
+    the weight gradients read hold real values."""
     from moe_kernels.reference import PLAIN_GLU
     from moe_kernels.triton import expert_launches as ex
     from moe_kernels.triton.routing import routing_plan_from_ids
@@ -107,23 +114,41 @@ def make_case(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", d
     grad_pre, grad_x_rows = torch.empty(rows, hidden1, **kw), torch.empty(rows, d_in, **kw)
     grad_w1, grad_w2 = torch.empty_like(w1), torch.empty_like(w2)
     spec, activation = (PLAIN_GLU, "silu") if glu else (None, "gelu")
+    kernels = {
+        "fc1": (lambda: ex.grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret,
+                                        gather=True, aux=pre, epilogue=ex.EPILOGUE_ACTIVATION, glu=spec,
+                                        activation=activation, store_aux=True), (rows, d_in, hidden1)),
+        "fc2": (lambda: ex.grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, out_rows, d_out,
+                                        interpret, gather=False, row_scale=weights), (rows, hidden, d_out)),
+        "d_pre": (lambda: ex.grouped_gemm(grad_out, w2, (w2.stride(1), w2.stride(2)), plan, grad_pre, hidden,
+                                          interpret, gather=True, row_scale=weights, aux=pre,
+                                          epilogue=ex.EPILOGUE_ACTIVATION_GRAD, glu=spec, activation=activation),
+                  (rows, d_out, hidden)),
+        "dx_rows": (lambda: ex.grouped_gemm(grad_pre, w1, (w1.stride(1), w1.stride(2)), plan, grad_x_rows, d_in,
+                                            interpret, gather=False), (rows, hidden1, d_in)),
+        "dw2": (lambda: ex.weight_grad(grad_out, hidden_rows, plan, grad_w2, None, interpret, gather_a=True,
+                                       gather_b=False, row_scale=weights), (d_out, rows, hidden)),
+        "dw1": (lambda: ex.weight_grad(pre, x, plan, grad_w1, None, interpret, gather_a=False, gather_b=True),
+                (hidden1, rows, d_in)),
+    }
+    for name in GEMMS:
+        kernels[name][0]()
+    return kernels
+
+
+def make_case(*problem, **options):
+    """One problem's two launch sequences the tuner times: a training step's grouped GEMMs and its weight
+    gradients (``case_kernels``' arguments)."""
+    kernels = case_kernels(*problem, **options)
 
     def gemms():
-        ex.grouped_gemm(x, w1, (w1.stride(2), w1.stride(1)), plan, hidden_rows, hidden, interpret, gather=True,
-                        aux=pre, epilogue=ex.EPILOGUE_ACTIVATION, glu=spec, activation=activation, store_aux=True)
-        ex.grouped_gemm(hidden_rows, w2, (w2.stride(2), w2.stride(1)), plan, out_rows, d_out, interpret,
-                        gather=False, row_scale=weights)
-        ex.grouped_gemm(grad_out, w2, (w2.stride(1), w2.stride(2)), plan, grad_pre, hidden, interpret, gather=True,
-                        row_scale=weights, aux=pre, epilogue=ex.EPILOGUE_ACTIVATION_GRAD, glu=spec,
-                        activation=activation)
-        ex.grouped_gemm(grad_pre, w1, (w1.stride(1), w1.stride(2)), plan, grad_x_rows, d_in, interpret, gather=False)
+        for name in GEMMS:
+            kernels[name][0]()
 
     def weight_grads():
-        ex.weight_grad(grad_out, hidden_rows, plan, grad_w2, None, interpret, gather_a=True, gather_b=False,
-                       row_scale=weights)
-        ex.weight_grad(pre, x, plan, grad_w1, None, interpret, gather_a=False, gather_b=True)
+        for name in WEIGHT_GRADS:
+            kernels[name][0]()
 
-    gemms()  # the saved rows the weight gradients read hold real values
     return gemms, weight_grads
 
 

@@ -64,3 +64,32 @@ def test_gpu_check_layer_training_step_runs_a_whole_step(monkeypatch):
     result = gpu_check.layer_training_time(lambda *parts: None, ("tiny",), device="cpu", backend="torch")
     assert result == {"tiny": {"device_ms": 1.0, "host_us": 1.0}} and len(seen) == 2
     assert len(grads) == 2 and all(g is not None and g.abs().sum() > 0 for g in grads[0])
+
+
+def test_gpu_check_gemm_breakdown_times_each_kernel_beside_a_matmul(monkeypatch):
+    """gpu_check.gemm_breakdown on the CPU (Triton's interpreter, fp32, tiny regimes, timers stubbed): each of the
+    six grouped kernels of a training step is launched and timed, each beside a torch.mm of its m x k x n."""
+    pytest.importorskip("triton")
+    from benchmarks import common, gpu_check
+    from moe_kernels.triton import LAUNCHES, reset_launch_counts
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    shapes = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b: shapes.append((*a.shape, b.shape[1])) or real_mm(a, b))
+    monkeypatch.setattr(gpu_check, "time_device", lambda fn, iters: (fn(), 0.5)[1])
+    for name in ("cumo-clip", "cumo-connector", "fine-grained", "large"):
+        monkeypatch.setitem(common.REGIMES_BY_NAME, name, Regime(name, 6, 16, 8, 12, 4, 2, "silu", True, True))
+    reset_launch_counts()
+    result = gpu_check.gemm_breakdown(lambda *parts: None, device="cpu", dtype=torch.float32, interpret=True)
+    assert set(result) == {"cumo-clip", "cumo-connector", "fine-grained", "large"}
+    kernels = result["large"]
+    assert list(kernels) == ["fc1", "fc2", "d_pre", "dx_rows", "dw2", "dw1"]
+    assert [k["mkn"] for k in kernels.values()] == [[12, 16, 16], [12, 8, 12], [12, 12, 8], [12, 16, 16],
+                                                    [12, 12, 8], [16, 12, 16]]  # 12 rows, H1 = 16 (GLU)
+    assert shapes == [tuple(k["mkn"]) for k in kernels.values()] * 4
+    assert all(k["x_mm"] == 1.0 and k["tflops"] == round(2 * 12 * 16 * 16 / 0.5 / 1e9, 1)
+               for k in [kernels["fc1"], kernels["dx_rows"]])
+    # per regime: the case's plan (one block) and its four GEMMs once, then each of the six kernels timed once
+    assert dict(LAUNCHES) == {"routing_one_block_kernel": 4, "grouped_gemm_kernel": 32,
+                              "grouped_weight_grad_kernel": 8}, dict(LAUNCHES)
