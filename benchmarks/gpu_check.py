@@ -330,7 +330,6 @@ def gemm_breakdown(log: Log, device: str = "cuda", dtype=None, interpret: bool =
                             "mm_us": round(1e3 * mm_ms, 1), "x_mm": round(ours_ms / mm_ms, 2)}
             log(f"  {kernel:8s} {f'{m} x {k} x {n}':>20s} {1e3 * ours_ms:8.1f} {tflops:8.1f} {1e3 * mm_ms:8.1f} "
                 f"{ours_ms / mm_ms:6.2f}")
-            del a, b
         result[name] = rows
         del kernels
         if device == "cuda":
