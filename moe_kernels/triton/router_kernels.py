@@ -97,14 +97,13 @@ def _store_gating(weights_ptr, ids_ptr, block_counts_ptr, top_w, top_i, block, t
     out_offsets = tokens[:, None] * TOP_K + ks[None, :]
     tl.store(weights_ptr + out_offsets, top_w, mask=out_mask)
     tl.store(ids_ptr + out_offsets, top_i, mask=out_mask)
-    if HISTOGRAM:
-        SUB: tl.constexpr = BLOCK_T // ROUTE_T
-        lane_ids = tl.reshape(top_i, (SUB, ROUTE_T * BLOCK_K))
-        lane_mask = tl.reshape(out_mask, (SUB, ROUTE_T * BLOCK_K))
+    if HISTOGRAM:  # a [BLOCK_T / ROUTE_T, ROUTE_T * BLOCK_K] view of the lanes: a routing block a row
+        lane_ids = tl.reshape(top_i, (BLOCK_T // ROUTE_T, ROUTE_T * BLOCK_K))
+        lane_mask = tl.reshape(out_mask, (BLOCK_T // ROUTE_T, ROUTE_T * BLOCK_K))
         bins = tl.arange(0, BLOCK_B)
         one_hot = ((lane_ids[:, :, None] == bins[None, None, :]) & lane_mask[:, :, None]).to(tl.int32)
         counts = tl.sum(one_hot, axis=1).to(tl.int64)
-        rows = block * SUB + tl.arange(0, SUB)
+        rows = block * (BLOCK_T // ROUTE_T) + tl.arange(0, BLOCK_T // ROUTE_T)
         tl.store(block_counts_ptr + rows[:, None] * (E + 1) + bins[None, :], counts,
                  mask=(rows[:, None] * ROUTE_T < T) & (bins[None, :] < E + 1))
 
