@@ -407,7 +407,9 @@ def test_bad_arguments_raise_before_any_backend_runs(backend, mutate, error, mat
 GPU_SHAPES = [((1, 2048, 64, 2048, 64, 8), "decode: the one-block router kernel, broadcast product, fc2_combine"),
               ((16, 1024, 32, 1024, 64, 8), "16 x 8 slots: the one-block router kernel, tl.dot"),
               ((4, 1024, 128, 1024, 4, 2), "CuMo's 4 experts, top-2"),
-              ((300, 256, 64, 256, 16, 4), "the router's GEMM, gating and plan apart")]
+              ((300, 256, 64, 256, 16, 4), "past one routing block: route_blocks, the scatter scans"),
+              ((2304, 128, 32, 128, 64, 8), "288 routing blocks: route_blocks, a scan kernel, the scatter"),
+              ((16384, 2048, 16, 64, 128, 8), "the router's GEMM by cuBLAS (re-reads past 32 MB), then gating")]
 
 
 @pytest.mark.gpu
@@ -438,3 +440,25 @@ def test_on_gpu(monkeypatch, backend, dtype, shape):
     exact = reference.expert_mlp(x, got.top_k_weights.double(), got.top_k_idx, w1, b1, w2, b2, "silu", True)
     lowp = reference.expert_mlp(args[0], got.top_k_weights, got.top_k_idx, *args[2:], "silu", True)
     assert_lowp_close(got.out, lowp, exact, f"{backend} moe_mlp", floor=1e-5 if dtype == torch.float32 else 1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [s for s, _ in GPU_SHAPES[3:]], ids=[why for _, why in GPU_SHAPES[3:]])
+def test_training_on_gpu(monkeypatch, shape):
+    """Compiled kernels, fp32, a training step past one routing block (the router's GEMM in the gating kernel, which
+    keeps the logits; a scan kernel or not; cuBLAS's logits): the output, the logits and every gradient against the
+    torch backend's."""
+    from tests.helpers import require_compiled_kernels
+
+    require_compiled_kernels(monkeypatch)
+    top_k = shape[-1]
+    leaves = [t.cuda() for t in problem(shape, glu=True)]
+    results = []
+    for backend in ("triton", "torch"):
+        inputs = [t.clone().requires_grad_() for t in leaves]
+        got = ops.moe_mlp(*inputs, top_k, True, "silu", True, backend=backend, return_logits=True)
+        loss = got.out.square().sum() + got.logits.square().sum() + got.top_k_weights.square().sum()
+        results.append((got.out, got.logits, *torch.autograd.grad(loss, inputs)))
+    for what, got, want in zip(("out", "logits", "d x", "d router", "d w1", "d b1", "d w2", "d b2"), *results):
+        assert rel_err(got, want) < 1e-5, what
+
