@@ -461,4 +461,3 @@ def test_training_on_gpu(monkeypatch, shape):
         results.append((got.out, got.logits, *torch.autograd.grad(loss, inputs)))
     for what, got, want in zip(("out", "logits", "d x", "d router", "d w1", "d b1", "d w2", "d b2"), *results):
         assert rel_err(got, want) < 1e-5, what
-
