@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from benchmarks.gpu_check import time_device
+from benchmarks.gpu_timing import time_device
 
 MARGIN = 0.03
 REPS = 10  # CUDA-event timings per candidate and problem (their median counts)
