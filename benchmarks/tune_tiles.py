@@ -3,9 +3,10 @@
 For each row-count bucket of moe_kernels/triton/tiles.py (mean rows per expert up to 16, 64, 256, and
 above), it times candidate tiles on the problems whose mean rows per expert fall in the bucket (bf16):
 a training step's four grouped GEMMs (fc1 with its gather and activation epilogue, fc2, the backward's
-d pre-activation with its activation-gradient epilogue, and the input-gradient rows) for the GEMM table,
-the two weight gradients for the other. A bucket keeps the static table's tiles unless a candidate is
-faster by more than ``MARGIN`` over all of its problems. Times are medians of CUDA-event timings. The
+d pre-activation with its activation-gradient epilogue, and the input-gradient rows), each on its own, for
+the GEMM tables, one per epilogue (fc1's; the d pre-activation's; fc2's and the input-gradient rows'), and the
+two weight gradients for the other. A bucket keeps the static table's tiles unless a candidate is faster by
+more than ``MARGIN`` over all of its problems. Times are medians of CUDA-event timings. The
 budget is split two thirds to the GEMM table, one third to the weight gradients, and within each evenly
 over the buckets, the largest first (the training regimes', where the kernels bound the step); a bucket
 leaves the time it does not use to the next. Writes
@@ -85,6 +86,8 @@ def choose(times: dict[tuple, float], static: tuple, margin: float = MARGIN) -> 
 # A training step's grouped kernels, in order: the four GEMMs the GEMM table serves, the two weight gradients.
 GEMMS = ("fc1", "fc2", "d_pre", "dx_rows")
 WEIGHT_GRADS = ("dw2", "dw1")
+# The GEMMs each epilogue's table serves (moe_kernels.triton.tiles.EPILOGUES).
+GEMM_GROUPS = {"plain": ("fc2", "dx_rows"), "activation": ("fc1",), "activation_grad": ("d_pre",)}
 
 
 def case_kernels(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda", dtype=torch.bfloat16,
@@ -134,22 +137,6 @@ def case_kernels(tokens, d_in, hidden, d_out, experts, top_k, glu, device="cuda"
     for name in GEMMS:
         kernels[name][0]()
     return kernels
-
-
-def make_case(*problem, **options):
-    """One problem's two launch sequences the tuner times: a training step's grouped GEMMs and its weight
-    gradients (``case_kernels``' arguments)."""
-    kernels = case_kernels(*problem, **options)
-
-    def gemms():
-        for name in GEMMS:
-            kernels[name][0]()
-
-    def weight_grads():
-        for name in WEIGHT_GRADS:
-            kernels[name][0]()
-
-    return gemms, weight_grads
 
 
 @contextmanager
@@ -237,40 +224,54 @@ class Precompiler:
         self.pool.shutdown(wait=False, cancel_futures=True)
 
 
-def tune(kind: str, cases: dict, deadline: float, log, precompile: Precompiler | None = None) -> tuple[list, dict]:
-    """The tuned table of one kernel family ("gemm" or "weight_grad") and its speed-up per bucket."""
+def tune(kind: str, cases: dict, deadline: float, log,
+         precompile: Precompiler | None = None) -> tuple[list | dict, dict]:
+    """The tuned table of one kernel family and its speed-up over the static tiles per bucket: for "weight_grad"
+    one table (both weight gradients summed); for "gemm" one table per epilogue (``GEMM_GROUPS``: its GEMMs summed),
+    each candidate timed once per GEMM, so the three tables cost the timings of one. ``cases``: problem ->
+    ``case_kernels``' dict."""
     from moe_kernels.triton import tiles
 
     static_table = tiles.GEMM_TABLE if kind == "gemm" else tiles.WEIGHT_GRAD_TABLE
+    groups = GEMM_GROUPS if kind == "gemm" else {"weight_grad": WEIGHT_GRADS}
     bounds = [row[0] for row in static_table]
     candidates = gemm_candidates if kind == "gemm" else weight_grad_candidates
-    rows, speedups = {}, {}
+    rows: dict = {group: {} for group in groups}
+    speedups: dict = {group: {} for group in groups}
     largest_first = static_table[::-1]
     for i, static_row in enumerate(largest_first):
         bound, static = static_row[0], tuple(static_row[1:])
         bucket_deadline = time.perf_counter() + (deadline - time.perf_counter()) / (len(largest_first) - i)
         problems = [p for p in cases if bucket_of(p[0] * p[5] / p[4], bounds) == bound]  # T*K/E
-        steps = [cases[p][0 if kind == "gemm" else 1] for p in problems]
+        launches = {name: [cases[p][name][0] for p in problems] for names in groups.values() for name in names}
         tried = [static] + [c for c in candidates(bound) if c != static]
-        if precompile is not None and steps:
-            precompile(kind, tried, steps, bucket_deadline, log)
-        times: dict[tuple, float] = {}
-        for tiles_ in tried:
+        if precompile is not None and problems:
+            precompile(kind, tried, [launch for group in launches.values() for launch in group], bucket_deadline,
+                       log)
+        times: dict = {group: {} for group in groups}
+        for count, tiles_ in enumerate(tried):
             if time.perf_counter() > bucket_deadline:
-                log(f"  {kind} <= {bound}: out of time after {len(times)} candidates")
+                log(f"  {kind} <= {bound}: out of time after {count} candidates")
                 break
-            try:
-                with candidate_tables(kind, tiles_):
-                    times[tiles_] = sum(time_device(step, REPS) for step in steps)
-            except Exception as exc:  # a tile that does not compile or fit: reported, skipped
-                log(f"  {kind} <= {bound} {tiles_}: {type(exc).__name__}: {str(exc).splitlines()[0][:100]}")
-        chosen, speedup = choose(times, static) if times else (static, math.nan)
-        rows[bound] = [None if bound == math.inf else bound, *chosen]
-        speedups[str(bound)] = round(speedup, 3)
-        log(f"  {kind} <= {bound}: {len(problems)} problems, {len(times)} tiles timed, chose {chosen} "
-            f"({speedup:.2f}x the static {static})")
+            with candidate_tables(kind, tiles_):
+                for group, names in groups.items():
+                    try:
+                        times[group][tiles_] = sum(time_device(launch, REPS) for name in names
+                                                   for launch in launches[name])
+                    except Exception as exc:  # a tile that does not compile or fit: reported, skipped
+                        log(f"  {kind} {group} <= {bound} {tiles_}: {type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:100]}")
+        for group in groups:
+            chosen, speedup = choose(times[group], static) if times[group] else (static, math.nan)
+            rows[group][bound] = [None if bound == math.inf else bound, *chosen]
+            speedups[group][str(bound)] = round(speedup, 3)
+            label = kind if kind == "weight_grad" else f"{kind} {group}"
+            log(f"  {label} <= {bound}: {len(problems)} problems, {len(times[group])} tiles timed, chose {chosen} "
+                f"({speedup:.2f}x the static {static})")
     tiles.reload_tables()
-    return [rows[row[0]] for row in static_table], {str(row[0]): speedups[str(row[0])] for row in static_table}
+    tables = {group: [rows[group][row[0]] for row in static_table] for group in groups}
+    gains = {group: {str(row[0]): speedups[group][str(row[0])] for row in static_table} for group in groups}
+    return (tables, gains) if kind == "gemm" else (tables["weight_grad"], gains["weight_grad"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name()
     start = time.perf_counter()
-    cases = {problem: make_case(*problem) for problem in PROBLEMS}
+    cases = {problem: case_kernels(*problem) for problem in PROBLEMS}
     print(f"tuning tiles on {device}; Triton {triton.__version__}, torch {torch.__version__}")
     result = {"device": device, "triton": triton.__version__, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d", time.gmtime()), "problems": PROBLEMS}
@@ -302,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
                                                                      print, precompile)
     finally:
         precompile.close()
-    tiles.check_table(result["gemm"], "gemm")
+    tiles.check_gemm_tables(result["gemm"])
     tiles.check_table(result["weight_grad"], "weight_grad")
     path = out / f"tuned_{tiles.tuned_name(device)}.json"
     path.write_text(json.dumps(result, indent=1))

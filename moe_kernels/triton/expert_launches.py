@@ -64,7 +64,8 @@ def gemm_launch(num_rows: int, num_cols: int, reduce_dim: int, num_experts: int,
                 GLU=glu_kind > 0, ACTIVATION=ACTIVATION_CODES[activation], STORE_AUX=store_aux,
                 GLU_KIND=max(glu_kind - 1, 0), INTERLEAVED=interleaved, GLU_A=glu_a, GLU_B=glu_b,
                 BLOCK_E=next_power_of_2(num_experts), **dot_options(dtype, interpret, allow_tf32))
-    meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, dtype, glu_kind > 0, device))
+    meta.update(INTERPRET_GEMM if interpret else gemm_config(num_rows / num_experts, dtype, glu_kind > 0, device,
+                                                             epilogue))
     # Row tiles: at most cdiv(R, BLOCK_M) + the experts with rows (<= min(E, R)); expert_kernels.py says why.
     grid = ((cdiv(num_rows, meta["BLOCK_M"]) + min(num_experts, num_rows)) * cdiv(num_cols, meta["BLOCK_N"]),)
     return runtime.Launch("grouped_gemm_kernel", grid, (num_rows, num_cols, reduce_dim, num_experts, *strides), meta)

@@ -38,11 +38,18 @@ WEIGHT_GRAD_TABLE = [
 ]
 GROUP_M = 8
 TUNED_DIR = Path(__file__).with_name("tuned")
+# A tuned GEMM table may hold one table per epilogue, named in the order of grouped_gemm_kernel's EPILOGUE codes
+# (expert_launches.EPILOGUE_*): fc2 and the input-gradient rows (plain), fc1 (activation), the backward's
+# d pre-activation (activation gradient), each tuned on its own GEMMs.
+EPILOGUES = ("plain", "activation", "activation_grad")
 
 
-def gemm_config(rows_per_expert: float, dtype: torch.dtype, glu: bool, device: int = -1) -> dict:
-    """Launch settings of grouped_gemm_kernel (device: a CUDA device index, whose tuned table applies)."""
+def gemm_config(rows_per_expert: float, dtype: torch.dtype, glu: bool, device: int = -1, epilogue: int = 0) -> dict:
+    """Launch settings of grouped_gemm_kernel (device: a CUDA device index, whose tuned table applies; epilogue:
+    the kernel's EPILOGUE code, where that table has one per epilogue)."""
     table = tables_for(device)[0]
+    if isinstance(table, dict):
+        table = table[EPILOGUES[epilogue]]
     _, block_m, block_n, block_k, warps, stages = next(row for row in table if rows_per_expert <= row[0])
     if glu and block_n > 64:  # two accumulators (gate and up) per tile
         block_n = 64
@@ -62,9 +69,9 @@ def weight_grad_config(rows_per_expert: float, dtype: torch.dtype, device: int =
 
 
 @functools.lru_cache(maxsize=None)
-def tables_for(device: int) -> tuple[list, list]:
-    """(GEMM table, weight-gradient table) for CUDA device ``device``: the tuned ones of its GPU model
-    when ``tuned/`` has them, else the static ones (also for device -1: no GPU)."""
+def tables_for(device: int) -> tuple[list | dict, list]:
+    """(GEMM table, or one per epilogue name; weight-gradient table) for CUDA device ``device``: the tuned ones of
+    its GPU model when ``tuned/`` has them, else the static ones (also for device -1: no GPU)."""
     if device < 0:
         return GEMM_TABLE, WEIGHT_GRAD_TABLE
     path = TUNED_DIR / f"{tuned_name(torch.cuda.get_device_name(device))}.json"
@@ -85,18 +92,27 @@ def tuned_name(device_name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", device_name.lower()).strip("_")
 
 
-def load_tables(path: Path) -> tuple[list, list]:
+def load_tables(path: Path) -> tuple[list | dict, list]:
     """Read and check a tuned table; a malformed one raises ValueError naming the file and the entry.
 
-    Format: {"gemm": [[max_rows, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages], ...],
-    "weight_grad": [[max_rows, BLOCK_P, BLOCK_Q, BLOCK_R, warps, stages], ...], ...} with max_rows
-    strictly increasing and null (no bound) in the last row; any other keys (device, date, Triton
-    version, measured speed-ups) are provenance."""
+    Format: {"gemm": [[max_rows, BLOCK_M, BLOCK_N, BLOCK_K, warps, stages], ...] or such a table per epilogue,
+    {"plain": [...], "activation": [...], "activation_grad": [...]}, "weight_grad": [[max_rows, BLOCK_P, BLOCK_Q,
+    BLOCK_R, warps, stages], ...], ...} with max_rows strictly increasing and null (no bound) in the last row;
+    any other keys (device, date, Triton version, measured speed-ups) are provenance."""
     try:
         data = json.loads(Path(path).read_text())
-        return check_table(data["gemm"], "gemm"), check_table(data["weight_grad"], "weight_grad")
+        return check_gemm_tables(data["gemm"]), check_table(data["weight_grad"], "weight_grad")
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"tuned tile table {path}: {exc}") from None
+
+
+def check_gemm_tables(tables: list | dict) -> list | dict:
+    """A tuned GEMM table (``check_table``), or one per epilogue: exactly the names of EPILOGUES."""
+    if not isinstance(tables, dict):
+        return check_table(tables, "gemm")
+    if sorted(tables) != sorted(EPILOGUES):
+        raise ValueError(f"gemm: one table per epilogue, {list(EPILOGUES)}, got {sorted(tables)}")
+    return {name: check_table(tables[name], f"gemm.{name}") for name in EPILOGUES}
 
 
 def check_table(rows: list, name: str) -> list[tuple]:

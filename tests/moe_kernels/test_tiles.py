@@ -42,6 +42,28 @@ def test_a_tuned_table_replaces_the_static_one_for_its_gpu_model(tuned_dir):
     assert tiles.gemm_config(1000, torch.bfloat16, glu=False)["BLOCK_N"] == tiles.GEMM_TABLE[-1][2]
 
 
+def test_a_tuned_table_may_hold_one_gemm_table_per_epilogue(tuned_dir):
+    """Each epilogue's GEMMs (fc2 and the input-gradient rows; fc1; the d pre-activation) launch with their own
+    table's tiles; the names follow grouped_gemm_kernel's EPILOGUE codes."""
+    from moe_kernels.triton import expert_launches as ex
+
+    codes = (ex.EPILOGUE_PLAIN, ex.EPILOGUE_ACTIVATION, ex.EPILOGUE_ACTIVATION_GRAD)
+    assert [tiles.EPILOGUES[code] for code in codes] == ["plain", "activation", "activation_grad"]
+    per_epilogue = {"plain": [[None, 128, 256, 64, 8, 3]], "activation": [[None, 64, 128, 64, 4, 4]],
+                    "activation_grad": [[16, 16, 64, 128, 4, 4], [None, 128, 64, 64, 8, 3]]}
+    (tuned_dir / "fake_gpu_9000.json").write_text(json.dumps({**GOOD, "gemm": per_epilogue}))
+    configs = [tiles.gemm_config(1000, torch.bfloat16, False, 0, code) for code in codes]
+    tiles_read = [(c["BLOCK_M"], c["BLOCK_N"], c["num_warps"]) for c in configs]
+    assert tiles_read == [(128, 256, 8), (64, 128, 4), (128, 64, 8)]
+    assert tiles.gemm_config(2, torch.bfloat16, False, 0, ex.EPILOGUE_ACTIVATION_GRAD)["BLOCK_M"] == 16
+    for broken, message in (({k: v for k, v in per_epilogue.items() if k != "plain"}, "one table per epilogue"),
+                            ({**per_epilogue, "activation": [[16, 16, 64, 64, 4, 4]]}, "gemm.activation")):
+        tiles.reload_tables()
+        (tuned_dir / "fake_gpu_9000.json").write_text(json.dumps({**GOOD, "gemm": broken}))
+        with pytest.raises(ValueError, match=message):
+            tiles.gemm_config(20, torch.bfloat16, glu=False, device=0)
+
+
 def test_without_a_tuned_table_the_static_one_applies(tuned_dir):
     assert tiles.tables_for(0) == (tiles.GEMM_TABLE, tiles.WEIGHT_GRAD_TABLE)
 
@@ -77,7 +99,8 @@ def test_a_file_that_is_not_json_is_refused(tuned_dir):
 def test_every_shipped_tuned_table_loads():
     for path in sorted(tiles.TUNED_DIR.glob("*.json")):
         gemm, weight_grad = tiles.load_tables(path)
-        assert gemm[-1][0] == math.inf and weight_grad[-1][0] == math.inf, path
+        for table in (*(gemm.values() if isinstance(gemm, dict) else [gemm]), weight_grad):
+            assert table[-1][0] == math.inf, path
 
 
 @pytest.mark.parametrize("rows_per_expert", [0.1, 1, 16, 17, 64, 65, 4096, 10**6])
