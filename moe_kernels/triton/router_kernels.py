@@ -1,7 +1,8 @@
 """Triton kernels of the router: the fused fp32 softmax, top-k and renormalisation (and its backward), the
 routing plan (a stable counting sort of the T*K slots by expert: one block when they fit, else histogram,
-scan and scatter, the scan inside the scatter when the per-block counts are few), and, for decode and small
-batches, the router's GEMM, its gating and the routing plan in one program. Launched by
+scan and scatter, the scan inside the scatter when the per-block counts are few), the router's GEMM with the
+gating and the blocks' counts, and, for decode and small batches, the router's GEMM, its gating and the
+routing plan in one program. Launched by
 moe_kernels/triton/gating.py and routing.py (through runtime.launch, which defines these kernels once per mode:
 compiled, or interpreted on CPU tensors).
 
