@@ -96,7 +96,7 @@ def _routing_launches(num_slots: int, num_experts: int, top_k: int) -> RoutingLa
     """One launch when the slots fit one program (decode, small batch: the one-block plan holds slots x buckets
     as route_one_block_kernel does, e.g. 16 tokens x 8 slots over 64 experts); else histogram and scatter, which
     scans the [blocks, E + 1] counts itself where they fit SCAN_IN_SCATTER_TILE (at top-8 of 64 experts up to 2048
-    tokens, at CuMo's top-2 of 4 up to 65536), with a scan kernel between them past that."""
+    tokens, at CuMo's top-2 of 4 up to 262144), with a scan kernel between them past that."""
     blocks = routing_blocks(num_slots, num_experts, top_k)
     one_block = max(16, next_power_of_2(num_slots))
     if fits_one_program(one_block, blocks.buckets):
@@ -169,11 +169,15 @@ def _route_blocks_launch(num_tokens: int, d_in: int, num_experts: int, strides: 
                          store_logits: bool, dtype: torch.dtype, interpret: bool,
                          allow_tf32: bool) -> runtime.Launch | None:
     """route_blocks_kernel's launch: a whole number of routing blocks, at least 16 tokens (tl.dot's rows), per
-    program; None past ROUTER_REREAD_BYTES."""
+    program; None past ROUTER_REREAD_BYTES or where the program's histogram would hold more than ROUTE_TILE
+    counts."""
     blocks = routing_blocks(num_tokens * top_k, num_experts, top_k)
     block_t = max(16, blocks.tokens)
     programs = cdiv(num_tokens, block_t)
-    if programs * num_experts * d_in * dtype.itemsize > ROUTER_REREAD_BYTES:
+    # The histogram's one-hot: the program's routing blocks x their lanes x the buckets (E = 1000 at top-2: 2 x 16
+    # x 1024, past ROUTE_TILE: cuBLAS and topk_gating_kernel, whose programs hold one block).
+    one_hot = block_t // blocks.tokens * blocks.lanes * blocks.buckets
+    if one_hot > ROUTE_TILE or programs * num_experts * d_in * dtype.itemsize > ROUTER_REREAD_BYTES:
         return None
     histogram = _routing_launches(num_tokens * top_k, num_experts, top_k).one_block is None
     meta = dict(TOP_K=top_k, NORMALIZE=normalize, STORE_LOGITS=store_logits, HISTOGRAM=histogram,
@@ -230,7 +234,7 @@ def gate_and_plan(logits: Tensor, top_k: int, normalize: bool,
 def _router_gemm_tiles(block_t: int, num_experts: int, interpret: bool) -> dict | None:
     """BLOCK_D and BLOCK_E of the router's GEMM in route_one_block_kernel and route_blocks_kernel, a router tile
     of at most ROUTE_TILE weights; None where the broadcast product (under 16 tokens) would hold more than
-    ROUTE_TILE values at the smallest BLOCK_D (e.g. 8 tokens over 256 experts): then cuBLAS computes the logits."""
+    ROUTE_TILE values at the smallest BLOCK_D (e.g. 8 tokens over 256 experts): the caller routes another way."""
     block_e = max(16, next_power_of_2(num_experts))  # tl.dot's smallest N
     if block_t < 16 and block_t * 16 * block_e > ROUTE_TILE:
         return None

@@ -316,7 +316,7 @@ def test_triton_fused_path_launches_and_plan(monkeypatch, request):
     (100, 40, 64, 8),  # routing blocks of 8 tokens, two a program (tl.dot's 16 rows)
     (7, 16, 4, 2),  # one routing block: no histogram
     (200, 16, 100, 1),  # E = 100, top-1: blocks of 64 tokens, tl.dot over 128 expert columns
-    (300, 8, 1000, 2),  # E = 1000: two blocks of 8 tokens a program, over 1024 expert columns
+    (300, 8, 300, 2),  # E = 300: two blocks of 8 tokens a program over 512 buckets, the largest histogram
 ])
 def test_triton_route_blocks_is_the_router_gemm_and_gate_and_plan(tokens, d_in, experts, top_k, dtype):
     """route_blocks (the router's GEMM in the gating kernel) against F.linear then gate_and_plan: the logits to the
@@ -342,16 +342,18 @@ def test_triton_route_blocks_is_the_router_gemm_and_gate_and_plan(tokens, d_in, 
 
 def test_triton_router_gemm_in_a_kernel_where_its_tiles_fit():
     """route_blocks is None (F.linear and gate_and_plan run instead) where the programs' re-reads of the router
-    weight pass ROUTER_REREAD_BYTES (T = 16384 at D = 2048 over 128 experts: 1024 programs re-reading 512 KB);
+    weight pass ROUTER_REREAD_BYTES (T = 16384 at D = 2048 over 128 experts: 1024 programs re-reading 512 KB) or
+    its histogram would (1000 experts at top-2: two blocks of 16 lanes over 1024 buckets a program);
     route_one_block is None where its broadcast product (under 16 tokens) would hold more than ROUTE_TILE values
-    (8 tokens over 1000 experts; the layer then routes with route_blocks, whose programs hold 16 tokens)."""
+    (8 tokens over 256 experts; the layer then routes with route_blocks, whose programs hold 16 tokens)."""
     pytest.importorskip("triton")
     from moe_kernels.triton.routing import ROUTER_REREAD_BYTES, route_blocks, route_one_block
 
     assert 1024 * 128 * 2048 * 2 > ROUTER_REREAD_BYTES
     x, router_weight = torch.empty(16384, 2048, dtype=torch.bfloat16), torch.empty(128, 2048, dtype=torch.bfloat16)
     assert route_blocks(x, router_weight, 8, True, True, interpret=True) is None
-    x, router_weight = torch.randn(8, 16), torch.randn(1000, 16)
+    assert route_blocks(torch.randn(300, 8), torch.randn(1000, 8), 2, True, True, interpret=True) is None
+    x, router_weight = torch.randn(8, 16), torch.randn(256, 16)
     assert route_one_block(x, router_weight, 2, True, interpret=True) is None
     assert route_blocks(x, router_weight, 2, True, True, interpret=True) is not None
 
