@@ -15,7 +15,7 @@ import torch
 
 from moe_kernels import cpu, ops, reference
 from moe_kernels.reference import GluSpec
-from tests.helpers import Shape, assert_close, assert_lowp_close, assert_matches_reference, random_problem
+from tests.helpers import Shape, assert_lowp_close, assert_matches_reference, random_problem
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
@@ -94,6 +94,42 @@ def test_triton_matches_reference(case, monkeypatch_interpreter):
     assert_matches_reference(triton_backend.expert_mlp, _problem(case), case["activation"], case["glu"])
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tokens=st.sampled_from([1, 5, 17, 40, 150, 300]), d_in=st.integers(0, 40), experts=st.integers(1, 70),
+       top_k=st.integers(1, 8), normalize=st.booleans(), capacity=st.sampled_from([None, None, 0.5, 2.0]),
+       strided=st.booleans(), dtype=st.sampled_from([torch.float32, torch.float16]), seed=st.integers(0, 2**31 - 1))
+def test_triton_moe_mlp_routes_as_the_reference(tokens, d_in, experts, top_k, normalize, capacity, strided, dtype,
+                                                seed, monkeypatch_interpreter):
+    """The whole MoE MLP on Triton (its router kernels: one block; a block of tokens a program, with the scatter
+    scanning the counts; F.linear and the gating kernel), inference: the logits are F.linear's up to the GEMM's
+    rounding, and on those logits the top-k, the load and the output are the reference's (compared on the
+    backend's own logits, so that a near tie rounded the other way cannot fail it)."""
+    from moe_kernels.routing import apply_capacity, expert_capacity
+
+    top_k = min(top_k, experts)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(d_in, tokens, generator=gen).t() if strided else torch.randn(tokens, d_in, generator=gen)
+    router_weight = torch.randn(experts, d_in, generator=gen) * max(d_in, 1) ** -0.5
+    w1, b1 = torch.randn(experts, 12, d_in, generator=gen) * 0.3, torch.randn(experts, 12, generator=gen) * 0.1
+    w2, b2 = torch.randn(experts, 7, 12, generator=gen) * 0.3, torch.randn(experts, 7, generator=gen) * 0.1
+    x, router_weight, w1, b1, w2, b2 = (t.to(dtype) for t in (x, router_weight, w1, b1, w2, b2))
+    limit = None if capacity is None else expert_capacity(capacity, tokens, top_k, experts)
+    with torch.no_grad():
+        got = ops.moe_mlp(x, router_weight, w1, b1, w2, b2, top_k, normalize, "gelu", False, backend="triton",
+                          capacity=limit, return_logits=True)
+    one_ulp = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-10, atol=2**-10)
+    torch.testing.assert_close(got.logits, torch.nn.functional.linear(x, router_weight), **one_ulp)
+    weights, ids = reference.topk_gating(got.logits, top_k, normalize)
+    assert torch.equal(got.top_k_idx, ids)
+    torch.testing.assert_close(got.top_k_weights, weights, rtol=1e-6, atol=1e-7)
+    kept = ids if limit is None else apply_capacity(ids, experts, limit)
+    assert torch.equal(got.expert_load, reference.expert_load(ids, experts))
+    out = reference.expert_mlp(x.double(), weights.double(), kept, *(t.double() for t in (w1, b1, w2, b2)),
+                               "gelu", False)
+    tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.out.double(), out, rtol=tolerance, atol=tolerance)
+
+
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=problems(min_tokens=8, min_out=8))
 def test_cpu_bf16_forward_within_reference_error(case):
@@ -136,10 +172,9 @@ MUTATIONS = {
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=problems(min_tokens=1, dtypes=(torch.float32,)), mutation=st.sampled_from(sorted(MUTATIONS)))
 def test_bad_arguments_raise_the_same_error_on_every_backend(case, mutation, monkeypatch_interpreter):
-    case = {**case, "bias": True, "shape": case["shape"]._replace(top_k=max(2, case["shape"].top_k),
-                                                                    experts=max(2, case["shape"].experts),
-                                                                    d_in=max(2, case["shape"].d_in),
-                                                                    hidden=max(2, case["shape"].hidden))}
+    shape = case["shape"]
+    case = {**case, "bias": True, "shape": shape._replace(top_k=max(2, shape.top_k), experts=max(2, shape.experts),
+                                                          d_in=max(2, shape.d_in), hidden=max(2, shape.hidden))}
     errors = {}
     for backend in ("torch", "cpu", "triton"):
         args = _problem(case)
