@@ -1,8 +1,9 @@
 """``python -m benchmarks.gpu_summary gpu_check.json``: a ``make gpu-check`` run as BENCHMARKS.md reports it.
 
 The regime table (dense, cumo-triton with its host time, x dense, CUDA-graph replay, the peers, cumo's speed-up
-over each) in markdown, then issue 16's targets, each MET or NOT MET with the measured value, so that every GPU
-run is read against the same bar the same way. ``make gpu-check`` appends it to its log.
+over each) in markdown, each grouped kernel's TFLOP/s against cuBLAS's at its size, then issue 16's targets,
+each MET or NOT MET with the measured value, so that every GPU run is read against the same bar the same way.
+``make gpu-check`` appends it to its log.
 """
 
 from __future__ import annotations
@@ -79,6 +80,21 @@ def regime_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def kernel_table(report: dict) -> str:
+    """Each grouped kernel of a training step alone against a cuBLAS GEMM of its m x k x n (``gemm_breakdown``):
+    TFLOP/s and time as a multiple of cuBLAS's, a row per regime; empty when the run did not time them."""
+    gemms = report.get("gemms") or {}
+    if not gemms:
+        return ""
+    kernels = list(next(iter(gemms.values())))
+    lines = ["| regime | " + " | ".join(f"{kernel} TFLOP/s (x mm)" for kernel in kernels) + " |",
+             "|" + "---|" * (1 + len(kernels))]
+    for regime, rows in gemms.items():
+        lines.append(f"| {regime} | " + " | ".join(f"{rows[k]['tflops']:.0f} ({rows[k]['x_mm']:.2f})" if k in rows
+                                                   else "" for k in kernels) + " |")
+    return "\n".join(lines)
+
+
 def targets(report: dict) -> list[Target]:
     """Issue 16's targets against this run."""
     rows = _rows(report)
@@ -110,8 +126,9 @@ def targets(report: dict) -> list[Target]:
 def summary(report: dict) -> str:
     """The table and the targets, as BENCHMARKS.md records a run."""
     met = [target.met for target in targets(report)]
+    kernels = kernel_table(report)
     return "\n".join([f"{report.get('device', '?')}, {report.get('date', '?')}, {report.get('versions', {})}", "",
-                      regime_table(report), "",
+                      regime_table(report), "", *([kernels, ""] if kernels else []),
                       f"Issue 16's targets: {met.count(True)} met, {met.count(False)} not met, "
                       f"{met.count(None)} not measured",
                       *(target.line() for target in targets(report))])

@@ -124,3 +124,6 @@ def test_gpu_summary_reads_a_run_against_issue_16s_targets():
     table = gpu_summary.regime_table(report)
     assert "| decode | infer-bf16 | 0.067 | 0.118 (100) | 1.76 | 0.061 (1.56x) | 0.459 |  | 3.89 |  |" in table, table
     assert "MET: decode forward, eager: 0.118 ms (target <= 0.15)" in gpu_summary.summary(report)
+    assert gpu_summary.kernel_table(report) == ""  # no kernels timed alone in this report
+    report["gemms"] = {"cumo-clip": {"fc1": {"tflops": 401.2, "x_mm": 1.31}, "dw2": {"tflops": 250.0, "x_mm": 2.0}}}
+    assert gpu_summary.kernel_table(report).splitlines()[-1] == "| cumo-clip | 401 (1.31) | 250 (2.00) |"
