@@ -208,12 +208,12 @@ class Precompiler:
             for tiles_ in candidates:
                 with candidate_tables(kind, tiles_):
                     jobs.update((repr(job), job) for job in recorded_specializations(steps, self.target))
-        except Exception as exc:  # e.g. a Triton whose JIT internals differ: the timings compile inline
+            futures = [self.pool.submit(compile_specialization, job, self.target) for job in jobs.values()]
+            timeout = self.SHARE * (deadline - time.perf_counter())
+            done, pending = wait(futures, timeout=None if math.isinf(timeout) else max(0.0, timeout))
+        except Exception as exc:  # a Triton whose JIT internals differ, a broken pool: the timings compile inline
             log(f"  {kind}: no precompile ({type(exc).__name__}: {str(exc).splitlines()[0][:100]})")
             return
-        futures = [self.pool.submit(compile_specialization, job, self.target) for job in jobs.values()]
-        timeout = self.SHARE * (deadline - time.perf_counter())
-        done, pending = wait(futures, timeout=None if math.isinf(timeout) else max(0.0, timeout))
         for future in pending:
             future.cancel()
         failed = sum(future.exception() is not None for future in done)

@@ -169,3 +169,24 @@ def test_the_precompiler_fills_tritons_cache_for_the_gpu(monkeypatch, tmp_path):
     assert lines == [f"  gemm: {len(jobs)} of {len(jobs)} specializations of 2 candidates compiled in 2 processes "
                      f"(0 failed)"], lines
     assert len(list(tmp_path.glob("*/*.cubin"))) == len(jobs)
+
+
+def test_a_failing_precompile_leaves_the_timings_to_compile(monkeypatch):
+    """Best effort: a recording that fails (a Triton whose JIT internals differ) or a broken pool is logged, and the
+    tuner goes on."""
+    precompile = tune_tiles.Precompiler.__new__(tune_tiles.Precompiler)
+    precompile.workers, precompile.target = 2, None
+
+    class BrokenPool:
+        def submit(self, *args):
+            raise RuntimeError("A process in the process pool was terminated abruptly")
+
+    precompile.pool = BrokenPool()
+    monkeypatch.setattr(tune_tiles, "recorded_specializations", lambda steps, target: [("kernel", {}, {}, {}, {})])
+    lines = []
+    precompile("gemm", [tune_tiles.gemm_candidates(16)[0]], [lambda: None], math.inf, lines.append)
+    assert lines == ["  gemm: no precompile (RuntimeError: A process in the process pool was terminated abruptly)"]
+    monkeypatch.setattr(tune_tiles, "recorded_specializations", lambda steps, target: 1 / 0)
+    lines.clear()
+    precompile("gemm", [tune_tiles.gemm_candidates(16)[0]], [lambda: None], math.inf, lines.append)
+    assert lines == ["  gemm: no precompile (ZeroDivisionError: division by zero)"]
