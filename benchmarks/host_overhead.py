@@ -95,8 +95,8 @@ def measure(tokens: int, d_model: int, hidden: int, experts: int, top_k: int) ->
             results = {
                 "torch.add": per_call_us(lambda: torch.add(a, b)),
                 "layer": per_call_us(lambda: layer(x)),
-                "moe_mlp": per_call_us(lambda: ops.moe_mlp(x, layer.router.weight, layer.w1, None, layer.w2, None, top_k,
-                                                           True, "silu", True, backend="triton")),
+                "moe_mlp": per_call_us(lambda: ops.moe_mlp(x, layer.router.weight, layer.w1, None, layer.w2, None,
+                                                           top_k, True, "silu", True, backend="triton")),
                 "expert_mlp": per_call_us(lambda: ops.expert_mlp(x, weights, idx, layer.w1, None, layer.w2, None,
                                                                  "silu", True, backend="triton")),
                 "topk_gating": per_call_us(lambda: ops.topk_gating(x @ layer.router.weight.t(), top_k,

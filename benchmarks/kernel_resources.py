@@ -37,8 +37,8 @@ def specialize(kernel, args: list, constexprs: dict, target: GPUTarget) -> tuple
     backend = make_backend(target)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound_args, specialization, options = binder(*args, **constexprs)
-    options, signature, constants, attrs = kernel._pack_args(backend, constexprs, bound_args, specialization,
-                                                              options)
+    packed = kernel._pack_args(backend, constexprs, bound_args, specialization, options)
+    options, signature, constants, attrs = packed
     return ASTSource(kernel, signature, constants, attrs), options.__dict__
 
 
