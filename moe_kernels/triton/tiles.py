@@ -6,7 +6,8 @@ the mean rows per expert (T*K/E, known from shapes without a sync): thin M tiles
 rows (decode, small batch), wide ones when they see many, the choice vLLM's tuned H200 table makes
 (BLOCK_M 16 at M=1, 32 up to M=2048, 64 at 4096 for E=128). ``python3 -m benchmarks.tune_tiles`` on a
 GPU times candidate tiles on the benchmark regimes and writes a table for that GPU model
-(``tuned/<model>.json``); the static table below is the default everywhere else.
+(``tuned/<model>.json``; its GEMM tiles may differ per epilogue); the static table below is the default
+everywhere else.
 """
 
 from __future__ import annotations
