@@ -161,16 +161,11 @@ def candidate_tables(kind: str, tiles_: tuple) -> Iterator[None]:
 def recorded_specializations(steps: list[Callable[[], None]], target) -> list[tuple]:
     """What Triton's JIT would compile for ``target`` for every launch the steps make, launching nothing:
     (kernel name, signature, constexprs, attributes, options) each."""
-    from benchmarks.kernel_resources import Recording, specialize
-    from moe_kernels.triton import runtime
+    from benchmarks.kernel_resources import recording_gpu_launches, specialize
 
-    recording, real_launch = Recording(), runtime.launch
-    runtime.launch = lambda spec, interpret, *tensors: recording.launch(spec, tensors)
-    try:
+    with recording_gpu_launches() as recording:
         for step in steps:
             step()
-    finally:
-        runtime.launch = real_launch
     jobs = []
     for kernel, args, constexprs in recording.launches.values():
         source, options = specialize(kernel, args, constexprs, target)

@@ -70,13 +70,12 @@ def _route(router_in: Tensor, router_weight: Tensor, top_k: int, normalize: bool
     kept."""
     if capacity is None:
         routed = route_blocks(router_in, router_weight, top_k, normalize, keep_logits, interpret)
-        if routed is not None:
-            logits, weights, ids, plan = routed
-            return logits, weights, ids, ids, plan, None
-    logits = F.linear(router_in, router_weight)
-    if capacity is None:
-        weights, ids, plan = gate_and_plan(logits, top_k, normalize, interpret)
+        if routed is None:  # a router GEMM too large for the gating kernel's programs: cuBLAS's
+            logits = F.linear(router_in, router_weight)
+            routed = (logits, *gate_and_plan(logits, top_k, normalize, interpret))
+        logits, weights, ids, plan = routed
         return logits, weights, ids, ids, plan, None
+    logits = F.linear(router_in, router_weight)
     weights, ids = _topk_gating(logits, top_k, normalize)
     kept, load = capacity_drop(ids, router_weight.shape[0], capacity, interpret)
     return logits, weights, ids, kept, None, load
