@@ -265,12 +265,15 @@ def test_a_gate_that_changed_refuses():
 
 
 # The families whose gate the op runs as a GLU variant (or relu2), each as a whole tiny model.
-VARIANT_FAMILIES = ["openai_privacy_filter", "minimax_m3_vl", "deepseek_v4", "hy_v4", "hy_v4_vl",
-                    # ~1 min: its linear attention's PyTorch fallback; its experts' gate is hy-v4's
-                    pytest.param("glm5_next", marks=pytest.mark.slow),
+VARIANT_FAMILIES = ["openai_privacy_filter", "minimax_m3_vl", "deepseek_v4", "hy_v4", "hy_v4_vl", "glm5_next",
                     "inkling2", "inkling2_loop", "nemotron_h", "muse_spark"]
 MODEL_FIELDS = dict(SMALL_FIELDS, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4, head_dim=8,
-                    vocab_size=64, pad_token_id=0, max_position_embeddings=64, **TIGHT_LIMITS)
+                    vocab_size=64, pad_token_id=0, max_position_embeddings=64, **TIGHT_LIMITS,
+                    # low-rank, indexed and linear attention (hy-v4, deepseek-v4, glm5-next) at the same scale:
+                    # their defaults made 46-89 MB checkpoints, and glm5-next's linear attention took a minute
+                    q_lora_rank=16, kv_lora_rank=16, o_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8,
+                    qk_head_dim=16, v_head_dim=8, index_head_dim=16, index_n_heads=2, linear_head_dim=8,
+                    linear_num_heads=4)
 
 
 def tiny_family_model(family: str, path) -> None:
@@ -286,8 +289,10 @@ def tiny_family_model(family: str, path) -> None:
     for name, value in default.to_dict().items():
         if isinstance(value, list) and len(value) == default.num_hidden_layers and name not in fields:
             fields[name] = value[:2]
-    if family == "glm5_next":  # its first layers are dense
-        fields["mlp_layer_types"] = ["dense", "sparse"]
+    if family == "glm5_next":  # its first layers are dense; its indexed attention has no rope
+        fields.update(mlp_layer_types=["dense", "sparse"], qk_rope_head_dim=0, qk_head_dim=8)
+    if family == "hy_v4_vl":  # its multimodal rope splits qk_rope_head_dim / 2 into three sections
+        fields["rope_parameters"] = dict(default.rope_parameters, mrope_section=[2, 1, 1])
     model = transformers.AutoModel.from_config(CONFIG_MAPPING[key](**fields))
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
