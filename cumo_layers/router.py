@@ -230,7 +230,10 @@ class TopKRouter(nn.Module):
 def store(module: nn.Module, **values: object) -> None:
     """Set plain attributes of ``module`` (never parameters, buffers or modules: what a forward leaves, e.g. its
     losses) straight into its ``__dict__``, without nn.Module.__setattr__'s checks (microseconds a forward); under
-    dynamo as module attributes, which it traces (torch 2.11's cannot trace a ``__dict__`` update)."""
+    dynamo as module attributes, which it traces (torch 2.11's cannot trace a ``__dict__`` update); not at all under
+    torch.export, whose program has no module to leave them on (it would warn that they are not buffers)."""
+    if torch.compiler.is_exporting():
+        return
     if torch.compiler.is_compiling():
         for name, value in values.items():
             setattr(module, name, value)

@@ -219,6 +219,11 @@ def grouped_gemm(x: Tensor, weight: Tensor, expert_offsets: Tensor, bias: Tensor
         return empty if bias is None else empty + bias[0]
     out = x.new_zeros(x.shape[0], weight.shape[1])
     bounds = expert_offsets.tolist()
+    if torch.compiler.is_exporting():  # ordered row indices: torch.export needs to know (inductor is fine without)
+        for lo, hi in zip(bounds, bounds[1:]):
+            torch._check(lo >= 0)
+            torch._check(hi >= lo)
+            torch._check(hi <= x.shape[0])
     for e in range(weight.shape[0]):
         seg = x[bounds[e]:bounds[e + 1]] @ weight[e].t()
         out[bounds[e]:bounds[e + 1]] = seg if bias is None else seg + bias[e]
