@@ -7,7 +7,7 @@ import torch
 
 from cumo_layers import SparseMoEMLP
 from moe_kernels import ops
-from tests.helpers import cpu_backends
+from tests.helpers import RTOL, cpu_backends
 
 TOKENS = torch.export.Dim("tokens", min=0, max=1 << 16)
 # What a forward leaves on the module (its load, its losses) is not stored under export, which would warn.
@@ -67,3 +67,19 @@ def test_aot_inductor_package_runs_as_eager(backend, tmp_path):
         program = torch.export.export(moe, (torch.randn(5, 16),), dynamic_shapes={"x": {0: TOKENS}})
         path = torch._inductor.aoti_compile_and_package(program, package_path=str(tmp_path / "moe.pt2"))
     assert_runs_as_eager(torch._inductor.aoti_load_package(path), moe, contiguous_only=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_export_on_gpu_runs_as_eager(backend):
+    """The GPU backends' custom ops under torch.export, dynamic tokens; the cuda backend in bf16 (the dtype it
+    traces), triton in fp32, where the exported router GEMM (cuBLAS) and the eager one (in the gating kernel) cannot
+    round a logit differently enough to flip a near tie in the top-k."""
+    dtype = torch.bfloat16 if backend == "cuda" else torch.float32
+    moe = tiny_moe(backend).to("cuda", dtype)
+    program = torch.export.export(moe, (torch.randn(5, 16, device="cuda", dtype=dtype),),
+                                  dynamic_shapes={"x": {0: TOKENS}})
+    for tokens in (0, 1, 37, 3000):
+        x = torch.randn(tokens, 16, device="cuda", dtype=dtype)
+        with torch.no_grad():
+            torch.testing.assert_close(program.module()(x), moe(x), rtol=RTOL[dtype], atol=RTOL[dtype] / 10)
