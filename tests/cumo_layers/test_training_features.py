@@ -1,4 +1,4 @@
-"""What users of layers expect from an upcycled model: autocast, activation checkpointing and DDP."""
+"""What users of layers expect from an upcycled model: autocast, activation checkpointing, DDP and FSDP2."""
 
 from __future__ import annotations
 
@@ -8,10 +8,12 @@ import multiprocessing
 import os
 import traceback
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint
 
+from cumo_layers import aux_loss
 from tests.cumo_layers.test_serialization import IDS, Tower, upcycled_tower
 
 FP32_RTOL = 1e-5
@@ -75,17 +77,38 @@ def test_activation_checkpointing_gives_the_same_gradients():
         assert relative_error(actual[name], grad) <= FP32_RTOL, name
 
 
-def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    """One DDP rank: the same upcycled model, its own half of the batch; saves its gradients."""
+def wrapped(model: torch.nn.Module, wrapper: str) -> torch.nn.Module:
+    """The model under DDP, or under FSDP2 with each MoE layer (its stacked [E, ...] experts) a unit of its own."""
+    if wrapper == "ddp":
+        return torch.nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.fsdp import fully_shard
+
+    from cumo_layers import SparseMoEMLP
+
+    for module in model.modules():
+        if isinstance(module, SparseMoEMLP):
+            fully_shard(module)
+    return fully_shard(model)
+
+
+def full_grads_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient, whole (FSDP2 leaves each rank its shard, a DTensor)."""
+    grads = grads_of(model)
+    return {n: g.full_tensor() if hasattr(g, "full_tensor") else g for n, g in grads.items()}
+
+
+def data_parallel_worker(rank: int, world: int, port: int, out_dir: str, wrapper: str) -> None:
+    """One rank: the same upcycled model, its own half of the batch, the router losses in the loss; saves its
+    gradients."""
     try:
         timeout = datetime.timedelta(seconds=DDP_TIMEOUT_S // 2)
         store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timeout)
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=timeout)
         torch.set_num_threads(1)
-        model = torch.nn.parallel.DistributedDataParallel(upcycled_tower().train())
+        model = wrapped(upcycled_tower().train(), wrapper)
         ids = torch.randint(0, 10, (4, 8), generator=torch.Generator().manual_seed(7))
-        model(ids[rank * 2:(rank + 1) * 2]).pow(2).mean().backward()
-        torch.save(grads_of(model.module), os.path.join(out_dir, f"grads{rank}.pt"))
+        (model(ids[rank * 2:(rank + 1) * 2]).pow(2).mean() + aux_loss(model)).backward()
+        torch.save(full_grads_of(model.module if wrapper == "ddp" else model), os.path.join(out_dir, f"grads{rank}.pt"))
         # Tear down while the interpreter is whole. DDP sits in a reference cycle that holds the process group;
         # left to the collector of interpreter finalization, gloo's worker threads outlived
         # destroy_process_group and freed their last work item then, which aborts ("terminate called
@@ -102,12 +125,16 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             dist.destroy_process_group()
 
 
-def test_ddp_two_processes_average_the_gradients(tmp_path):
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
+def test_two_data_parallel_processes_average_the_gradients(wrapper, tmp_path):
+    """DDP and FSDP2 (fully_shard) on two gloo processes give each parameter the mean over ranks of its gradient,
+    router losses included, as one process computes it."""
     # The store lives in this process, as in expert_parallel_worker.launch, so neither rank's exit closes it.
     store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
                           timeout=datetime.timedelta(seconds=DDP_TIMEOUT_S))
     context = multiprocessing.get_context("spawn")
-    workers = [context.Process(target=ddp_worker, args=(rank, 2, store.port, str(tmp_path))) for rank in range(2)]
+    workers = [context.Process(target=data_parallel_worker, args=(rank, 2, store.port, str(tmp_path), wrapper))
+               for rank in range(2)]
     for worker in workers:
         worker.start()
     try:
@@ -119,13 +146,13 @@ def test_ddp_two_processes_average_the_gradients(tmp_path):
             worker.kill()
             worker.join(5)
     errors = [p.read_text() for p in tmp_path.glob("error*.txt")]
-    assert not hung, f"DDP workers did not finish in {DDP_TIMEOUT_S}s"
+    assert not hung, f"{wrapper} workers did not finish in {DDP_TIMEOUT_S}s"
     assert not errors and all(w.exitcode == 0 for w in workers), (errors, [w.exitcode for w in workers])
     grads = [torch.load(tmp_path / f"grads{rank}.pt") for rank in range(2)]
     model = upcycled_tower().train()
     ids = torch.randint(0, 10, (4, 8), generator=torch.Generator().manual_seed(7))
     for half in range(2):  # the mean over ranks of each rank's loss gradient
-        (model(ids[half * 2:(half + 1) * 2]).pow(2).mean() / 2).backward()
+        ((model(ids[half * 2:(half + 1) * 2]).pow(2).mean() + aux_loss(model)) / 2).backward()
     expected = grads_of(model)
     for name, grad in expected.items():
         assert torch.equal(grads[0][name], grads[1][name]), name
