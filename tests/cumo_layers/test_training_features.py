@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from cumo_layers import aux_loss
 from tests.cumo_layers.test_serialization import IDS, Tower, upcycled_tower
+from tests.helpers import cpu_backends
 
 FP32_RTOL = 1e-5
 DDP_TIMEOUT_S = 90
@@ -157,3 +158,38 @@ def test_two_data_parallel_processes_average_the_gradients(wrapper, tmp_path):
     for name, grad in expected.items():
         assert torch.equal(grads[0][name], grads[1][name]), name
         assert relative_error(grads[0][name], grad) <= FP32_RTOL, name
+
+
+def deterministic_training_step(backend: str, device: str, dtype: torch.dtype, tokens: int) -> None:
+    """Under torch.use_deterministic_algorithms(True) the layer's training step (capacity drops, router losses)
+    runs (no op of it raises for want of a deterministic kernel) and repeats bit for bit."""
+    from cumo_layers import SparseMoEMLP
+
+    moe = SparseMoEMLP(64, 96, num_experts=8, top_k=2, glu=True, activation="silu", capacity_factor=1.5,
+                       backend=backend).to(device, dtype)
+    x = torch.randn(tokens, 64, device=device, dtype=dtype, requires_grad=True)
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        runs = []
+        for _ in range(2):
+            out = moe(x)
+            grads = torch.autograd.grad(out.float().pow(2).mean() + moe.last_aux_loss, [x, *moe.parameters()])
+            runs.append((out, *grads))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_training_step_under_deterministic_algorithms(backend, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    deterministic_training_step(backend, "cpu", torch.float32, tokens=100)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton", "cuda"])
+def test_training_step_under_deterministic_algorithms_gpu(backend, monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for deterministic algorithms
+    deterministic_training_step(backend, "cuda", torch.bfloat16, tokens=3000)
