@@ -22,7 +22,7 @@ def assert_runs_as_eager(exported, moe: SparseMoEMLP, contiguous_only: bool = Fa
     inputs = [
         torch.randn(0, 16),  # no tokens (an expert-parallel rank may hold none)
         torch.randn(1, 16),  # decode
-        torch.randn(37, 16),  # odd count, every expert fed
+        torch.randn(37, 16),  # an odd count
         torch.randn(300, 16),  # past one routing block
     ]
     if not contiguous_only:
