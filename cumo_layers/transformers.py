@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from cumo_layers.dense_mlp import UpcycleError, activation_name
 from moe_kernels import ops
-from moe_kernels.reference import GluSpec, apply_activation
+from moe_kernels.reference import GluSpec, apply_activation, glu_code, glu_from_code
 
 IMPLEMENTATION_NAME = "cumo"
 # The op's backend per device type: named, so a backend that cannot run raises instead of falling back.
@@ -117,15 +117,20 @@ GATES: dict[str, Callable[[nn.Module], tuple[str, bool | GluSpec]]] = {
 }
 
 # (experts class, activation, glu) whose custom gate matched the op's formula on the probe.
-_CHECKED_GATES: set[tuple[type, str, bool | GluSpec]] = set()
+_CHECKED_GATES: set[tuple[type, str, GluSpec | None]] = set()
 
 
-def _check_gate(experts: nn.Module, activation: str, glu: bool | GluSpec) -> None:
+# Under torch.compile it runs while dynamo traces, not in the graph; its GLU comes as glu_code's plain values (a
+# spec built in traced code reached it with its defaults).
+@torch.compiler.assume_constant_result
+def _check_gate(experts: nn.Module, activation: str, *code: int | bool | float) -> bool:
     """Run the class's own _apply_gate on a probe (fp32, values past every clamp and cap) and compare it
-    with the op's formula; raise UnsupportedExpertsError if they differ. Once per class and setting."""
+    with the op's formula for ``glu_from_code(*code)``; raise UnsupportedExpertsError if they differ. Once per
+    class and setting."""
+    glu = glu_from_code(*code)
     key = (type(experts), activation, glu)
-    if key in _CHECKED_GATES or torch.compiler.is_compiling():
-        return
+    if key in _CHECKED_GATES:
+        return True
     generator = torch.Generator().manual_seed(0)
     limit = getattr(glu, "limit", math.inf)
     probe = torch.randn(16, PROBE_WIDTH, generator=generator) * (2 * limit if math.isfinite(limit) else 4.0)
@@ -139,6 +144,12 @@ def _check_gate(experts: nn.Module, activation: str, glu: bool | GluSpec) -> Non
             f"{activation!r} with {glu} (relative difference {error:.3g} on a probe)"
         )
     _CHECKED_GATES.add(key)
+    return True
+
+
+@torch.compiler.assume_constant_result  # a method's name is fixed; dynamo cannot trace reading it
+def _qualified_name(function: object) -> str:
+    return getattr(function, "__qualname__", repr(function))
 
 
 def _gate(experts: nn.Module) -> tuple[str, bool | GluSpec]:
@@ -150,11 +161,11 @@ def _gate(experts: nn.Module) -> tuple[str, bool | GluSpec]:
     gate = getattr(type(experts), "_apply_gate", None)
     if gate is _default_apply_gate:  # act(gate) * up on halves, whatever is_concatenated says
         return activation_name(experts.act_fn), True
-    name = getattr(gate, "__qualname__", repr(gate))
+    name = _qualified_name(gate)
     if name not in GATES:
         raise UnsupportedExpertsError(f"its _apply_gate ({name}) is not a GLU variant the op has")
     activation, glu = GATES[name](experts)
-    _check_gate(experts, activation, glu)
+    _check_gate(experts, activation, *glu_code(glu))
     return activation, glu
 
 

@@ -97,13 +97,15 @@ def routing(tokens: int, num_experts: int, seed: int) -> tuple[torch.Tensor, tor
     return index, weights
 
 
-def run_experts(experts, implementation, x, index, weights):
-    """Forward and the gradients of a fixed random projection of the output."""
+def run_experts(experts, implementation, x, index, weights, compiled=False):
+    """Forward and the gradients of a fixed random projection of the output (compiled: through
+    torch.compile(fullgraph=True), aot_eager)."""
     experts.config._experts_implementation = implementation
     experts.zero_grad(set_to_none=True)
     x = x.clone().requires_grad_(True)
     weights = weights.clone().requires_grad_(True)
-    out = experts(x, index, weights)
+    module = torch.compile(experts, fullgraph=True, backend="aot_eager") if compiled else experts
+    out = module(x, index, weights)
     probe = torch.randn(out.shape, generator=torch.Generator().manual_seed(1))
     (out * probe).sum().backward()
     grads = {name: p.grad.clone() for name, p in experts.named_parameters()}
@@ -128,6 +130,23 @@ def test_experts_match_eager(family, module_name, class_name):
     index, weights = routing(11, experts.num_experts, seed=3)
     expected = run_experts(experts, "eager", x, index, weights)
     actual = run_experts(experts, "cumo", x, index, weights)
+    assert_close(actual[0], expected[0], "output")
+    assert_close(actual[1], expected[1], "grad of hidden_states")
+    assert_close(actual[2], expected[2], "grad of top_k_weights")
+    for name in expected[3]:
+        assert_close(actual[3][name], expected[3][name], f"grad of {name}")
+
+
+@pytest.mark.parametrize("family,module_name,class_name", FAMILIES, ids=[f[0] + "." + f[2] for f in FAMILIES])
+def test_experts_compile_to_one_graph(family, module_name, class_name):
+    """torch.compile(fullgraph=True) of the experts module on the "cumo" backend, forward and backward, equals it
+    eagerly: the gate is recognised, and a custom one checked on its probe, while dynamo traces."""
+    torch._dynamo.reset()
+    experts = tiny_experts(family, module_name, class_name)
+    x = torch.randn(11, input_size(experts), generator=torch.Generator().manual_seed(2))
+    index, weights = routing(11, experts.num_experts, seed=3)
+    expected = run_experts(experts, "cumo", x, index, weights)
+    actual = run_experts(experts, "cumo", x, index, weights, compiled=True)
     assert_close(actual[0], expected[0], "output")
     assert_close(actual[1], expected[1], "grad of hidden_states")
     assert_close(actual[2], expected[2], "grad of top_k_weights")
@@ -262,6 +281,12 @@ def test_a_gate_that_changed_refuses():
                                                   n_routed_experts=EXPERTS, swiglu_limit=0.5))
     with pytest.raises(UnsupportedExpertsError, match="does not compute the op's 'silu'"):
         experts_weights(experts)
+    # Under torch.compile the check runs while dynamo traces (which wraps the error in its own).
+    torch._dynamo.reset()
+    experts.config._experts_implementation = "cumo"
+    index, weights = routing(5, EXPERTS, seed=3)
+    with pytest.raises(Exception, match="UnsupportedExpertsError: its _apply_gate .* does not compute the op's"):
+        torch.compile(experts, fullgraph=True, backend="aot_eager")(torch.randn(5, HIDDEN), index, weights)
 
 
 # The families whose gate the op runs as a GLU variant (or relu2), each as a whole tiny model.
