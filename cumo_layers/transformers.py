@@ -116,8 +116,8 @@ GATES: dict[str, Callable[[nn.Module], tuple[str, bool | GluSpec]]] = {
     "Inkling2LoopExperts._apply_gate": lambda m: _softcapped(m.act_fn),
 }
 
-# (experts class, activation, glu) whose custom gate matched the op's formula on the probe.
-_CHECKED_GATES: set[tuple[type, str, GluSpec | None]] = set()
+# (experts class, activation, *glu_code) whose custom gate matched the op's formula on the probe.
+_CHECKED_GATES: set[tuple] = set()
 
 
 # Under torch.compile it runs while dynamo traces, not in the graph; its GLU comes as glu_code's plain values (a
@@ -127,10 +127,10 @@ def _check_gate(experts: nn.Module, activation: str, *code: int | bool | float) 
     """Run the class's own _apply_gate on a probe (fp32, values past every clamp and cap) and compare it
     with the op's formula for ``glu_from_code(*code)``; raise UnsupportedExpertsError if they differ. Once per
     class and setting."""
-    glu = glu_from_code(*code)
-    key = (type(experts), activation, glu)
+    key = (type(experts), activation, *code)
     if key in _CHECKED_GATES:
         return True
+    glu = glu_from_code(*code)
     generator = torch.Generator().manual_seed(0)
     limit = getattr(glu, "limit", math.inf)
     probe = torch.randn(16, PROBE_WIDTH, generator=generator) * (2 * limit if math.isfinite(limit) else 4.0)
